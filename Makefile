@@ -1,0 +1,36 @@
+# The two commands a user needs: `make demo` and `make test`. Both create .venv when missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.tskd-installed
+CORES  ?= 2
+PRESET ?= smoke
+
+.PHONY: demo test lint venv clean
+
+venv: $(STAMP)
+
+# Reinstall when the dependencies change. torch/torchvision are pinned to the builds that lie on
+# the project's machines (pip takes them from disk; any other version downloads gigabytes).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || { PYBIN=$$(command -v python3.11 || command -v python3); \
+	  $$PYBIN -c 'import sys; assert sys.version_info >= (3, 11), "tskd needs Python >= 3.11"' && \
+	  $$PYBIN -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+# The whole DAG on the smoke preset: synthetic data -> teacher -> students -> evaluation -> report.
+demo: $(STAMP)
+	$(VENV)/bin/snakemake --cores $(CORES) --configfile params/$(PRESET).yaml
+	@cat results/$(PRESET)/report.md
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/snakemake --lint --configfile params/smoke.yaml
+
+clean:
+	rm -rf results .snakemake mlflow.db mlflow.db.lock mlartifacts

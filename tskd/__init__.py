@@ -1,0 +1,1 @@
+"""tskd: Temporal Supervised Knowledge Distillation pipeline."""

@@ -1,0 +1,227 @@
+"""Typed params, loaded from ``params/<preset>.yaml``.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key or a value of
+the wrong type fails with the file, the dotted key and what is allowed. Method params are
+validated by each method's own model (see ``tskd.distill.registry``), so adding a method
+never touches this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticCfg(Strict):
+    """Tiny generated dataset written in the real on-disk format (no download needed)."""
+
+    seed: int = 0
+    train_per_class: int = Field(20, ge=1)
+    test_per_class: int = Field(10, ge=1)
+    nuisance_scale: float = Field(1.0, ge=0, description="scales every per-sample nuisance (shift, clutter, "
+                                  "noise...): < 1 is easier, for runs of a few epochs")
+
+
+class DatasetCfg(Strict):
+    name: Literal["cifar100"] = "cifar100"
+    root: str | None = Field(None, description="directory holding cifar-100-python/ (where to download it "
+                             "with download: true); synthetic data is written under results/<preset>/data")
+    download: bool = Field(False, description="download the official archive if missing (needs internet)")
+    synthetic: SyntheticCfg | None = Field(None, description="generate a synthetic dataset instead of "
+                                           "reading the real one")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held out of train for model selection")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+    @model_validator(mode="after")
+    def _root_or_synthetic(self):
+        if self.root is None and self.synthetic is None:
+            raise ValueError("dataset.root is required unless dataset.synthetic is set: give the directory "
+                             "that holds cifar-100-python/")
+        return self
+
+
+class RecipeCfg(Strict):
+    """An optimisation recipe (METHOD.md §4)."""
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    lr_small: float | None = Field(None, gt=0, description="lr for ShuffleNet/MobileNet students")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    milestones: list[int] = Field(default_factory=list, description="epochs where lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0)
+    normalization: Literal["cifar100", "cifar10"] = Field(
+        "cifar100", description="mean/std: cifar100 (CRD/mdistiller) or cifar10 (ReviewKD/TSKD authors)")
+    augment: bool = True
+
+    @model_validator(mode="after")
+    def _milestones_sorted(self):
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing, got {self.milestones}")
+        return self
+
+
+class TrainCfg(Strict):
+    """Where and how the loop runs; decided once, in the trainer."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast applies on CUDA only")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
+    deterministic: bool = True
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class TeacherCfg(Strict):
+    recipe: str = Field(description="name of a recipe in `recipes`")
+    seed: int = 0
+    checkpoint: str | None = Field(None, description="published teacher file (CRD/mdistiller "
+                                   "ckpt_epoch_240.pth) to import instead of training")
+
+
+class PairCfg(Strict):
+    teacher: str = Field(description="a key of `teachers`")
+    student: str = Field(description="a registered architecture")
+    methods: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-pair overrides of method params, e.g. {dkd: {beta: 2}} "
+        "(published configs tune some values per pair)")
+
+    @property
+    def name(self) -> str:
+        return f"{self.teacher}-{self.student}"
+
+
+class TrackingCfg(Strict):
+    experiment: str | None = Field(None, description="MLflow experiment (default: tskd-<preset>)")
+
+
+class Preset(Strict):
+    preset: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    results_dir: str = "results"
+    dataset: DatasetCfg
+    recipes: dict[str, RecipeCfg]
+    teachers: dict[str, TeacherCfg]
+    pairs: list[PairCfg]
+    student_recipe: str = Field(description="name of the recipe students train with")
+    methods: dict[str, dict[str, Any]] = Field(description="method name -> its params")
+    seeds: list[int] = Field(min_length=1)
+    train: TrainCfg = TrainCfg()
+    tracking: TrackingCfg = TrackingCfg()
+
+    @model_validator(mode="after")
+    def _references(self):
+        for name, t in self.teachers.items():
+            if t.recipe not in self.recipes:
+                raise ValueError(f"teachers.{name}.recipe: unknown recipe {t.recipe!r}; "
+                                 f"defined: {sorted(self.recipes)}")
+        if self.student_recipe not in self.recipes:
+            raise ValueError(f"student_recipe: unknown recipe {self.student_recipe!r}; "
+                             f"defined: {sorted(self.recipes)}")
+        for i, p in enumerate(self.pairs):
+            if p.teacher not in self.teachers:
+                raise ValueError(f"pairs.{i}.teacher: {p.teacher!r} is not a key of `teachers` "
+                                 f"({sorted(self.teachers)})")
+            for m in p.methods:
+                if m not in self.methods:
+                    raise ValueError(f"pairs.{i}.methods.{m}: overrides a method that is not in `methods` "
+                                     f"({sorted(self.methods)})")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: duplicates in {self.seeds}")
+        return self
+
+    def method_params(self, method: str, pair: PairCfg) -> dict[str, Any]:
+        """A method's params for one pair: the preset's values, then the pair's overrides."""
+        return {**(self.methods[method] or {}), **pair.methods.get(method, {})}
+
+    @property
+    def out(self) -> Path:
+        return Path(self.results_dir) / self.preset
+
+
+class ParamsError(ValueError):
+    """Bad params: the message names the file, the key and what is allowed."""
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid params"]
+    for err in e.errors():
+        key = ".".join(map(str, err["loc"])) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        got = "" if err["type"] in ("missing",) else f" (got {err.get('input')!r})"
+        lines.append(f"  {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_preset(raw: dict[str, Any], source: str = "<params>") -> Preset:
+    """Validate a params mapping; methods and architectures are checked against the registries."""
+    try:
+        preset = Preset.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(format_validation_error(e, source)) from None
+    _check_registered(preset, source)
+    return preset
+
+
+def _check_registered(preset: Preset, source: str) -> None:
+    # Imported here: registries import torch, which the schema generator does not need.
+    from tskd.distill.registry import list_methods, method_class, parse_method_params
+    from tskd.models.registry import list_models
+
+    known_models = set(list_models())
+    archs = [(f"teachers.{k}", k) for k in preset.teachers]
+    archs += [(f"pairs.{i}.student", p.student) for i, p in enumerate(preset.pairs)]
+    for key, arch in archs:
+        if arch not in known_models:
+            raise ParamsError(f"{source}: {key}: unknown architecture {arch!r}; "
+                              f"registered: {', '.join(sorted(known_models))}")
+    for name in preset.methods:
+        if name not in list_methods():
+            raise ParamsError(f"{source}: methods.{name}: unknown method; allowed: {', '.join(list_methods())}")
+    epochs = preset.recipes[preset.student_recipe].epochs
+    for i, pair in enumerate(preset.pairs):
+        for name in preset.methods:
+            where = "methods" if name not in pair.methods else f"pairs.{i}.methods"
+            try:
+                params = parse_method_params(name, preset.method_params(name, pair), where=where)
+                method_class(name).check_schedule(params, epochs=epochs)
+            except ValueError as e:
+                raise ParamsError(f"{source}: {e}") from None
+
+
+def load_preset(path: str | Path) -> Preset:
+    """Read and validate ``params/<preset>.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return parse_preset(raw, source=str(path))
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable JSON (sorted keys): the form in which specs are passed, hashed and compared."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
