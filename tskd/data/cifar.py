@@ -1,0 +1,272 @@
+"""CIFAR-100 through torchvision's real reader, with the project's integrity policy.
+
+torchvision's ``CIFAR100`` accepts only files matching the official md5 (in
+``_check_integrity`` and again in ``_load_meta``), which project-written synthetic data
+cannot match. ``VerifiedCIFAR100`` keeps the reader and changes only the check:
+
+* a directory holding a ``tskd_manifest.json`` is verified against that manifest;
+* any other directory must match the official md5s, as torchvision requires.
+
+Every failure is a ``DatasetError`` (a ValueError) naming the file and how to fix it.
+``cifar100_datasets`` builds the splits a run needs, with items ``(image, label, index)``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.datasets import CIFAR100
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+from tskd.data.integrity import MANIFEST_NAME, DatasetError, IntegrityError, verify_manifest
+
+__all__ = [
+    "NORMALIZATION",
+    "Cifar100Splits",
+    "DatasetError",
+    "IndexedSplit",
+    "VerifiedCIFAR100",
+    "cifar100_datasets",
+    "eval_transform",
+    "stratified_split",
+    "train_transform",
+    "verify_cifar100_dir",
+]
+
+Normalization = Literal["cifar100", "cifar10"]
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    # CRD / mdistiller: CIFAR-100 training-set statistics.
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    # ReviewKD / TSKD authors: CIFAR-10 statistics, written exactly as their train.py does
+    # (x / 255 of 125.3, 123.0, 113.9 and 63.0, 62.1, 66.7; about 0.4914, 0.4824, 0.4467 / 0.2471, ...).
+    "cifar10": (tuple(x / 255.0 for x in (125.3, 123.0, 113.9)), tuple(x / 255.0 for x in (63.0, 62.1, 66.7))),
+}
+NUM_CLASSES = 100
+_OFFICIAL_MD5 = {name: md5 for name, md5 in CIFAR100.train_list + CIFAR100.test_list}
+_OFFICIAL_MD5[CIFAR100.meta["filename"]] = CIFAR100.meta["md5"]
+FILES = tuple(_OFFICIAL_MD5)  # train, test, meta
+# What a corrupted or foreign pickle can raise while torchvision parses it.
+_READ_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+                IndexError, ImportError, UnicodeDecodeError)
+
+
+def _how_to_get(root: Path) -> str:
+    return (f"To get it: set `download: true` in the dataset params (torchvision fetches the official "
+            f"archive into {root}), or copy an extracted `{CIFAR100.base_folder}/` directory into {root}, "
+            f"or write a synthetic stand-in with `tskd data synth --root {root}`.")
+
+
+def verify_cifar100_dir(folder: str | Path) -> str:
+    """Check a ``cifar-100-python`` directory; return how: ``"manifest"`` or ``"official md5"``.
+
+    Raises DatasetError if files are missing, IntegrityError (a DatasetError) naming the
+    first file that fails its manifest entry or, without a manifest, the official md5.
+    """
+    folder = Path(folder).expanduser()
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        what = "not found" if len(missing) == len(FILES) else f"incomplete (missing {', '.join(missing)})"
+        raise DatasetError(f"CIFAR-100 {what} at {folder}. {_how_to_get(folder.parent)}")
+    if (folder / MANIFEST_NAME).exists():
+        verify_manifest(folder, required=FILES)
+        return "manifest"
+    for name, md5 in _OFFICIAL_MD5.items():
+        if not check_integrity(str(folder / name), md5):
+            raise IntegrityError(
+                f"{folder / name} does not match the official CIFAR-100 md5 ({md5}) and {folder} has no "
+                f"{MANIFEST_NAME}: the file is corrupted or not the official one. Replace the directory "
+                f"(download: true re-downloads it) or regenerate synthetic data with `tskd data synth`.")
+    return "official md5"
+
+
+def _download(root: Path) -> None:
+    """torchvision's download, unless the data is already there and intact, or was written by tskd."""
+    folder = root / CIFAR100.base_folder
+    if (folder / MANIFEST_NAME).exists():
+        return  # project-written data is never replaced by a download; it is verified next
+    try:
+        verify_cifar100_dir(folder)
+        return
+    except DatasetError:
+        pass
+    try:
+        download_and_extract_archive(CIFAR100.url, str(root), filename=CIFAR100.filename, md5=CIFAR100.tgz_md5)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad archive md5 a RuntimeError
+        raise DatasetError(f"downloading {CIFAR100.url} into {root} failed ({e}). Without internet access, "
+                           f"copy an extracted `{CIFAR100.base_folder}/` directory into {root}.") from e
+
+
+class VerifiedCIFAR100(CIFAR100):
+    """torchvision's CIFAR100 reader, verified by manifest (tskd data) or official md5 (real data)."""
+
+    def __init__(self, root: str | Path, train: bool = True, transform: Any = None,
+                 target_transform: Any = None, download: bool = False) -> None:
+        root = Path(root).expanduser()
+        self._folder = root / self.base_folder
+        if download:
+            _download(root)
+        self.verified_by = verify_cifar100_dir(self._folder)
+        data_file = self._folder / (self.train_list if train else self.test_list)[0][0]
+        try:
+            # download=False: done above; torchvision's own check then calls our _check_integrity.
+            super().__init__(str(root), train=train, transform=transform, target_transform=target_transform,
+                             download=False)
+        except DatasetError:
+            raise
+        except _READ_ERRORS as e:
+            raise DatasetError(f"cannot read {data_file} as a CIFAR-100 pickle ({type(e).__name__}: {e}); "
+                               f"it is corrupted or truncated. {_how_to_get(root)}") from e
+        labels = np.asarray(self.targets)
+        if len(labels) != len(self.data) or (len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES)):
+            raise DatasetError(f"{data_file}: {len(self.data)} images but {len(labels)} labels, "
+                               f"or labels outside 0..{NUM_CLASSES - 1}")
+
+    def _check_integrity(self) -> bool:
+        # torchvision calls this from __init__ and download(); __init__ has already verified
+        # (and raised a precise error), so only a later direct call re-checks.
+        if getattr(self, "verified_by", None):
+            return True
+        try:
+            verify_cifar100_dir(self._folder)
+        except DatasetError:
+            return False
+        return True
+
+    def _load_meta(self) -> None:
+        # torchvision's version re-checks the official md5 through the module-level
+        # check_integrity, which refuses tskd data; the meta file is verified already.
+        path = self._folder / self.meta["filename"]
+        try:
+            with open(path, "rb") as f:
+                meta = pickle.load(f, encoding="latin1")
+            classes = list(meta[self.meta["key"]])
+        except _READ_ERRORS as e:
+            raise DatasetError(f"cannot read {path} as CIFAR-100 meta ({type(e).__name__}: {e})") from e
+        if len(classes) != NUM_CLASSES:
+            raise DatasetError(f"{path}: {len(classes)} fine label names, expected {NUM_CLASSES}")
+        self.classes = classes
+        self.class_to_idx = {name: i for i, name in enumerate(classes)}
+
+
+class IndexedSplit(Dataset):
+    """Rows of a CIFAR reader as items ``(image, label, index)``.
+
+    ``index`` is the item's position in this split (0..len-1), as memory-bank distillers
+    (CRD) need; ``labels[index]`` is its label.
+    """
+
+    def __init__(self, source: CIFAR100, rows: np.ndarray | None, transform: Any) -> None:
+        self.source = source
+        self.rows = np.arange(len(source)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.transform = transform
+        self.labels = torch.as_tensor(np.asarray(source.targets, dtype=np.int64)[self.rows])
+        self.classes = list(source.classes)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        image, _ = self.source[int(self.rows[index])]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index]), int(index)
+
+
+@dataclass(frozen=True)
+class Cifar100Splits:
+    """The splits of one run. ``val`` is held out of the official training set (or None)."""
+
+    train: IndexedSplit  # training transform (augmentation if asked)
+    val: IndexedSplit | None  # evaluation transform
+    test: IndexedSplit  # the official test set, evaluation transform
+    classes: tuple[str, ...]
+    verified_by: str  # "manifest" (tskd-written data) or "official md5"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        """Labels of ``train`` (int64), indexed by the items' ``index``."""
+        return self.train.labels
+
+    @property
+    def eval_set(self) -> IndexedSplit:
+        """The split to select models on: ``val`` if held out, else ``test`` (the authors' protocol)."""
+        return self.val if self.val is not None else self.test
+
+
+def train_transform(normalization: Normalization, augment: bool = True) -> T.Compose:
+    """Random crop 32 (pad 4) + horizontal flip (if ``augment``), ToTensor, Normalize."""
+    mean, std = _stats(normalization)
+    aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+    return T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def eval_transform(normalization: Normalization) -> T.Compose:
+    """ToTensor, Normalize."""
+    mean, std = _stats(normalization)
+    return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _stats(normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if normalization not in NORMALIZATION:
+        raise ValueError(f"normalization must be one of {sorted(NORMALIZATION)}, got {normalization!r}")
+    return NORMALIZATION[normalization]
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (keep, held_out) row indices: about ``fraction`` of each class held out, chosen by ``seed``.
+
+    Deterministic for (labels, fraction, seed); every class keeps at least one row.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels):  # sorted, so the draws do not depend on row order
+        rows = np.flatnonzero(labels == c)
+        k = min(len(rows) - 1, int(np.floor(fraction * len(rows) + 0.5)))
+        held.append(rng.permutation(rows)[:k])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    keep = np.setdiff1d(np.arange(len(labels)), held_out)
+    return keep, held_out
+
+
+def cifar100_datasets(root: str | Path, *, download: bool, normalization: Normalization, augment: bool = True,
+                      val_fraction: float = 0.0, val_seed: int = 0) -> Cifar100Splits:
+    """Load ``root/cifar-100-python`` (verified) into training, optional validation and test splits.
+
+    ``download`` fetches the official archive with torchvision if the data is missing.
+    ``val_fraction`` > 0 holds that share of each class out of the training set (chosen by
+    ``val_seed``), evaluated without augmentation. Raises DatasetError on missing or bad data.
+    """
+    if not 0.0 <= val_fraction < 1.0:  # fail before reading anything
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    eval_tf = eval_transform(normalization)
+    train_source = VerifiedCIFAR100(root, train=True, download=download)
+    test_source = VerifiedCIFAR100(root, train=False)
+    val = None
+    train_rows = None
+    if val_fraction > 0:
+        train_rows, val_rows = stratified_split(np.asarray(train_source.targets), val_fraction, val_seed)
+        if len(val_rows) == 0:
+            raise ValueError(f"val_fraction {val_fraction} holds out no image of {len(train_source)} "
+                             "(too few per class)")
+        val = IndexedSplit(train_source, val_rows, eval_tf)
+    return Cifar100Splits(
+        train=IndexedSplit(train_source, train_rows, train_transform(normalization, augment)),
+        val=val,
+        test=IndexedSplit(test_source, None, eval_tf),
+        classes=tuple(train_source.classes),
+        verified_by=train_source.verified_by,
+    )
