@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny synthetic CIFAR-100 written in the real format, run specs, MLflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory) -> Path:
+    """A 100-class synthetic CIFAR-100 (3 train / 2 test images per class), read by torchvision."""
+    from tskd.data.synthetic import write_synthetic_cifar100
+
+    root = tmp_path_factory.mktemp("cifar")
+    write_synthetic_cifar100(root, seed=0, train_per_class=3, test_per_class=2)
+    return root
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def make_spec(tiny_cifar, tmp_path):
+    """Build a RunSpec for a tiny run; keyword overrides go to the spec or its recipe."""
+    from tskd.config import DatasetCfg, RecipeCfg, TrainCfg
+    from tskd.grid import RunSpec
+
+    def make(out: str = "run", recipe: dict | None = None, **kw) -> RunSpec:
+        r = {"epochs": 2, "batch_size": 50, "lr": 0.05, "milestones": [1]} | (recipe or {})
+        fields = dict(preset="test", role="student", method="vanilla", arch="resnet8", seed=0,
+                      dataset=DatasetCfg(root=str(tiny_cifar)), recipe=RecipeCfg(**r),
+                      train=TrainCfg(device="cpu", threads=1), out_dir=str(tmp_path / out),
+                      experiment="tskd-test")
+        return RunSpec(**(fields | kw))
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m tskd.cli ARGS` in a fresh process (as Snakemake does)."""
+    return subprocess.run([sys.executable, "-m", "tskd.cli", *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def copy_repo(dest: Path) -> Path:
+    """The tracked (and untracked, not ignored) files of the repo, copied to ``dest``."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        src = REPO / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    return dest

@@ -1,0 +1,210 @@
+"""`tskd <verb>`: parse arguments, then call one function. Errors exit non-zero with a message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+def _parse(model, data, source: str):
+    from tskd.config import ParamsError, format_validation_error
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ParamsError(format_validation_error(e, source)) from None
+
+
+def _json(text: str, source: str):
+    from tskd.config import ParamsError
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ParamsError(f"{source}: not valid JSON: {e}") from None
+
+
+def _spec(text: str):
+    from tskd.grid import RunSpec
+
+    return _parse(RunSpec, _json(text, "--spec"), "--spec")
+
+
+def _launch_settings(a, spec):
+    """The rule's launch settings from ``--launch FILE`` (rule: ``--launch-rule``, else the role);
+    None (this process) without a file. Snakemake passes an empty ``--launch=`` for local runs."""
+    if not a.launch:
+        return None
+    from tskd.launch import load_settings
+
+    return load_settings(a.launch, a.launch_rule or spec.role)
+
+
+def cmd_train(a) -> None:
+    from tskd.launch import launch
+
+    spec = _spec(a.spec)
+    m = launch(spec, _launch_settings(a, spec), "train", track=not a.no_track)
+    print(f"{m['method']} {m['student']}: best top-1 {m['best_top1']:.2f} (epoch {m['best_epoch'] + 1}), "
+          f"last {m['last_top1']:.2f}")
+
+
+def cmd_evaluate(a) -> None:
+    from tskd.engine.eval_run import evaluate_model_file
+
+    res = evaluate_model_file(_spec(a.spec), Path(a.model), Path(a.out))
+    print(f"{a.model}: top-1 {res['top1']:.2f} top-5 {res['top5']:.2f}")
+
+
+def cmd_import_teacher(a) -> None:
+    from tskd.launch import launch
+
+    spec = _spec(a.spec)
+    res = launch(spec, _launch_settings(a, spec), "import-teacher", checkpoint=str(Path(a.checkpoint)))
+    print(f"imported {a.checkpoint} as {res['student']}: top-1 {res['last_top1']:.2f}")
+
+
+def cmd_data_synth(a) -> None:
+    from tskd.data.synthetic import write_synthetic_cifar100
+
+    path = write_synthetic_cifar100(Path(a.root), seed=a.seed, train_per_class=a.train_per_class,
+                                    test_per_class=a.test_per_class)
+    print(f"wrote {path}")
+
+
+def cmd_data_prepare(a) -> None:
+    from tskd.config import DatasetCfg
+    from tskd.data.prepare import prepare_dataset
+
+    ds = _parse(DatasetCfg, _json(a.dataset, "--dataset").get("dataset"), "--dataset")
+    info = prepare_dataset(ds, Path(a.marker))
+    print(f"dataset ready: {info}")
+
+
+def cmd_report(a) -> None:
+    from tskd.config import load_preset, parse_preset
+    from tskd.report import write_report
+
+    if (a.params is None) == (a.json is None):
+        raise ValueError("give either a params file or --json")
+    preset = load_preset(a.params) if a.params else parse_preset(_json(a.json, "--json"), "--json")
+    md = write_report(preset)
+    print(md.read_text() if a.print else f"wrote {md}")
+
+
+def cmd_models(a) -> None:
+    from tskd.models.summary import format_model_table, model_table
+
+    print(format_model_table(model_table(a.family)))
+
+
+def cmd_methods(a) -> None:
+    from tskd.distill import list_methods, method_class
+
+    for name in list_methods():
+        fields = method_class(name).Params.model_fields
+        print(f"{name:10s} " + ", ".join(f"{k}={v.default!r}" for k, v in fields.items()))
+
+
+def cmd_check(a) -> None:
+    from tskd.config import load_preset
+    from tskd.grid import student_jobs
+
+    p = load_preset(a.params)
+    print(f"{a.params}: ok ({len(p.teachers)} teachers, {len(student_jobs(p))} student runs)")
+
+
+def cmd_schema(a) -> None:
+    from tskd.schema import write_schema
+
+    print(f"wrote {write_schema(Path(a.out))}")
+
+
+def _launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--launch", default="", metavar="FILE",
+                   help="launch settings (slurm/launch.yaml): run as a SLURM or local submitit job and wait")
+    p.add_argument("--launch-rule", default=None, metavar="NAME",
+                   help="which `rules:` entry of the launch file applies (default: the spec's role)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tskd", description="Temporal Supervised Knowledge Distillation pipeline")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train", help="train one teacher or student run (spec as JSON)")
+    p.add_argument("--spec", required=True, help="run spec as JSON (see tskd.grid.RunSpec)")
+    p.add_argument("--no-track", action="store_true", help="do not record an MLflow run")
+    _launch_args(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate an exported model file on the test set")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="eval.json to write")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("import-teacher", help="import a published CRD/mdistiller teacher file")
+    p.add_argument("--spec", required=True, help="the teacher's run spec (arch, data, out_dir)")
+    p.add_argument("--checkpoint", required=True)
+    _launch_args(p)
+    p.set_defaults(fn=cmd_import_teacher)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_verb", required=True)
+    p = data.add_parser("synth", help="write a synthetic CIFAR-100 in the real on-disk format")
+    p.add_argument("--root", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-per-class", type=int, default=20)
+    p.add_argument("--test-per-class", type=int, default=10)
+    p.set_defaults(fn=cmd_data_synth)
+    p = data.add_parser("prepare", help="write (synthetic) or verify (real) a preset's dataset")
+    p.add_argument("--dataset", required=True, help='JSON {"dataset": {...}} (the dataset params)')
+    p.add_argument("--marker", required=True, help="dataset.json written once the data is verified")
+    p.set_defaults(fn=cmd_data_prepare)
+
+    p = sub.add_parser("report", help="results table (report.md, report.csv) of a preset")
+    p.add_argument("params", nargs="?", help="params/<preset>.yaml")
+    p.add_argument("--json", help="the preset's params as JSON (what the workflow passes)")
+    p.add_argument("--print", action="store_true")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("models", help="list registered architectures with parameter counts")
+    p.add_argument("--family", default=None)
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("methods", help="list distillation methods and their default params")
+    p.set_defaults(fn=cmd_methods)
+
+    p = sub.add_parser("check", help="validate a params file")
+    p.add_argument("params")
+    p.set_defaults(fn=cmd_check)
+
+    p = sub.add_parser("schema", help="write the JSON schema of the params")
+    p.add_argument("--out", default="workflow/schemas/params.schema.json")
+    p.set_defaults(fn=cmd_schema)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        a.fn(a)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Bad params, data or files (ParamsError, DatasetError, CheckpointError are ValueErrors;
+        # TrainingError a RuntimeError): one clear message. -v shows the traceback too.
+        if a.verbose:
+            raise
+        print(f"tskd {a.verb}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The one interface every distillation method implements.
+
+A ``Distiller`` owns the student, the frozen teacher (if any) and its own trainable
+extras (connectors, ConvLSTMs...). The trainer only ever talks to this interface, so
+adding a method means adding one module that registers itself; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+
+class MethodParams(BaseModel):
+    """Base of every method's typed params: unknown keys are an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class DistillContext:
+    """What a method may need to know about the run, beyond the two networks."""
+
+    num_classes: int
+    image_size: tuple[int, int]  # (H, W) of a training image, to probe feature-tap shapes
+    epochs: int  # total training epochs (schedules, warm-ups)
+    num_train: int  # size of the training set (memory banks indexed by sample)
+    train_labels: Tensor | None = None  # label of every training sample, by index
+
+
+class Distiller(nn.Module):
+    """Base distiller. Subclasses set ``Params`` and implement ``forward_train``."""
+
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, params: MethodParams,
+                 ctx: DistillContext):
+        super().__init__()
+        self.student = student
+        self.params = params
+        self.ctx = ctx
+        if teacher is not None:
+            teacher.requires_grad_(False)
+        # Stored outside the module tree so the teacher is never in state_dict() or
+        # trainable_parameters(): its weights come from its own file and stay frozen.
+        self._teacher = [teacher] if teacher is not None else []
+
+    @property
+    def teacher(self) -> nn.Module:
+        if not self._teacher:
+            raise RuntimeError(f"{type(self).__name__} has no teacher")
+        return self._teacher[0]
+
+    def _apply(self, fn, recurse=True):  # keep the hidden teacher on the same device/dtype
+        super()._apply(fn, recurse)
+        for t in self._teacher:
+            t._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for t in self._teacher:
+            # Frozen teachers keep their BatchNorm running statistics (eval mode) unless a
+            # method deliberately says otherwise (see TSKD's teacher_bn).
+            t.train(mode and self.teacher_train_mode())
+        return self
+
+    @classmethod
+    def check_schedule(cls, params: MethodParams, *, epochs: int) -> None:
+        """Refuse params that cannot work with a run of ``epochs`` epochs (raise ValueError
+        naming the param and what is allowed). Called when params are validated, before any
+        training starts."""
+
+    def teacher_train_mode(self) -> bool:
+        return False
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Inference: the student's logits."""
+        return self.student(images)[0]
+
+    def forward_train(self, images: Tensor, labels: Tensor, epoch: int,
+                      indices: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """One training forward: the student's logits and the named loss terms to sum."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Everything the optimizer updates: the student plus the method's own modules."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before the first batch of ``epoch`` (0-based)."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called after the last batch of ``epoch``, before evaluation and checkpointing."""
+
+    def teacher_forward(self, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        with torch.no_grad():
+            return self.teacher(images)

@@ -1,0 +1,1 @@
+"""The training loop, evaluation and checkpoints shared by every method and dataset."""

@@ -1,0 +1,48 @@
+"""DataLoaders for a run, built from the dataset params and the recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+
+from tskd.config import DatasetCfg, RecipeCfg
+from tskd.engine.distributed import SINGLE, RankBatches, World
+
+
+@dataclass
+class RunData:
+    train: Dataset
+    val: Dataset | None  # held out of train, for model selection
+    test: Dataset
+    num_classes: int
+    image_size: tuple[int, int]
+    train_labels: torch.Tensor
+
+    def train_loader(self, batch_size: int, generator: torch.Generator, num_workers: int,
+                     world: World = SINGLE) -> DataLoader:
+        """Shuffled batches in the order ``generator`` draws; in a data-parallel run, this rank's
+        part of each of the very same batches (``batch_size`` is the global batch)."""
+        if not world.distributed:
+            return DataLoader(self.train, batch_size=batch_size, shuffle=True, generator=generator,
+                              num_workers=num_workers, drop_last=False,
+                              persistent_workers=False, pin_memory=torch.cuda.is_available())
+        # What shuffle=True builds, cut per rank: same permutation, same batches.
+        batches = BatchSampler(RandomSampler(self.train, generator=generator), batch_size, drop_last=False)
+        return DataLoader(self.train, batch_sampler=RankBatches(batches, world), generator=generator,
+                          num_workers=num_workers, persistent_workers=False,
+                          pin_memory=torch.cuda.is_available())
+
+    def eval_loader(self, ds: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
+    from tskd.data.cifar import cifar100_datasets
+
+    # One validation split for every seed and method (val_seed fixed), so runs are comparable.
+    splits = cifar100_datasets(ds.root, download=ds.download, normalization=recipe.normalization,
+                               augment=recipe.augment, val_fraction=ds.val_fraction, val_seed=0)
+    return RunData(train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes,
+                   image_size=(32, 32), train_labels=splits.train_labels)
