@@ -1,0 +1,25 @@
+# Phase 3: students, one job per (method, teacher-student pair, seed).
+
+
+rule student:
+    input:
+        _student_inputs,
+    output:
+        model=f"{OUT}/students/{{method}}/{{run}}/seed{{seed}}/model.pt",
+        metrics=f"{OUT}/students/{{method}}/{{run}}/seed{{seed}}/metrics.json",
+    params:
+        spec=lambda wc: q(student_spec(wc)),
+    wildcard_constraints:
+        seed=r"\d+",
+    threads: 1
+    resources:
+        gpus=1,
+        # Launch settings file; empty: train in this process. `--profile slurm` sets it
+        # (resources are no rerun trigger, so switching to the profile reruns nothing).
+        launch="",
+    conda:
+        "../envs/tskd.yaml"
+    log:
+        f"{OUT}/logs/students/{{method}}/{{run}}-seed{{seed}}.log",
+    shell:
+        "tskd train --spec {params.spec} --launch={resources.launch:q} > {log} 2>&1"

@@ -1,0 +1,18 @@
+# Phase 4: evaluate each exported student file independently of its training run.
+
+
+rule evaluate:
+    input:
+        model=f"{OUT}/students/{{method}}/{{run}}/seed{{seed}}/model.pt",
+    output:
+        f"{OUT}/students/{{method}}/{{run}}/seed{{seed}}/eval.json",
+    params:
+        spec=lambda wc: q(student_spec(wc)),
+    wildcard_constraints:
+        seed=r"\d+",
+    conda:
+        "../envs/tskd.yaml"
+    log:
+        f"{OUT}/logs/evaluate/{{method}}/{{run}}-seed{{seed}}.log",
+    shell:
+        "tskd evaluate --spec {params.spec} --model {input.model} --out {output} > {log} 2>&1"

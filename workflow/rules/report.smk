@@ -1,0 +1,17 @@
+# Phase 5: one results table for the preset.
+
+
+rule report:
+    input:
+        _report_inputs,
+    output:
+        md=REPORT_MD,
+        csv=REPORT_CSV,
+    params:
+        preset=lambda wc: q(P),
+    conda:
+        "../envs/tskd.yaml"
+    log:
+        f"{OUT}/logs/report.log",
+    shell:
+        "tskd report --json {params.preset} > {log} 2>&1"
