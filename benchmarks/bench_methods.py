@@ -1,0 +1,209 @@
+"""Train-step cost of every registered method, relative to KD, and TSKD's whole-run overhead.
+
+One teacher->student pair (default resnet32x4 -> resnet8x4), random 32x32 inputs. A step is
+``forward_train`` + backward + SGD step. Methods are timed in interleaved rounds and each
+reports its fastest step: other load only ever adds time, so the minimum is the least
+disturbed figure on a shared machine. TSKD is timed in its three kinds of epoch:
+general (= memory-epoch step), review, and the snapshot taken at the end of a memory epoch.
+The whole-run projection uses the default 240-epoch schedule (192 general, 36 memory,
+12 review). Peak memory runs each of KD and TSKD-review in a fresh subprocess (ru_maxrss on
+CPU, max_memory_allocated on CUDA). Not a test:
+
+    .venv/bin/python benchmarks/bench_methods.py [--batch 128] [--steps 5] [--warmup 2]
+    .venv/bin/python benchmarks/bench_methods.py --device cuda --bf16 --channels-last --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from tskd.distill import DistillContext, build_distiller, list_methods
+from tskd.distill.tskd.schedule import node_at, summarize_schedule
+from tskd.models import create_model
+
+EPOCHS, TRAIN_SIZE, CLASSES = 240, 50_000, 100
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", default="resnet32x4")
+    ap.add_argument("--student", default="resnet8x4")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--methods", nargs="*", help="default: every registered method")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # "<method>:general|review": one peak-memory run
+    return ap.parse_args(argv)
+
+
+class Bench:
+    """One distiller with its optimizer and a fixed random batch; ``step()`` times one train step."""
+
+    def __init__(self, method: str, args: argparse.Namespace, params: dict | None = None):
+        self.args, self.device = args, torch.device(args.device)
+        torch.manual_seed(0)
+        ctx = DistillContext(num_classes=CLASSES, image_size=(32, 32), epochs=EPOCHS, num_train=TRAIN_SIZE,
+                             train_labels=torch.randint(0, CLASSES, (TRAIN_SIZE,)))
+        student, teacher = create_model(args.student, CLASSES), create_model(args.teacher, CLASSES)
+        self.d = build_distiller(method, student, teacher, params or {}, ctx).to(self.device)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.d.to(memory_format=fmt)
+        for t in self.d._teacher:
+            t.to(memory_format=fmt)
+        self.d.train()
+        self.opt = torch.optim.SGD(list(self.d.trainable_parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.x = torch.randn(args.batch, 3, 32, 32, device=self.device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, CLASSES, (args.batch,), device=self.device)
+        self.idx = torch.randint(0, TRAIN_SIZE, (args.batch,), device=self.device)
+
+    def autocast(self):
+        if self.args.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(self, epoch: int) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        with self.autocast():
+            _, losses = self.d.forward_train(self.x, self.y, epoch, indices=self.idx)
+        self.opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        self.opt.step()
+        self.sync()
+        return time.perf_counter() - t0
+
+    def fill_memory(self, review_epoch: int) -> float:
+        """Take the snapshots a review at ``review_epoch`` needs; returns seconds per snapshot."""
+        p = self.d.params
+        self.sync()
+        t0 = time.perf_counter()
+        for slot in range(p.k):
+            self.d.on_epoch_end(review_epoch - (p.k - slot) * p.delta)
+        self.sync()
+        return (time.perf_counter() - t0) / p.k
+
+
+def first_review_epoch(d) -> int:
+    p = d.params
+    return next(e for e in range(EPOCHS) if node_at(e, EPOCHS, p.delta, p.k).kind == "review")
+
+
+def time_all(args: argparse.Namespace) -> dict[str, float]:
+    """Fastest step seconds per case; cases are method names plus 'tskd:general' / 'tskd:review'."""
+    cases: dict[str, tuple[Bench, int]] = {}
+    snapshot_s = None
+    for m in args.methods or list_methods():
+        try:
+            b = Bench(m, args)
+        except Exception as e:  # a method this pair or these defaults do not suit
+            print(f"  skip {m}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            continue
+        if m == "tskd":
+            review = first_review_epoch(b.d)
+            snapshot_s = b.fill_memory(review)
+            b.d.on_epoch_start(review)
+            cases["tskd:general"], cases["tskd:review"] = (b, review + 1), (b, review)
+            # The authors' teacher in train-mode BatchNorm (teacher_bn: train), to show what it costs.
+            cases["tskd:general[teacher_bn=train]"] = (Bench(m, args, {"teacher_bn": "train"}), review + 1)
+        else:
+            cases[m] = (b, 1)
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    for i in range(args.warmup + args.steps):  # interleaved rounds: load changes hit all cases alike
+        for c, (b, epoch) in cases.items():
+            try:
+                t = b.step(epoch)
+            except Exception as e:
+                print(f"  skip {c}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                times.pop(c, None)
+                continue
+            if i >= args.warmup and c in times:
+                times[c].append(t)
+        cases = {c: v for c, v in cases.items() if c in times}
+    out = {c: min(v) for c, v in times.items()}
+    if snapshot_s is not None:
+        out["tskd:snapshot"] = snapshot_s
+    return out
+
+
+def peak_memory(method: str, case: str, args: argparse.Namespace) -> float:
+    """Peak memory (GB) of a fresh process that builds ``method`` and runs two steps of ``case``."""
+    cmd = [sys.executable, __file__, "--child", f"{method}:{case}", "--batch", str(args.batch),
+           "--device", args.device, "--threads", str(args.threads), "--teacher", args.teacher,
+           "--student", args.student, *(["--bf16"] if args.bf16 else []),
+           *(["--channels-last"] if args.channels_last else [])]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_gb"]
+
+
+def child(args: argparse.Namespace) -> None:
+    method, case = args.child.split(":")
+    b = Bench(method, args)
+    epoch = 1
+    if case == "review":
+        epoch = first_review_epoch(b.d)
+        b.fill_memory(epoch)
+    for _ in range(2):
+        b.step(epoch)
+    print(json.dumps({"peak_gb": torch.cuda.max_memory_allocated() / 1e9 if b.device.type == "cuda"
+                      else peak_rss_kb() / 1e6}))
+
+
+def peak_rss_kb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over an
+    exec, so a child started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return float(next(line.split()[1] for line in f if line.startswith("VmHWM:")))
+    except (OSError, StopIteration):
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args)
+    print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.device}, {args.threads} threads, "
+          f"{'bf16' if args.bf16 else 'fp32'}{', channels-last' if args.channels_last else ''}; "
+          f"fastest of {args.steps} steps after {args.warmup} warm-up")
+    t = time_all(args)
+    if "kd" not in t:
+        sys.exit("KD could not be timed: no reference")
+    kd = t["kd"]
+    print(f"\n{'method / case':<36}{'step s':>10}{'÷ KD':>8}")
+    for c in sorted(t):
+        if c != "tskd:snapshot":
+            print(f"{c:<36}{t[c]:>10.3f}{t[c] / kd:>8.2f}")
+    if "tskd:review" in t:
+        counts = summarize_schedule(EPOCHS, 5, 3).counts
+        steps = -(-TRAIN_SIZE // args.batch)
+        run = ((counts["general"] + counts["memory"]) * steps * t["tskd:general"] + counts["review"] * steps
+               * t["tskd:review"] + counts["memory"] * t["tskd:snapshot"]) / (EPOCHS * steps * kd)
+        print(f"{'tskd:snapshot':<36}{t['tskd:snapshot']:>10.4f}   (once per memory epoch, per slot)")
+        print(f"\nwhole run, {EPOCHS} epochs ({counts['general']} general, {counts['memory']} memory, "
+              f"{counts['review']} review, {steps} steps/epoch): TSKD ÷ KD = {run:.3f}")
+        if not args.no_memory:
+            mem_kd, mem_tskd = peak_memory("kd", "general", args), peak_memory("tskd", "review", args)
+            print(f"peak memory: KD {mem_kd:.2f} GB, TSKD review {mem_tskd:.2f} GB "
+                  f"(÷ KD {mem_tskd / mem_kd:.2f})")
+
+
+if __name__ == "__main__":
+    main()

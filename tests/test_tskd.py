@@ -1,0 +1,381 @@
+"""TSKD: schedule, attention maps, increments, ConvLSTM, snapshot memory, the distiller on every pair."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from tskd.distill import DistillContext, build_distiller, method_class, parse_method_params
+from tskd.distill.tskd.attention import attention_map, increment_sequence
+from tskd.distill.tskd.convlstm import IncrementForecaster, auto_hidden
+from tskd.distill.tskd.prefix import TapPrefix
+from tskd.distill.tskd.schedule import cycle_memory_epochs, node_at, summarize_schedule
+from tskd.models import create_model
+
+PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"),
+         ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
+         ("wrn_40_2", "ShuffleV1"), ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2")]
+SHORT = {"delta": 1, "k": 2}  # E=8: memory 0, 1 | review 2 | memory 3, 4 | review 5 | memory 6, 7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two threads on a busy 2-core machine make every small conv wait on the other thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make(student="resnet8", teacher="resnet8", params=None, epochs=8, seed=0):
+    torch.manual_seed(seed)
+    ctx = DistillContext(num_classes=100, image_size=(32, 32), epochs=epochs, num_train=16)
+    d = build_distiller("tskd", create_model(student), create_model(teacher), params or dict(SHORT), ctx)
+    return d.train()
+
+
+def batch(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 100, (n,), generator=g)
+
+
+def fill(d, review_epoch):
+    """Take the snapshots of ``review_epoch``'s cycle, the student moving a little before each one
+    (as training would: identical snapshots give all-zero increments)."""
+    p = d.params
+    g = torch.Generator().manual_seed(review_epoch)
+    for e in cycle_memory_epochs(review_epoch, p.delta, p.k):
+        with torch.no_grad():
+            for w in d.student.parameters():
+                w.add_(torch.randn(w.shape, generator=g), alpha=0.01)
+        d.on_epoch_end(e)
+    d.on_epoch_start(review_epoch)
+
+
+def step(d, epoch, images, labels, lr=0.1):
+    opt = torch.optim.SGD(list(d.trainable_parameters()), lr=lr)
+    opt.zero_grad(set_to_none=True)
+    _, losses = d.forward_train(images, labels, epoch)
+    sum(losses.values()).backward()
+    opt.step()
+    return losses
+
+
+# -- schedule ---------------------------------------------------------------------------------
+def test_authors_schedule_240_epochs():
+    s = summarize_schedule(240, 5, 3)
+    assert s.counts == {"memory": 36, "review": 12, "general": 192}
+    assert s.memory_epochs == (tuple(range(0, 240, 20)), tuple(range(5, 240, 20)), tuple(range(10, 240, 20)))
+    assert s.review_epochs == tuple(range(15, 240, 20))
+    assert s.review_epochs[-1] == 235
+    assert node_at(0, 240, 5, 3).slot == 0 and node_at(225, 240, 5, 3).slot == 1
+    assert node_at(1, 240, 5, 3).kind == "general" and node_at(239, 240, 5, 3).kind == "general"
+    assert cycle_memory_epochs(235, 5, 3) == (220, 225, 230)
+    with pytest.raises(ValueError):
+        node_at(240, 240, 5, 3)
+
+
+def test_short_schedules():
+    s = summarize_schedule(8, 1, 2)
+    assert s.memory_epochs == ((0, 3, 6), (1, 4, 7)) and s.review_epochs == (2, 5) and s.general_epochs == ()
+    s = summarize_schedule(10, 2, 1)
+    assert s.memory_epochs == ((0, 4, 8),) and s.review_epochs == (2, 6)
+    assert s.general_epochs == (1, 3, 5, 7, 9)
+    assert summarize_schedule(4, 1, 3).review_epochs == (3,)
+
+
+@pytest.mark.parametrize(("raw", "epochs", "words"), [
+    ({"k": 3}, 8, ["methods.tskd.k=3", "exceeds", "methods.tskd.delta=5", "epochs 0, 5"]),
+    ({"k": 2}, 8, ["no review epoch", "methods.tskd.k=2", "methods.tskd.delta"]),
+    ({"delta": 20}, 30, ["methods.tskd.k=3", "exceeds", "epochs 0"]),
+])
+def test_check_schedule_refuses_runs_without_review(raw, epochs, words):
+    cls = method_class("tskd")
+    with pytest.raises(ValueError) as e:
+        cls.check_schedule(parse_method_params("tskd", raw), epochs=epochs)
+    for w in words:
+        assert w in str(e.value)
+    cls.check_schedule(parse_method_params("tskd", {}), epochs=240)
+    cls.check_schedule(parse_method_params("tskd", {"k": 1}), epochs=8)
+
+
+def test_params_defaults_and_validation():
+    p = parse_method_params("tskd", {})
+    assert (p.T, p.ce_weight, p.kd_weight, p.review_weight, p.delta, p.k) == (4.0, 1.0, 1.0, 1.0, 5, 3)
+    assert (p.at_norm, p.detach_target, p.snapshot_bn, p.taps, p.hidden_channels) == ("column", False, "train",
+                                                                                       (0, 1, 2), None)
+    with pytest.raises(ValueError, match="methods.tskd"):
+        parse_method_params("tskd", {"hidden_channels": [64, 32]})
+    with pytest.raises(ValueError, match="methods.tskd.kk"):
+        parse_method_params("tskd", {"kk": 1})
+    with pytest.raises(ValueError, match="methods.tskd.at_norm"):
+        parse_method_params("tskd", {"at_norm": "rows"})
+
+
+# -- attention maps and increments --------------------------------------------------------------
+def test_attention_map_by_hand():
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[1.0, 0.0], [1.0, 0.0]]]])  # (1, 2, 2, 2)
+    # mean over channels of x^2: [[1, 2], [5, 8]]
+    col = attention_map(x, "column")
+    assert col.shape == (1, 1, 2, 2)
+    want = torch.tensor([[1 / math.sqrt(26), 2 / math.sqrt(68)], [5 / math.sqrt(26), 8 / math.sqrt(68)]])
+    torch.testing.assert_close(col[0, 0], want)
+    flat = attention_map(x, "flat")
+    torch.testing.assert_close(flat[0, 0], torch.tensor([[1.0, 2.0], [5.0, 8.0]]) / math.sqrt(94))
+
+
+def test_increment_sequence_by_hand():
+    m1, m2, m3, s = (torch.full((1, 1, 1, 1), v) for v in (1.0, 4.0, 2.0, 7.0))
+    seq = increment_sequence([m1, m2, m3], s)
+    assert seq.shape == (3, 1, 1, 1, 1)
+    assert seq.flatten().tolist() == [3.0, 2.0, 5.0]  # |M1-M2|, |M2-M3|, |S-M3|
+    assert increment_sequence([m1], s).flatten().tolist() == [6.0]  # k = 1: only the current increment
+
+
+# -- ConvLSTM ---------------------------------------------------------------------------------
+def _naive_forecast(f: IncrementForecaster, frames: torch.Tensor) -> torch.Tensor:
+    """The authors' formulation: one conv over [x; h] each step, zero states, zero forecaster input."""
+    def cell(c, x, h, cs):
+        i, fg, g, o = c.conv(torch.cat([x, h], 1)).chunk(4, 1)
+        cs = torch.sigmoid(fg) * cs + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(cs), cs
+
+    k, b, _, hh, ww = frames.shape
+    x = f.down(frames.flatten(0, 1)).unflatten(0, (k, b))
+    h = torch.zeros(b, f.encoder.hidden, *x.shape[-2:])
+    c = torch.zeros_like(h)
+    for t in range(k):
+        h, c = cell(f.encoder, x[t], h, c)
+    h, _ = cell(f.forecaster, torch.zeros_like(h), h, c)
+    return f.up(h)[..., :hh, :ww]
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 7), (5, 9), (1, 1)])
+def test_forecaster_matches_authors_formulation_and_keeps_size(size):
+    torch.manual_seed(0)
+    f = IncrementForecaster(16)
+    frames = torch.rand(3, 2, 1, *size)
+    out = f(frames)
+    assert out.shape == (2, 1, *size)
+    torch.testing.assert_close(out, _naive_forecast(f, frames), rtol=1e-5, atol=1e-6)
+
+
+def test_forecaster_channels_last_gives_the_same_forecast():
+    torch.manual_seed(0)
+    f = IncrementForecaster(16)
+    frames = torch.rand(3, 2, 1, 9, 9)
+    want = f(frames)
+    torch.testing.assert_close(f.to(memory_format=torch.channels_last)(frames), want, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_widths_follow_the_authors():
+    assert auto_hidden([(32, 32), (32, 32), (16, 16)]) == (64, 64, 32)  # ResNet / WRN students
+    assert auto_hidden([(32, 32), (16, 16), (8, 8)]) == (64, 32, 32)  # VGG-8
+    d = make("resnet20", "resnet56")
+    assert sum(p.numel() for p in d.forecasters.parameters()) == 1_065_211  # METHOD.md: about 1.07 M
+    assert [f.encoder.hidden for f in make("vgg8", "vgg13").forecasters] == [64, 32, 32]
+
+
+# -- snapshot prefix ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("arch", "last", "truncated"), [("resnet8", 2, True), ("vgg8", 2, True),
+                                                         ("vgg8", 4, False)])
+def test_snapshot_prefix_equals_full_forward_and_writes_nothing(arch, last, truncated):
+    torch.manual_seed(0)
+    m = create_model(arch)
+    x, _ = batch()
+    with torch.no_grad():
+        m.train()
+        m(x)  # give the running statistics values that differ from the batch's
+    tensors = {k: v.clone() for k, v in m.state_dict().items()}
+    before = {k: v.clone() for k, v in tensors.items()}
+    for train_bn in (True, False):
+        prefix = TapPrefix(m, last, (32, 32), train_bn)
+        assert prefix.truncated is truncated  # vgg8's tap 4 follows a shape-dependent branch: full forward
+        with torch.no_grad():
+            got = prefix(tensors, x)
+            m.load_state_dict(tensors)  # the reference forward in train mode moves m's own statistics
+            m.train(train_bn)
+            want = m(x)[1]["feats"][: last + 1]
+        assert len(got) == last + 1
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert all(torch.equal(tensors[k], before[k]) for k in before)  # no running-statistics update
+
+
+# -- the distiller ------------------------------------------------------------------------------
+def test_loss_terms_by_epoch_kind():
+    d = make()
+    x, y = batch()
+    assert set(d.forward_train(x, y, 0)[1]) == {"ce", "kd"}  # memory epoch
+    fill(d, 2)
+    assert set(d.forward_train(x, y, 2)[1]) == {"ce", "kd", "review"}
+
+
+def test_review_loss_with_zero_forecast_is_mean_squared_target():
+    d = make(params=dict(SHORT, at_norm="flat"))
+    fill(d, 2)
+    for f in d.forecasters:  # the last 1x1 conv -> all-zero forecast P
+        torch.nn.init.zeros_(f.up[-1].weight)
+        torch.nn.init.zeros_(f.up[-1].bias)
+    x, _ = batch()
+    s_taps, t_taps = d.student(x)[1]["feats"], d.teacher_forward(x)[1]["preact_feats"]
+    got = d.review_loss(x, s_taps, t_taps)
+    want = sum(((attention_map(s_taps[i], "flat") - attention_map(t_taps[i], "flat")) ** 2).mean() for i in range(3))
+    torch.testing.assert_close(got, want)
+
+
+def test_teacher_is_pooled_to_student_size():
+    d = make("MobileNetV2", "resnet8")  # student taps 16, 16, 8 px; teacher 32, 32, 16 px
+    fill(d, 2)
+    x, y = batch()
+    assert torch.isfinite(d.forward_train(x, y, 2)[1]["review"])
+
+
+def test_snapshots_stay_put_while_the_student_trains():
+    d = make()
+    x, y = batch()
+    d.on_epoch_end(0)
+    snap = {k: v.clone() for k, v in d.memory.slot(0).items()}
+    student_before = {k: v.clone() for k, v in d.student.state_dict().items()}
+    step(d, 1, x, y)
+    assert any(not torch.equal(v, d.student.state_dict()[k]) for k, v in student_before.items())
+    d.on_epoch_end(1)
+    d.on_epoch_start(2)
+    step(d, 2, x, y)  # a review step runs the snapshots (BatchNorm in train mode)
+    slot0 = d.memory.snapshots()[0]
+    assert all(torch.equal(slot0[k], v) for k, v in snap.items())
+    assert d.memory.epochs == (0, 1)
+
+
+def test_gradients_by_epoch_kind():
+    d = make()
+    x, y = batch()
+    _, losses = d.forward_train(x, y, 0)
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in d.forecasters.parameters())
+    assert all(p.grad is not None for p in d.student.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
+    fill(d, 2)
+    d.zero_grad(set_to_none=True)
+    _, losses = d.forward_train(x, y, 2)
+    losses["review"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.forecasters.parameters())
+    assert d.student.conv1.weight.grad.abs().sum() > 0  # the review loss reaches the student
+    assert all(p.grad is None for p in d.teacher.parameters())
+    trainable = {id(p) for p in d.trainable_parameters()}
+    assert {id(p) for p in d.forecasters.parameters()} <= trainable
+    assert not {id(p) for p in d.teacher.parameters()} & trainable
+
+
+def test_detach_target_stops_the_gradient_through_the_target():
+    x, y = batch()
+    grads = {}
+    for detach in (False, True):
+        d = make(params=dict(SHORT, detach_target=detach, detach_increment=detach))
+        fill(d, 2)
+        d.forward_train(x, y, 2)[1]["review"].backward()
+        grads[detach] = d.student.conv1.weight.grad
+    assert grads[True] is None and grads[False].abs().sum() > 0
+
+
+@pytest.mark.parametrize(("teacher", "student"), PAIRS)
+def test_review_step_on_every_pair(teacher, student):
+    d = make(student, teacher)
+    assert d._prefix.truncated
+    fill(d, 2)
+    x, y = batch(3)
+    losses = step(d, 2, x, y)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["review"] > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.forecasters.parameters())
+
+
+def test_unmatched_taps_name_the_pair():
+    with pytest.raises(ValueError, match="CifarResNet -> CifarResNet.*taps"):
+        make(params=dict(SHORT, taps=[0, 1, 2, 6]))
+
+
+def test_review_needs_the_snapshots_of_its_own_cycle():
+    d = make()
+    with pytest.raises(RuntimeError, match="epochs \\(0, 1\\)"):
+        d.on_epoch_start(2)
+    d.on_epoch_end(0)
+    d.on_epoch_end(1)
+    d.on_epoch_start(2)
+    with pytest.raises(RuntimeError, match="epochs \\(3, 4\\)"):
+        d.on_epoch_start(5)
+
+
+def test_exported_student_has_only_student_keys():
+    d = make("resnet8x4", "resnet32x4")
+    assert d.student.state_dict().keys() == create_model("resnet8x4").state_dict().keys()
+    keys = d.state_dict().keys()
+    assert any(k.startswith("forecasters.") for k in keys) and "memory._extra_state" in keys
+    assert not any("forecasters" in k or "memory" in k for k in d.student.state_dict())
+
+
+def test_state_dict_round_trip_restores_memory_exactly():
+    d = make()
+    x, y = batch()
+    d.on_epoch_end(0)
+    step(d, 1, x, y)
+    d.on_epoch_end(1)
+    buf = io.BytesIO()
+    torch.save(d.state_dict(), buf)  # as the trainer's checkpoint does
+    buf.seek(0)
+    e = make(seed=1)
+    e.teacher.load_state_dict(d.teacher.state_dict())  # the teacher comes from its own file, not the checkpoint
+    e.load_state_dict(torch.load(buf, map_location="cpu", weights_only=False))
+    assert e.memory.epochs == d.memory.epochs == (0, 1)
+    for a, b in zip(d.memory.snapshots(), e.memory.snapshots(), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    d.on_epoch_start(2)
+    e.on_epoch_start(2)
+    torch.testing.assert_close(d.forward_train(x, y, 2)[1]["review"], e.forward_train(x, y, 2)[1]["review"],
+                               rtol=0, atol=0)
+
+
+def test_memory_follows_dtype_moves():
+    d = make()
+    d.on_epoch_end(0)
+    d.memory.to(torch.float64)
+    assert d.memory.slot(0)["conv1.weight"].dtype == torch.float64
+    assert d.memory.slot(0)["bn1.num_batches_tracked"].dtype == torch.int64
+
+
+# -- end to end through the trainer -------------------------------------------------------------
+def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, monkeypatch):
+    from tskd.engine import trainer as trainer_mod
+
+    teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
+    trainer_mod.train(teacher, track=False)
+    tpath = f"{teacher.out_dir}/model.pt"
+
+    def spec(out):
+        return make_spec(out=out, method="tskd", arch="resnet8", teacher_arch="resnet8", teacher_path=tpath,
+                         method_params={"delta": 1, "k": 2}, recipe={"epochs": 4, "milestones": []})
+
+    whole = trainer_mod.train(spec("whole"), track=False)
+    assert "train_review" in whole["history"][2] and "train_review" not in whole["history"][1]
+
+    real = trainer_mod.Trainer._train_epoch
+
+    def killed_at_review(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+        return real(self, epoch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", killed_at_review)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_mod.train(spec("resumed"), track=False)
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", real)
+    resumed = trainer_mod.train(spec("resumed"), track=False)
+
+    def strip(m):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in m["history"]]
+
+    assert strip(resumed) == strip(whole)
+    exported = torch.load(f"{spec('whole').out_dir}/model.pt", weights_only=True)["model"]
+    assert exported.keys() == create_model("resnet8").state_dict().keys()
