@@ -93,3 +93,22 @@ def test_changing_a_kd_value_reruns_only_kd_jobs(smoke_repo):
     snakemake(smoke_repo)
     assert {f: f.stat().st_mtime_ns for f in vanilla} == before
     assert "Nothing to be done" in snakemake(smoke_repo, "-n").stdout
+
+
+def test_cifar100_dry_run_lists_every_job_without_data(tmp_path):
+    """`snakemake -n` on the paper's grid needs no dataset: every job of the grid is listed."""
+    from tskd.config import load_preset
+    from tskd.grid import student_jobs
+
+    repo = copy_repo(tmp_path)
+    p = load_preset(repo / "params/cifar100.yaml")
+    jobs = {}
+    out = snakemake(repo, "-n", "--quiet", "rules", "--configfile", "params/cifar100.yaml").stdout
+    for line in out.splitlines():
+        m = re.match(r"^\s*(\w+)\s+(\d+)\s*$", line)
+        if m:
+            jobs[m.group(1)] = int(m.group(2))
+    n = len(student_jobs(p))
+    assert jobs == {"data": 1, "teacher": len(p.teachers), "student": n, "evaluate": n, "report": 1,
+                    "all": 1, "total": 3 + len(p.teachers) + 2 * n}, jobs
+    assert not (repo / "results").exists()
