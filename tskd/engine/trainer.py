@@ -136,8 +136,10 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         d.train()
         d.on_epoch_start(epoch)
-        sums: dict[str, float] = {}
-        n = correct = 0
+        # Running totals stay on the device: converting each term per step would add a host
+        # sync per loss term; only the total is read per step (for the NaN check).
+        sums: dict[str, torch.Tensor] = {}
+        n, correct, total = 0, torch.zeros((), dtype=torch.long, device=dev), 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.recipe.epochs}", leave=False,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         for step, (images, labels, indices) in enumerate(bar):
@@ -163,12 +165,14 @@ class Trainer:
                 loss.backward()
             self.optimizer.step()
             n += b
-            correct += int((logits.detach().argmax(1) == labels).sum())
+            correct += (logits.detach().argmax(1) == labels).sum()
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * b
-            sums["loss"] = sums.get("loss", 0.0) + value * b
+                sums[k] = sums.get(k, 0.0) + v.detach().double() * b
+            total += value * b
             bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         d.on_epoch_end(epoch)
+        sums = {k: float(v) for k, v in sums.items()} | {"loss": total}
+        correct = int(correct)
         if world.distributed:  # epoch figures over the global batch, identical on every rank
             keys = sorted(sums)
             n, correct, *totals = distributed.sum_values([n, correct, *(sums[k] for k in keys)])
