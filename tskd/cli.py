@@ -125,6 +125,50 @@ def cmd_schema(a) -> None:
     print(f"wrote {write_schema(Path(a.out))}")
 
 
+def cmd_dvc_write(a) -> None:
+    from tskd.dvc_pipeline import write_pipeline
+
+    if a.out and len(a.params) != 1:
+        raise ValueError("--out needs exactly one params file")
+    for params in a.params:
+        print(f"wrote {write_pipeline(params, Path(a.out) if a.out else None)} from {params}")
+
+
+def cmd_dvc_check(a) -> None:
+    from tskd.config import load_preset
+    from tskd.dvc_pipeline import check_pipeline, pipeline_path
+
+    path = Path(a.pipeline) if a.pipeline else pipeline_path(a.params, load_preset(a.params))
+    check_pipeline(a.params, path)
+    print(f"{path}: up to date with {a.params}")
+
+
+def cmd_dvc_verify(a) -> None:
+    from tskd.dvc_verify import remove_corrupt, verify
+
+    problems = verify(Path("."), workspace=not a.cache_only)
+    if not problems:
+        print("DVC cache and outputs match the lock files")
+        return
+    for pr in problems:
+        print(pr, file=sys.stderr)
+    if a.remove_corrupt:
+        for obj in remove_corrupt(problems):
+            print(f"removed {obj}; `dvc pull` or `dvc repro` restores it", file=sys.stderr)
+    raise RuntimeError(f"{len(problems)} problem(s) above; corrupt cache files can be removed with "
+                       "`tskd dvc verify --remove-corrupt`, outputs that differ rebuilt with `dvc repro`")
+
+
+def cmd_dvc_sync(a) -> None:
+    from tskd.dvc_pipeline import load_raw
+    from tskd.dvc_sync import sync
+
+    p, raw = load_raw(a.params)
+    synced = sync(p, raw, a.params)
+    print(f"Snakemake now records {len(synced)} stages that dvc.lock shows current" + (
+        f": {', '.join(synced[:8])}{' ...' if len(synced) > 8 else ''}" if synced else ""))
+
+
 def _launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launch", default="", metavar="FILE",
                    help="launch settings (slurm/launch.yaml): run as a SLURM or local submitit job and wait")
@@ -183,6 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a params file")
     p.add_argument("params")
     p.set_defaults(fn=cmd_check)
+
+    dvc = sub.add_parser("dvc", help="the DVC pipeline generated from the grid").add_subparsers(
+        dest="dvc_verb", required=True)
+    p = dvc.add_parser("write", help="write dvc.yaml (smoke) or pipelines/<preset>/dvc.yaml from params")
+    p.add_argument("params", nargs="+", help="params/<preset>.yaml")
+    p.add_argument("--out", help="pipeline file to write instead of the default place")
+    p.set_defaults(fn=cmd_dvc_write)
+    p = dvc.add_parser("check", help="fail when a pipeline file is out of date with its params")
+    p.add_argument("params")
+    p.add_argument("--pipeline", help="the dvc.yaml to check (default: where `tskd dvc write` puts it)")
+    p.set_defaults(fn=cmd_dvc_check)
+    p = dvc.add_parser("verify", help="re-hash the DVC cache and outputs against the lock files")
+    p.add_argument("--cache-only", action="store_true", help="do not compare workspace outputs")
+    p.add_argument("--remove-corrupt", action="store_true", help="delete corrupt cache files")
+    p.set_defaults(fn=cmd_dvc_verify)
+    p = dvc.add_parser("sync", help="after `dvc pull`/`checkout`: Snakemake records what dvc.lock shows current")
+    p.add_argument("params")
+    p.set_defaults(fn=cmd_dvc_sync)
 
     p = sub.add_parser("schema", help="write the JSON schema of the params")
     p.add_argument("--out", default="workflow/schemas/params.schema.json")

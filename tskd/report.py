@@ -72,12 +72,43 @@ def format_markdown(p: Preset, rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"mean": round(statistics.mean(xs), 4), "std": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0}
+
+
+def summaries(p: Preset, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The table's figures as numbers, one mapping per file: ``teachers`` and one per method.
+
+    ``dvc metrics show`` prints one row per file, so methods become rows and pairs columns, as in
+    the paper's tables.
+    """
+    out: dict[str, dict[str, Any]] = {"teachers": {}}
+    for r in rows:
+        if r["pair"] == "teacher":
+            out["teachers"][r["student"]] = {"best": r["best_top1"], "last": r["last_top1"]}
+    for method in p.methods:
+        out[method] = {}
+        for pair in p.pairs:
+            sel = [r for r in rows if r["pair"] == pair.name and r["method"] == method]
+            if sel:
+                best, last = _stats([r["best_top1"] for r in sel]), _stats([r["last_top1"] for r in sel])
+                out[method][pair.name] = {"best": best["mean"], "best_std": best["std"], "last": last["mean"],
+                                          "n": len(sel)}
+    return out
+
+
+def summary_files(p: Preset) -> list[Path]:
+    return [p.out / "summary" / f"{name}.json" for name in ("teachers", *p.methods)]
+
+
 def write_report(p: Preset) -> Path:
-    """Write report.csv and report.md under results/<preset>/; returns the markdown path."""
+    """Write report.csv, report.md and summary/<name>.json under results/<preset>/; returns report.md."""
     rows = collect_rows(p)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(p.out / "report.csv", buf.getvalue())
+    for name, figures in summaries(p, rows).items():
+        atomic_write_text(p.out / "summary" / f"{name}.json", json.dumps(figures, indent=1, sort_keys=True) + "\n")
     return atomic_write_text(p.out / "report.md", format_markdown(p, rows))

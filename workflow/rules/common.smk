@@ -7,6 +7,9 @@ from snakemake.utils import validate
 
 from tskd.config import ParamsError, canonical_json, parse_preset
 from tskd import grid
+from tskd.dvc_sync import sync_for_snakemake
+from tskd.dvc_pipeline import check_from_dvc_env
+from tskd.report import summary_files
 
 _SOURCE = ", ".join(map(str, workflow.configfiles)) or "config"
 # The typed params first: their messages name the file, the key and what is allowed.
@@ -16,6 +19,13 @@ except ParamsError as e:
     sys.exit(f"error: {e}")
 # The generated JSON schema must agree (set_default=False: pydantic owns the defaults).
 validate(config, "../schemas/params.schema.json", set_default=False)
+# Run by a DVC stage: refuse a dvc.yaml that no longer matches this grid.
+try:
+    check_from_dvc_env(_SOURCE)
+except ParamsError as e:
+    sys.exit(f"error: {e}")
+# After `dvc pull`/`checkout`: restored files carry checkout-time mtimes; fix those dvc.lock vouches for.
+sync_for_snakemake(P, config, _SOURCE)
 
 OUT = str(P.out)
 # `tskd` from the environment that runs Snakemake, whether or not it is activated.

@@ -7,6 +7,8 @@ rule report:
     output:
         md=REPORT_MD,
         csv=REPORT_CSV,
+        # One file per method and one for the teachers: the DVC pipeline's metrics.
+        summary=[str(f) for f in summary_files(P)],
     params:
         preset=lambda wc: q(P),
     conda:

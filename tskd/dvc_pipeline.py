@@ -1,0 +1,234 @@
+"""The DVC pipeline of a preset, generated from the same grid as the Snakefile.
+
+Each DVC stage is one job of the Snakemake DAG and its command asks Snakemake to run exactly
+that job (``--force --allowed-rules <rule>``). Snakemake stays the one executor: it writes the
+logs and MLflow runs and records its rerun metadata, so after ``dvc repro`` Snakemake has
+nothing to redo and the other way round. DVC adds what Snakemake lacks: content hashes, a
+cache and remotes for the datasets, models and metrics, and experiments.
+
+The file is written by ``tskd dvc write`` and never edited by hand. It does not contain param
+values, only the keys each stage reads, so ``dvc exp run -S ...`` needs no regeneration; only a
+change of the grid's shape (a method, pair, seed or override added) does, and every stage
+command checks that before running (``check_pipeline``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tskd import grid
+from tskd.config import ParamsError, Preset
+from tskd.report import summary_files
+
+ROOT_PRESET = "smoke"  # the preset whose pipeline is the repository's top-level dvc.yaml
+
+
+@dataclass
+class Stage:
+    name: str
+    rule: str  # the Snakemake rule whose job this stage runs
+    targets: list[str]  # that job's Snakemake outputs
+    inputs: list[str]  # that job's Snakemake inputs (what its mtimes are compared with)
+    deps: list[str] = field(default_factory=list)
+    params: list[str] | None = None  # keys of the params file; None: the whole file
+    outs: list[str] = field(default_factory=list)
+    persist: bool = False  # training stages: see `_out_entry`
+    metrics: list[str] = field(default_factory=list)
+    curve: str | None = None  # which training-curve plot its metrics.json joins
+
+
+def pipeline_path(params_file: str | Path, preset: Preset) -> Path:
+    """Where ``tskd dvc write`` puts a preset's pipeline: dvc.yaml for smoke, else pipelines/<preset>/."""
+    if preset.preset == ROOT_PRESET:
+        return Path("dvc.yaml")
+    return Path("pipelines") / preset.preset / "dvc.yaml"
+
+
+def _present(raw: dict[str, Any], key: str) -> bool:
+    node: Any = raw
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def _keys(raw: dict[str, Any], *keys: str) -> list[str]:
+    # DVC fails on a declared key that the file lacks, and a key the file lacks is read from its
+    # default, which cannot change without editing the file (and so regenerating this pipeline).
+    return [k for k in keys if _present(raw, k)]
+
+
+def _data_deps(p: Preset) -> list[str]:
+    if p.dataset.synthetic is not None:
+        return [str(grid.data_dir(p))]  # the stage writes the whole directory
+    return [str(grid.data_marker(p)), str(p.dataset.root)]
+
+
+def _spec_keys(p: Preset, raw: dict[str, Any], method: str, pair_index: int) -> list[str]:
+    """The params keys a student's run spec is built from (tskd.grid.student_spec)."""
+    return _keys(raw, "preset", "dataset", "student_recipe", f"recipes.{p.student_recipe}", f"methods.{method}",
+                 f"pairs.{pair_index}.methods.{method}", "train", "tracking")
+
+
+def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
+    """Every stage in an order that respects the DAG (data, teachers, students, evaluations, report)."""
+    out: list[Stage] = []
+    marker = str(grid.data_marker(p))
+    data_outs = [str(grid.data_dir(p))] if p.dataset.synthetic is not None else [marker]
+    out.append(Stage("data", "data", [marker], [], deps=_data_deps(p)[1:], params=_keys(raw, "dataset"),
+                     outs=data_outs))
+    for arch, t in p.teachers.items():
+        d = grid.teacher_dir(p, arch)
+        files = [str(d / "model.pt"), str(d / "metrics.json")]
+        deps = _data_deps(p) + ([t.checkpoint] if t.checkpoint else [])
+        keys = _keys(raw, "preset", "dataset", f"recipes.{t.recipe}", f"teachers.{arch}", "train", "tracking")
+        out.append(Stage(f"teacher-{arch}-seed{t.seed}", "teacher", files, [marker], deps=deps, params=keys,
+                         outs=files, persist=True, curve=None if t.checkpoint else "teachers"))
+    evals = []
+    for method, pair, seed in grid.student_jobs(p):
+        d = grid.student_dir(p, method, pair, seed)
+        tag = f"{method}-{d.parent.name}-seed{seed}"
+        files = [str(d / "model.pt"), str(d / "metrics.json")]
+        inputs = [marker] + ([] if method == "vanilla" else [str(grid.teacher_dir(p, pair.teacher) / "model.pt")])
+        keys = _spec_keys(p, raw, method, p.pairs.index(pair))
+        out.append(Stage(f"train-{tag}", "student", files, inputs, deps=_data_deps(p) + inputs[1:], params=keys,
+                         outs=files, persist=True, curve=method))
+        evals.append(Stage(f"eval-{tag}", "evaluate", [str(d / "eval.json")], [files[0]],
+                           deps=_data_deps(p) + [files[0]], params=keys, outs=[str(d / "eval.json")]))
+    out += evals
+    results = [f for s in out if s.rule in ("teacher", "student", "evaluate") for f in s.targets if f.endswith(".json")]
+    summary = [str(f) for f in summary_files(p)]
+    out.append(Stage("report", "report", [str(p.out / "report.md"), str(p.out / "report.csv"), *summary], results,
+                     deps=results, params=None, outs=[str(p.out / "report.md"), str(p.out / "report.csv")],
+                     metrics=summary))
+    return out
+
+
+def _cmd(s: Stage, params_file: str) -> str:
+    # --force: DVC decided that this job runs; --allowed-rules: and no other job (a missing input
+    # is an error, not a reason to rebuild another stage's output behind DVC's back).
+    return (f"snakemake --configfile {params_file} --cores all --force --allowed-rules {s.rule} "
+            f"--quiet host progress rules -- " + " ".join(s.targets))
+
+
+def _out_entry(path: str, persist: bool) -> Any:
+    # persist: DVC's run-cache skips persistent outputs, so a training stage always really runs
+    # (and records its MLflow run) instead of having its model restored from an earlier run with the
+    # same inputs. Snakemake's --force still removes the old files before the job starts.
+    return {path: {"persist": True}} if persist else path
+
+
+def _stage_dict(s: Stage, params_file: str, wdir: str | None) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    if wdir:
+        d["wdir"] = wdir
+    d["cmd"] = _cmd(s, params_file)
+    if s.deps:
+        d["deps"] = list(s.deps)
+    d["params"] = [{params_file: None}] if s.params is None else [{params_file: list(s.params)}]
+    if s.outs:
+        d["outs"] = [_out_entry(o, s.persist) for o in s.outs]
+    if s.metrics:
+        d["metrics"] = list(s.metrics)
+    return d
+
+
+def _plots(all_stages: list[Stage]) -> list[dict[str, Any]]:
+    """Training curves: test top-1 per epoch, one plot for the teachers and one per method."""
+    groups: dict[str, list[str]] = {}
+    for s in all_stages:
+        if s.curve:
+            groups.setdefault(s.curve, []).append(s.targets[1])  # metrics.json: its `history` rows
+    return [{f"test_top1-{g}": {"title": f"{g}: test top-1 (%) by epoch", "x": "epoch",
+                                "y": {f: "test_top1" for f in files}}} for g, files in groups.items()]
+
+
+HEADER = """\
+# Generated from {params} by `tskd dvc write {params}`: do not edit by hand.
+# Each stage runs one job of the Snakemake DAG (same grid: tskd/grid.py). Only the keys each
+# stage reads are listed, not their values: `dvc exp run -S {params}:<key>=<value>` works as is.
+# Regenerate after adding a method, pair, seed or per-pair override; stages refuse to run otherwise.
+"""
+
+
+def render(p: Preset, raw: dict[str, Any], params_file: str, path: Path) -> str:
+    """The text of the pipeline file at ``path`` (relative to the repository root)."""
+    depth = len(path.parent.parts)
+    wdir = "/".join([".."] * depth) if depth else None
+    all_stages = stages(p, raw, params_file)
+    # Any edit of the params file reruns this check (a plain file dependency), so a grid change
+    # that no declared key reflects (an override added) still stops the pipeline.
+    check = {"cmd": f"tskd dvc check {params_file} --pipeline {path.as_posix()}", "deps": [params_file]}
+    doc: dict[str, Any] = {"stages": {"params-check": ({"wdir": wdir} if wdir else {}) | check}}
+    for s in all_stages:
+        doc["stages"][s.name] = _stage_dict(s, params_file, wdir)
+    doc["plots"] = _plots(all_stages)
+    body = yaml.safe_dump(doc, sort_keys=False, width=10_000, default_flow_style=False)
+    return HEADER.format(params=params_file) + body
+
+
+def load_raw(params_file: str | Path) -> tuple[Preset, dict[str, Any]]:
+    from tskd.config import load_preset
+
+    p = load_preset(params_file)
+    return p, yaml.safe_load(Path(params_file).read_text())
+
+
+def write_pipeline(params_file: str, out: Path | None = None) -> Path:
+    from tskd.io import atomic_write_text
+
+    p, raw = load_raw(params_file)
+    path = out or pipeline_path(params_file, p)
+    return atomic_write_text(path, render(p, raw, params_file, path))
+
+
+def check_pipeline(params_file: str, path: Path, root: Path = Path(".")) -> None:
+    """Raise ParamsError naming the stages that differ when ``path`` is not what the grid gives."""
+    p, raw = load_raw(root / params_file)
+    expected = render(p, raw, params_file, path)
+    target = root / path
+    fix = f"regenerate it: tskd dvc write {params_file}" + (
+        "" if path == pipeline_path(params_file, p) else f" --out {path}")
+    if not target.is_file():
+        raise ParamsError(f"{path}: not found; {fix}")
+    actual = target.read_text()
+    if actual == expected:
+        return
+    try:
+        have = (yaml.safe_load(actual) or {}).get("stages", {}) or {}
+    except yaml.YAMLError:
+        have = {}
+    want = yaml.safe_load(expected)["stages"]
+    missing = [s for s in want if s not in have]
+    extra = [s for s in have if s not in want]
+    changed = [s for s in want if s in have and have[s] != want[s]]
+    parts = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+             for label, names in (("missing stages", missing), ("stages no longer in the grid", extra),
+                                  ("stages that differ", changed)) if names]
+    if not parts:
+        diff = difflib.unified_diff(actual.splitlines(), expected.splitlines(), lineterm="", n=0)
+        parts = ["first difference: " + next((ln for ln in diff if ln[:1] in "+-" and ln[:3] not in "+++---"), "?")]
+    raise ParamsError(f"{path} is out of date with {params_file} ({'; '.join(parts)}); {fix}")
+
+
+def check_from_dvc_env(params_file: str) -> None:
+    """Inside a DVC stage (DVC_STAGE set), check the pipeline file that stage comes from."""
+    addressing = os.environ.get("DVC_STAGE")
+    if not addressing:
+        return
+    root = Path(os.environ.get("DVC_ROOT", ".")).resolve()
+    path = Path(addressing.rpartition(":")[0] or "dvc.yaml")
+    params = Path(params_file)
+    if params.is_absolute() and params.is_relative_to(root):  # Snakemake reports configfiles absolute
+        params = params.relative_to(root)
+    check_pipeline(params.as_posix(), path, root)
