@@ -43,6 +43,7 @@ def timed(cwd: Path, repeat: int, *cmd: str, ok=(0,)) -> float:
         if r.returncode not in ok:
             sys.exit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
         times.append(dt)
+    print(f"  ({' '.join(cmd)}: {', '.join(f'{t:.2f}' for t in times)} s)", flush=True)
     return statistics.median(times)
 
 

@@ -42,9 +42,9 @@ def dvc_current(root: Path, pipeline: Path, names: list[str]) -> set[str]:
     """The stages among ``names`` whose deps, params and outs all match the pipeline's dvc.lock."""
     from dvc.repo import Repo
 
-    prefix = "" if pipeline == Path("dvc.yaml") else f"{pipeline.as_posix()}:"
+    # The whole file as one target: DVC re-reads the lock file once per target given.
     with Repo(str(root)) as repo:
-        changed = repo.status(targets=[prefix + n for n in names])
+        changed = repo.status(targets=[pipeline.as_posix()])
     changed_names = {k.rpartition(":")[2] for k in changed}
     return {n for n in names if n not in changed_names}
 
