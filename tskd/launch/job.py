@@ -1,0 +1,87 @@
+"""What a submitted job runs: one training (or teacher import) call, requeueable by submitit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from tskd.grid import RunSpec
+
+# Snakemake sets these to the rule's threads (0 for a waiting training rule under the profile)
+# and sbatch exports them into the job; the job sets them to the CPUs it was given instead.
+_THREAD_VARS = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+# -- the job ----------------------------------------------------------------------------------
+def run_verb(verb: str, spec: RunSpec, options: dict[str, Any]) -> Any:
+    """Run one call in this process: ``train`` or ``import-teacher``."""
+    if verb == "train":
+        from tskd.engine.trainer import train
+
+        return train(spec, track=options.get("track", True))
+    if verb == "import-teacher":
+        from tskd.engine.eval_run import import_teacher
+
+        return import_teacher(spec, Path(options["checkpoint"]))
+    raise ValueError(f"unknown verb {verb!r}")
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """What a submitted job runs: one ``run_verb`` call.
+
+    Checkpointable: when SLURM preempts the job or its time limit nears, submitit calls
+    ``checkpoint`` and requeues the same call. That is all a resume needs, because the
+    trainer checkpoints every epoch into ``out_dir`` and resumes from there by itself.
+    """
+
+    def __init__(self, verb: str, spec: dict[str, Any], options: dict[str, Any], submitted_at: float,
+                 cpus: int = 1):
+        self.verb, self.spec, self.options, self.submitted_at = verb, spec, options, submitted_at
+        self.cpus = cpus
+        self.package = _package_dir()
+
+    def __call__(self) -> Any:
+        _log_to_stderr()
+        os.environ.update(dict.fromkeys(_THREAD_VARS, str(self.cpus)))  # before torch is imported
+        env = submitit.JobEnvironment()
+        print(f"tskd-job: {self.verb} {self.spec['out_dir']} as {env} started "
+              f"{time.time() - self.submitted_at:.2f} s after submission", flush=True)
+        if _package_dir() != self.package:
+            # The job starts in the submitting directory, whose tskd comes first on sys.path.
+            print(f"tskd-job: WARNING: this job runs the tskd package in {_package_dir()}, but it was "
+                  f"submitted with the one in {self.package}: run Snakemake from the installed checkout "
+                  "(pip install -e .)", file=sys.stderr, flush=True)
+        if env.num_tasks > 1:
+            _export_rank_env()
+        return run_verb(self.verb, RunSpec.model_validate(self.spec), self.options)
+
+
+def _package_dir() -> str:
+    return str(Path(__file__).resolve().parents[1])  # the tskd package, not tskd/launch
+
+
+def _log_to_stderr() -> None:
+    # The trainer's progress ("resuming ...", one line per epoch) into the job's log, as
+    # `tskd train` shows it; only tskd's loggers: submitit's already write to stdout.
+    log = logging.getLogger("tskd")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _export_rank_env() -> None:
+    """This task as one rank: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for the trainer's
+    ``env://`` process group (submitit's TorchDistributedEnvironment), and one GPU per rank."""
+    dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                     overwrite=True)
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if len(visible) > 1:  # the job sees all its GPUs (SLURM bound none per task): take this rank's
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[dist_env.local_rank % len(visible)]
