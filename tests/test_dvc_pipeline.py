@@ -41,7 +41,7 @@ def test_every_grid_job_is_a_stage_and_dvc_parses_the_pipeline(tmp_path):
     shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     (tmp_path / "params").mkdir()
     shutil.copy(REPO / "params/cifar100.yaml", tmp_path / "params")
-    path = pipeline_path("params/cifar100.yaml", p)
+    path = pipeline_path(p)
     assert path == Path("pipelines/cifar100/dvc.yaml")
     (tmp_path / path).parent.mkdir(parents=True)
     (tmp_path / path).write_text(render(p, raw, "params/cifar100.yaml", path))

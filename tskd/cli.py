@@ -138,7 +138,7 @@ def cmd_dvc_check(a) -> None:
     from tskd.config import load_preset
     from tskd.dvc_pipeline import check_pipeline, pipeline_path
 
-    path = Path(a.pipeline) if a.pipeline else pipeline_path(a.params, load_preset(a.params))
+    path = Path(a.pipeline) if a.pipeline else pipeline_path(load_preset(a.params))
     check_pipeline(a.params, path)
     print(f"{path}: up to date with {a.params}")
 

@@ -43,7 +43,7 @@ class Stage:
     curve: str | None = None  # which training-curve plot its metrics.json joins
 
 
-def pipeline_path(params_file: str | Path, preset: Preset) -> Path:
+def pipeline_path(preset: Preset) -> Path:
     """Where ``tskd dvc write`` puts a preset's pipeline: dvc.yaml for smoke, else pipelines/<preset>/."""
     if preset.preset == ROOT_PRESET:
         return Path("dvc.yaml")
@@ -85,8 +85,8 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
     out: list[Stage] = []
     marker = str(grid.data_marker(p))
     data_outs = [str(grid.data_dir(p))] if p.dataset.synthetic is not None else [marker]
-    out.append(Stage("data", "data", [marker], [], deps=_data_deps(p)[1:], params=_keys(raw, "dataset"),
-                     outs=data_outs))
+    real_root = [] if p.dataset.synthetic is not None else [str(p.dataset.root)]  # synthetic: written here
+    out.append(Stage("data", "data", [marker], [], deps=real_root, params=_keys(raw, "dataset"), outs=data_outs))
     for arch, t in p.teachers.items():
         d = grid.teacher_dir(p, arch)
         files = [str(d / "model.pt"), str(d / "metrics.json")]
@@ -188,7 +188,7 @@ def write_pipeline(params_file: str, out: Path | None = None) -> Path:
     from tskd.io import atomic_write_text
 
     p, raw = load_raw(params_file)
-    path = out or pipeline_path(params_file, p)
+    path = out or pipeline_path(p)
     return atomic_write_text(path, render(p, raw, params_file, path))
 
 
@@ -198,7 +198,7 @@ def check_pipeline(params_file: str, path: Path, root: Path = Path(".")) -> None
     expected = render(p, raw, params_file, path)
     target = root / path
     fix = f"regenerate it: tskd dvc write {params_file}" + (
-        "" if path == pipeline_path(params_file, p) else f" --out {path}")
+        "" if path == pipeline_path(p) else f" --out {path}")
     if not target.is_file():
         raise ParamsError(f"{path}: not found; {fix}")
     actual = target.read_text()

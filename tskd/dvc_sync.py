@@ -56,7 +56,7 @@ def sync_mtimes(p: Preset, raw: dict, params_file: str, root: Path = Path("."),
     Returns the stages touched, and the damaged ones (current to DVC, but their bytes differ
     from dvc.lock) left as they are, so Snakemake rebuilds them rather than trusting them.
     """
-    pipeline = pipeline or pipeline_path(params_file, p)
+    pipeline = pipeline or pipeline_path(p)
     if not (root / pipeline).with_name("dvc.lock").is_file():
         return [], {}
     all_stages = stages(p, raw, params_file)
@@ -124,7 +124,7 @@ def sync(p: Preset, raw: dict, params_file: str, root: Path = Path(".")) -> list
     Touching writes the outputs' mtimes in DAG order and Snakemake's provenance records (params,
     inputs, code) as if it had just made them: true, since DVC shows they match the current params.
     """
-    pipeline = pipeline_path(params_file, p)
+    pipeline = pipeline_path(p)
     all_stages = stages(p, raw, params_file)
     present = [s for s in all_stages if all(_mtime(root / f) is not None for f in s.targets)]
     if not (root / pipeline).with_name("dvc.lock").is_file() or not present:

@@ -53,8 +53,9 @@ def cache_dir(root: Path) -> Path:
 def _recorded_outputs(root: Path) -> list[tuple[str, str, str]]:
     """(owner, output path relative to root, md5) from every dvc.lock and .dvc file."""
     found = []
-    for lock in sorted(root.rglob("dvc.lock")):
-        if ".dvc" in lock.relative_to(root).parts:
+    # Only where `tskd dvc write` puts pipelines: a recursive search would walk every dataset file.
+    for lock in [root / "dvc.lock", *sorted(root.glob("pipelines/*/dvc.lock"))]:
+        if not lock.is_file():
             continue
         doc = yaml.safe_load(lock.read_text()) or {}
         # Lock paths are relative to the stage's wdir, which only dvc.yaml records.
