@@ -1,15 +1,17 @@
 """Train-step cost of every registered method, relative to KD, and TSKD's whole-run overhead.
 
 One teacher->student pair (default resnet32x4 -> resnet8x4), random 32x32 inputs. A step is
-``forward_train`` + backward + SGD step. Methods are timed in interleaved rounds and each
-reports its fastest step: other load only ever adds time, so the minimum is the least
-disturbed figure on a shared machine. TSKD is timed in its three kinds of epoch:
+``forward_train`` + backward + SGD step. Methods are timed in interleaved rounds, KD first in
+each, and two ratios are given: fastest step ÷ fastest KD step (other load only ever adds
+time), and the median over rounds of step ÷ the same round's KD step (a shared machine's
+speed drifts by tens of percent within minutes; a ratio taken seconds apart cancels most of
+that). TSKD is timed in its three kinds of epoch:
 general (= memory-epoch step), review, and the snapshot taken at the end of a memory epoch.
 The whole-run projection uses the default 240-epoch schedule (192 general, 36 memory,
 12 review). Peak memory runs each of KD and TSKD-review in a fresh subprocess (ru_maxrss on
 CPU, max_memory_allocated on CUDA). Not a test:
 
-    .venv/bin/python benchmarks/bench_methods.py [--batch 128] [--steps 5] [--warmup 2]
+    .venv/bin/python benchmarks/bench_methods.py [--batch 128] [--steps 10] [--warmup 2]
     .venv/bin/python benchmarks/bench_methods.py --device cuda --bf16 --channels-last --steps 50
 """
 
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--teacher", default="resnet32x4")
     ap.add_argument("--student", default="resnet8x4")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (rounds) per method")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -105,11 +108,12 @@ def first_review_epoch(d) -> int:
     return next(e for e in range(EPOCHS) if node_at(e, EPOCHS, p.delta, p.k).kind == "review")
 
 
-def time_all(args: argparse.Namespace) -> dict[str, float]:
-    """Fastest step seconds per case; cases are method names plus 'tskd:general' / 'tskd:review'."""
+def time_all(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Step seconds per case and round; cases are method names plus 'tskd:general' / 'tskd:review'."""
     cases: dict[str, tuple[Bench, int]] = {}
     snapshot_s = None
-    for m in args.methods or list_methods():
+    methods = args.methods or list_methods()
+    for m in ["kd", *(m for m in methods if m != "kd")]:  # KD first: each round's reference
         try:
             b = Bench(m, args)
         except Exception as e:  # a method this pair or these defaults do not suit
@@ -136,10 +140,9 @@ def time_all(args: argparse.Namespace) -> dict[str, float]:
             if i >= args.warmup and c in times:
                 times[c].append(t)
         cases = {c: v for c, v in cases.items() if c in times}
-    out = {c: min(v) for c, v in times.items()}
     if snapshot_s is not None:
-        out["tskd:snapshot"] = snapshot_s
-    return out
+        times["tskd:snapshot"] = [snapshot_s]
+    return times
 
 
 def peak_memory(method: str, case: str, args: argparse.Namespace) -> float:
@@ -182,23 +185,29 @@ def main(argv=None) -> None:
         return child(args)
     print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.device}, {args.threads} threads, "
           f"{'bf16' if args.bf16 else 'fp32'}{', channels-last' if args.channels_last else ''}; "
-          f"fastest of {args.steps} steps after {args.warmup} warm-up")
-    t = time_all(args)
-    if "kd" not in t:
+          f"{args.steps} interleaved rounds after {args.warmup} warm-up")
+    times = time_all(args)
+    if "kd" not in times:
         sys.exit("KD could not be timed: no reference")
-    kd = t["kd"]
-    print(f"\n{'method / case':<36}{'step s':>10}{'÷ KD':>8}")
-    for c in sorted(t):
-        if c != "tskd:snapshot":
-            print(f"{c:<36}{t[c]:>10.3f}{t[c] / kd:>8.2f}")
-    if "tskd:review" in t:
+    fastest = {c: min(v) for c, v in times.items()}
+    paired = {c: statistics.median(t / k for t, k in zip(v, times["kd"], strict=True))
+              for c, v in times.items() if c != "tskd:snapshot"}
+    print(f"\n{'method / case':<36}{'fastest s':>10}{'÷ KD':>8}{'median of rounds ÷ KD':>24}")
+    for c in sorted(paired):
+        print(f"{c:<36}{fastest[c]:>10.3f}{fastest[c] / fastest['kd']:>8.2f}{paired[c]:>24.2f}")
+    if "tskd:review" in times:
         counts = summarize_schedule(EPOCHS, 5, 3).counts
         steps = -(-TRAIN_SIZE // args.batch)
-        run = ((counts["general"] + counts["memory"]) * steps * t["tskd:general"] + counts["review"] * steps
-               * t["tskd:review"] + counts["memory"] * t["tskd:snapshot"]) / (EPOCHS * steps * kd)
-        print(f"{'tskd:snapshot':<36}{t['tskd:snapshot']:>10.4f}   (once per memory epoch, per slot)")
+        snapshot = counts["memory"] * fastest["tskd:snapshot"] / (EPOCHS * steps * fastest["kd"])
+
+        def whole_run(general: float, review: float) -> float:
+            return ((counts["general"] + counts["memory"]) * general + counts["review"] * review) / EPOCHS + snapshot
+
+        print(f"{'tskd:snapshot':<36}{fastest['tskd:snapshot']:>10.4f}   (once per memory epoch, per slot)")
         print(f"\nwhole run, {EPOCHS} epochs ({counts['general']} general, {counts['memory']} memory, "
-              f"{counts['review']} review, {steps} steps/epoch): TSKD ÷ KD = {run:.3f}")
+              f"{counts['review']} review, {steps} steps/epoch): TSKD ÷ KD = "
+              f"{whole_run(fastest['tskd:general'] / fastest['kd'], fastest['tskd:review'] / fastest['kd']):.3f} "
+              f"(fastest steps), {whole_run(paired['tskd:general'], paired['tskd:review']):.3f} (medians of rounds)")
         if not args.no_memory:
             mem_kd, mem_tskd = peak_memory("kd", "general", args), peak_memory("tskd", "review", args)
             print(f"peak memory: KD {mem_kd:.2f} GB, TSKD review {mem_tskd:.2f} GB "

@@ -1,9 +1,12 @@
 """The ConvLSTM encoder-forecaster that predicts the next knowledge increment (METHOD.md §2).
 
-Math as in the authors' code; two savings that do not change it: the half of a gate
-convolution that reads the input does not depend on the hidden state, so it runs for all
-time steps in one batched convolution; and the terms that multiply an all-zero tensor
-(the encoder's initial state, the forecaster's zero input) are skipped.
+Math as in the authors' code, minus the terms that multiply an all-zero tensor: the encoder
+starts from a zero state and the forecaster is fed zeros, so those halves of their gate
+convolutions are skipped. The gate nonlinearities have a hand-written backward (see
+``_Gates``). Batching the input's share of the gates over all k steps in one convolution
+was tried and is slower on CPU: an 8-channel-input convolution runs far below the machine's
+peak, while folding the 8 input channels into the hidden-state convolution costs almost
+nothing (benchmarks/bench_methods.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,58 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _IN = 8  # channels of the encoder's downsampling conv and the forecaster's upsampling convs
+_sigmoid_backward = torch.ops.aten.sigmoid_backward  # (grad, sigmoid(x)) -> grad * s * (1 - s), one pass
+_tanh_backward = torch.ops.aten.tanh_backward  # (grad, tanh(x)) -> grad * (1 - t^2), one pass
+
+
+class _Gates(torch.autograd.Function):
+    """``(h', c')`` from the gate pre-activations ``[i, f, g, o]`` and the previous cell ``c``.
+
+    Autograd would build the gates' gradient from four chunk gradients with a concatenation,
+    one more full pass over the largest tensor of the step; here each gate's gradient is
+    written straight into its slice of one buffer, with PyTorch's fused sigmoid/tanh
+    backward kernels. ``c=None`` is the all-zero cell, which the forget gate then multiplies.
+    """
+
+    @staticmethod
+    def forward(ctx, gates: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
+        i, f, g, o = gates.chunk(4, dim=1)
+        si, tg, so = torch.sigmoid(i), torch.tanh(g), torch.sigmoid(o)
+        sf = None
+        c_new = si * tg
+        if c is not None:
+            sf = torch.sigmoid(f)
+            c_new = c_new.addcmul_(sf, c)
+        tc = torch.tanh(c_new)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(si, sf, tg, so, tc, c)
+        # The gates themselves are not kept alive for backward, only how to allocate their gradient.
+        ctx.layout = gates.shape, gates.dtype, gates.device, (
+            torch.channels_last if gates.dim() == 4 and not gates.is_contiguous()
+            and gates.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        return so * tc, c_new
+
+    @staticmethod
+    def backward(ctx, dh: Tensor | None, dc: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        si, sf, tg, so, tc, c = ctx.saved_tensors
+        shape, dtype, device, memory_format = ctx.layout
+        dgates = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+        di, df, dg, do = dgates.chunk(4, dim=1)
+        if dh is None:
+            do.zero_()
+            dc_total = dc if dc is not None else torch.zeros_like(tc)
+        else:
+            _sigmoid_backward(dh * tc, so, grad_input=do)
+            dc_total = _tanh_backward(dh * so, tc)
+            if dc is not None:
+                dc_total = dc_total.add_(dc)
+        _sigmoid_backward(dc_total * tg, si, grad_input=di)
+        _tanh_backward(dc_total * si, tg, grad_input=dg)
+        if c is None:
+            df.zero_()
+            return dgates, None
+        _sigmoid_backward(dc_total * c, sf, grad_input=df)
+        return dgates, dc_total * sf if ctx.needs_input_grad[1] else None
 
 
 class ConvLSTMCell(nn.Module):
@@ -28,20 +83,16 @@ class ConvLSTMCell(nn.Module):
         self.in_channels, self.hidden = in_channels, hidden
         self.conv = nn.Conv2d(in_channels + hidden, 4 * hidden, kernel_size, padding=kernel_size // 2)
 
-    def input_gates(self, x: Tensor) -> Tensor:
-        """The input's share of the gate pre-activations (bias included), for any number of steps."""
-        return F.conv2d(x, self.conv.weight[:, : self.in_channels], self.conv.bias, padding=self.conv.padding)
-
-    def step(self, gates_x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-        """One time step from the input's gate share; ``state=None`` is the all-zero state."""
-        gates = gates_x
-        if state is not None:
-            gates = gates + F.conv2d(state[0], self.conv.weight[:, self.in_channels :], padding=self.conv.padding)
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(i) * torch.tanh(g)
-        if state is not None:
-            c = c + torch.sigmoid(f) * state[1]
-        return torch.sigmoid(o) * torch.tanh(c), c
+    def step(self, x: Tensor | None, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """One time step. ``x=None`` is an all-zero input, ``state=None`` the all-zero state."""
+        conv, n = self.conv, self.in_channels
+        if state is None:
+            gates = F.conv2d(x, conv.weight[:, :n], conv.bias, padding=conv.padding)
+        elif x is None:
+            gates = F.conv2d(state[0], conv.weight[:, n:], conv.bias, padding=conv.padding)
+        else:
+            gates = conv(torch.cat([x, state[0]], dim=1))
+        return _Gates.apply(gates, None if state is None else state[1])
 
 
 class IncrementForecaster(nn.Module):
@@ -69,15 +120,15 @@ class IncrementForecaster(nn.Module):
         """``frames``: (k, B, 1, H, W), oldest first -> the predicted next frame (B, 1, H, W)."""
         k, b, _, height, width = frames.shape
         x = self.down(frames.flatten(0, 1))
-        if self.encoder.conv.weight.is_contiguous(memory_format=torch.channels_last):
-            # A 1-channel input cannot carry channels-last on by itself: follow the module's format.
-            x = x.contiguous(memory_format=torch.channels_last)
-        gates_x = self.encoder.input_gates(x).unflatten(0, (k, b))
+        # Channels-last from here on: oneDNN (CPU) and cuDNN run these small-channel convolutions
+        # faster in NHWC (on CPU about 10% off a forecaster's step), and a convolution follows its
+        # input's layout. The frames have one channel, so they cannot carry the layout themselves,
+        # and the forecast is one channel again: nothing outside sees it.
+        x = x.contiguous(memory_format=torch.channels_last)
         state = None
-        for step_gates in gates_x.unbind(0):  # unbind, not indexing: its backward is one stack, not k zero-fills
-            state = self.encoder.step(step_gates, state)
-        # Zero input: its gate share is the bias alone.
-        h, _ = self.forecaster.step(self.forecaster.conv.bias.view(1, -1, 1, 1), state)
+        for x_t in x.unflatten(0, (k, b)).unbind(0):  # unbind: its backward is one stack, not k zero-fills
+            state = self.encoder.step(x_t, state)
+        h, _ = self.forecaster.step(None, state)
         return self.up(h)[..., :height, :width]
 
 
