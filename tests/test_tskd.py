@@ -116,8 +116,10 @@ def test_params_defaults_and_validation():
 
 
 # -- attention maps and increments --------------------------------------------------------------
-def test_attention_map_by_hand():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_attention_map_by_hand(memory_format):
     x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[1.0, 0.0], [1.0, 0.0]]]])  # (1, 2, 2, 2)
+    x = x.contiguous(memory_format=memory_format)
     # mean over channels of x^2: [[1, 2], [5, 8]]
     col = attention_map(x, "column")
     assert col.shape == (1, 1, 2, 2)
@@ -125,6 +127,26 @@ def test_attention_map_by_hand():
     torch.testing.assert_close(col[0, 0], want)
     flat = attention_map(x, "flat")
     torch.testing.assert_close(flat[0, 0], torch.tensor([[1.0, 2.0], [5.0, 8.0]]) / math.sqrt(94))
+
+
+@pytest.mark.parametrize("norm", ["column", "flat"])
+def test_attention_map_is_the_same_in_both_layouts(norm):
+    """Channels-last features take another kernel (a channel norm); value and gradient must agree,
+    also at pixels where every channel is zero, as after a ReLU."""
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 6, 5, 4))
+    x[:, :, 1, 2] = 0
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        leaf = x.clone().contiguous(memory_format=memory_format).requires_grad_()
+        a = attention_map(leaf, norm)
+        (a * torch.linspace(-1, 2, a.numel()).view_as(a)).sum().backward()
+        results.append((a, leaf.grad))
+    (a, grad), (a_cl, grad_cl) = results
+    torch.testing.assert_close(a_cl, a)
+    torch.testing.assert_close(grad_cl, grad)
+    assert grad.abs().sum() > 0 and torch.isfinite(grad_cl).all()
+
 
 
 def test_increment_sequence_by_hand():

@@ -4,9 +4,10 @@ Math as in the authors' code, minus the terms that multiply an all-zero tensor: 
 starts from a zero state and the forecaster is fed zeros, so those halves of their gate
 convolutions are skipped. The gate nonlinearities have a hand-written backward (see
 ``_Gates``). Batching the input's share of the gates over all k steps in one convolution
-was tried and is slower on CPU: an 8-channel-input convolution runs far below the machine's
-peak, while folding the 8 input channels into the hidden-state convolution costs almost
-nothing (benchmarks/bench_methods.py).
+(it does not depend on the hidden state) was tried and is slower: an 8-channel-input
+convolution runs far below a CPU's peak, while 8 more input channels on the 64-channel
+hidden-state convolution cost little. For the gate convolutions of one 64-wide branch at
+batch 128 (k = 3, forward and backward, 2 CPU threads): 430 ms folded, 540 ms batched.
 """
 
 from __future__ import annotations
