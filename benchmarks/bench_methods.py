@@ -1,8 +1,8 @@
 """Train-step cost of every registered method, relative to KD, and TSKD's whole-run overhead.
 
 One teacher->student pair (default resnet32x4 -> resnet8x4), random 32x32 inputs. A step is
-``forward_train`` + backward + SGD step. Methods are timed in interleaved rounds, KD first in
-each, and two ratios are given: fastest step ÷ fastest KD step (other load only ever adds
+``forward_train`` + backward + SGD step. Methods are timed in interleaved rounds (every other
+one in reverse order), and two ratios are given: fastest step ÷ fastest KD step (other load only ever adds
 time), and the median over rounds of step ÷ the same round's KD step (a shared machine's
 speed drifts by tens of percent within minutes; a ratio taken seconds apart cancels most of
 that). TSKD is timed in its three kinds of epoch:
@@ -113,7 +113,7 @@ def time_all(args: argparse.Namespace) -> dict[str, list[float]]:
     cases: dict[str, tuple[Bench, int]] = {}
     snapshot_s = None
     methods = args.methods or list_methods()
-    for m in ["kd", *(m for m in methods if m != "kd")]:  # KD first: each round's reference
+    for m in ["kd", *(m for m in methods if m != "kd")]:  # KD: each round's reference
         try:
             b = Bench(m, args)
         except Exception as e:  # a method this pair or these defaults do not suit
@@ -130,7 +130,8 @@ def time_all(args: argparse.Namespace) -> dict[str, list[float]]:
             cases[m] = (b, 1)
     times: dict[str, list[float]] = {c: [] for c in cases}
     for i in range(args.warmup + args.steps):  # interleaved rounds: load changes hit all cases alike
-        for c, (b, epoch) in cases.items():
+        # Every other round runs backwards, so no case always sits next to KD or always runs last.
+        for c, (b, epoch) in (list(cases.items()) if i % 2 == 0 else list(cases.items())[::-1]):
             try:
                 t = b.step(epoch)
             except Exception as e:
