@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# The SLURM fixtures' module is imported by name in test modules and also loaded as their plugin;
+# registering it first lets pytest rewrite its asserts either way (otherwise: a warning per run).
+pytest.register_assert_rewrite("tests.slurm_fixtures")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
