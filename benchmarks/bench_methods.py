@@ -2,10 +2,10 @@
 
 One teacher->student pair (default resnet32x4 -> resnet8x4), random 32x32 inputs. A step is
 ``forward_train`` + backward + SGD step. Methods are timed in interleaved rounds (every other
-one in reverse order), and two ratios are given: fastest step ÷ fastest KD step (other load only ever adds
-time), and the median over rounds of step ÷ the same round's KD step (a shared machine's
-speed drifts by tens of percent within minutes; a ratio taken seconds apart cancels most of
-that). TSKD is timed in its three kinds of epoch:
+one in reverse order), and two ratios are given: fastest step ÷ fastest KD step (other load
+only ever adds time), and the median over rounds of step ÷ the same round's KD step (a shared
+machine's speed drifts by tens of percent within minutes; a ratio taken seconds apart cancels
+most of that). TSKD is timed in its three kinds of epoch:
 general (= memory-epoch step), review, and the snapshot taken at the end of a memory epoch.
 The whole-run projection uses the default 240-epoch schedule (192 general, 36 memory,
 12 review). Peak memory runs each of KD and TSKD-review in a fresh subprocess (ru_maxrss on

@@ -148,7 +148,6 @@ def test_attention_map_is_the_same_in_both_layouts(norm):
     assert grad.abs().sum() > 0 and torch.isfinite(grad_cl).all()
 
 
-
 def test_increment_sequence_by_hand():
     m1, m2, m3, s = (torch.full((1, 1, 1, 1), v) for v in (1.0, 4.0, 2.0, 7.0))
     seq = increment_sequence([m1, m2, m3], s)

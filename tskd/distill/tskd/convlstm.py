@@ -42,17 +42,16 @@ class _Gates(torch.autograd.Function):
         tc = torch.tanh(c_new)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(si, sf, tg, so, tc, c)
-        # The gates themselves are not kept alive for backward, only how to allocate their gradient.
-        ctx.layout = gates.shape, gates.dtype, gates.device, (
-            torch.channels_last if gates.dim() == 4 and not gates.is_contiguous()
-            and gates.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        # The gates themselves are not kept alive for backward, only their shape and layout.
+        ctx.shape, ctx.memory_format = gates.shape, (
+            torch.channels_last if not gates.is_contiguous() and gates.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format)
         return so * tc, c_new
 
     @staticmethod
     def backward(ctx, dh: Tensor | None, dc: Tensor | None) -> tuple[Tensor, Tensor | None]:
         si, sf, tg, so, tc, c = ctx.saved_tensors
-        shape, dtype, device, memory_format = ctx.layout
-        dgates = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+        dgates = torch.empty(ctx.shape, dtype=si.dtype, device=si.device, memory_format=ctx.memory_format)
         di, df, dg, do = dgates.chunk(4, dim=1)
         if dh is None:
             do.zero_()
