@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.tskd-installed
 CORES  ?= 2
 PRESET ?= smoke
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv cxx clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,13 @@ demo: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES) --configfile params/$(PRESET).yaml
 	@cat results/$(PRESET)/report.md
 
-test: $(STAMP)
+# A C++ compiler: torch.compile builds TSKD's CPU kernels with it (`methods.tskd.compile: true`,
+# tests/test_tskd_compiled.py). Debian's g++ when the machine has none.
+cxx:
+	@command -v g++ >/dev/null 2>&1 || { echo "installing g++ (apt-get)"; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ >/dev/null; }
+
+test: $(STAMP) cxx
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 

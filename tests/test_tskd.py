@@ -391,7 +391,8 @@ def test_memory_follows_dtype_moves():
 
 
 # -- end to end through the trainer -------------------------------------------------------------
-def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, monkeypatch, compiled):
     from tskd.engine import trainer as trainer_mod
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
@@ -400,7 +401,8 @@ def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, monkeypatch):
 
     def spec(out):
         return make_spec(out=out, method="tskd", arch="resnet8", teacher_arch="resnet8", teacher_path=tpath,
-                         method_params={"delta": 1, "k": 2}, recipe={"epochs": 4, "milestones": []})
+                         method_params={"delta": 1, "k": 2, "compile": compiled},
+                         recipe={"epochs": 4, "milestones": []})
 
     whole = trainer_mod.train(spec("whole"), track=False)
     assert "train_review" in whole["history"][2] and "train_review" not in whole["history"][1]

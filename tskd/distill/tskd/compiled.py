@@ -1,0 +1,44 @@
+"""``torch.compile`` for TSKD's memory-bound parts, with a clear error where it cannot run.
+
+A review step's extra convolutions already run near a CPU's peak. Of what is left, the
+snapshot forwards' train-mode BatchNorm and ReLU, and the attention maps, are chains of
+elementwise passes over full feature maps that eager PyTorch runs one pass per op; inductor
+fuses each chain. Same math up to float rounding; the kernels are deterministic, so a resumed
+run still ends with the uninterrupted run's numbers when both compile. (The ConvLSTM gate
+nonlinearities were tried too: fused kernels, no faster within a whole forecaster step.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+PARAM = "methods.tskd.compile"
+
+
+class Compiled:
+    """``torch.compile(fn)``; a backend that cannot build here (no C++ compiler for CPU, no
+    Triton for CUDA) raises an error naming the param that asked for it."""
+
+    def __init__(self, fn: Callable, what: str, **options):
+        self._fn, self._what = torch.compile(fn, **options), what
+
+    def __call__(self, *args):
+        try:
+            return self._fn(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            reason = str(e).strip().splitlines()[0]
+            raise RuntimeError(f"{PARAM}: true, but torch.compile cannot build {self._what} on this machine "
+                               f"({reason}). Install a C++ compiler (CPU) or Triton (CUDA), or set "
+                               f"{PARAM}: false") from e
+
+
+def maybe_compiled(fn: Callable, enabled: bool, what: str, **options) -> Callable:
+    return Compiled(fn, what, **options) if enabled else fn
+
+
+def check_compiles(device: torch.device) -> None:
+    """Build and run a tiny kernel on ``device`` now, so that a machine where compiling cannot
+    work fails before training rather than at the first review epoch."""
+    Compiled(lambda x: torch.sigmoid(x) * x, "a test kernel", dynamic=False)(torch.ones(2, device=device))
