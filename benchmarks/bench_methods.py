@@ -6,10 +6,11 @@ one in reverse order), and two ratios are given: fastest step ÷ fastest KD step
 only ever adds time), and the median over rounds of step ÷ the same round's KD step (a shared
 machine's speed drifts by tens of percent within minutes; a ratio taken seconds apart cancels
 most of that). TSKD is timed in its three kinds of epoch:
-general (= memory-epoch step), review, and the snapshot taken at the end of a memory epoch.
-The whole-run projection uses the default 240-epoch schedule (192 general, 36 memory,
-12 review). Peak memory runs each of KD and TSKD-review in a fresh subprocess (ru_maxrss on
-CPU, max_memory_allocated on CUDA). Not a test:
+general (= memory-epoch step), review (with the default eager kernels, and with
+``compile: true`` as the cifar100 preset runs it), and the snapshot taken at the end of a
+memory epoch. The whole-run projection uses the default 240-epoch schedule (192 general,
+36 memory, 12 review). Peak memory runs KD and each TSKD review case in a fresh subprocess
+(VmHWM on CPU, max_memory_allocated on CUDA). Not a test:
 
     .venv/bin/python benchmarks/bench_methods.py [--batch 128] [--steps 10] [--warmup 2]
     .venv/bin/python benchmarks/bench_methods.py --device cuda --bf16 --channels-last --steps 50
