@@ -17,6 +17,18 @@ pytest.register_assert_rewrite("tests.slurm_fixtures")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module of tiny-batch steps: they gain nothing from more,
+    and on a shared two-core machine OpenMP threads that spin-wait make them up to ten times slower."""
+    import torch  # here, not at the top: most test modules never need torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

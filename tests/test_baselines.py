@@ -29,14 +29,7 @@ NUM_TRAIN = 64
 TRAIN_LABELS = torch.arange(NUM_TRAIN) % 5  # 5 classes of 13/13/13/13/12 samples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of two gain nothing from intra-op threads, and on a shared two-core machine OpenMP
-    threads that spin-wait make these steps ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def ctx(epochs: int = 240, num_train: int = NUM_TRAIN, train_labels=TRAIN_LABELS) -> DistillContext:

@@ -21,13 +21,7 @@ PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "re
 SHORT = {"delta": 1, "k": 2}  # E=8: memory 0, 1 | review 2 | memory 3, 4 | review 5 | memory 6, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two threads on a busy 2-core machine make every small conv wait on the other thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def make(student="resnet8", teacher="resnet8", params=None, epochs=8, seed=0):

@@ -12,13 +12,7 @@ import torch
 
 from tests.test_tskd import SHORT, batch, fill, make
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.parametrize(("teacher", "student"), [("resnet20", "resnet8"), ("resnet8", "MobileNetV2")])
