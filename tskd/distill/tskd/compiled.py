@@ -18,8 +18,8 @@ PARAM = "methods.tskd.compile"
 
 
 class Compiled:
-    """``torch.compile(fn)``; a backend that cannot build here (no C++ compiler for CPU, no
-    Triton for CUDA) raises an error naming the param that asked for it."""
+    """``torch.compile(fn)``; a backend that cannot build here (no C++ compiler, which CPU kernels
+    and Triton's CUDA launchers both need; no Triton) raises an error naming the param."""
 
     def __init__(self, fn: Callable, what: str, **options):
         self._fn, self._what = torch.compile(fn, **options), what
@@ -30,7 +30,7 @@ class Compiled:
         except torch._dynamo.exc.BackendCompilerFailed as e:
             reason = str(e).strip().splitlines()[0]
             raise RuntimeError(f"{PARAM}: true, but torch.compile cannot build {self._what} on this machine "
-                               f"({reason}). Install a C++ compiler (CPU) or Triton (CUDA), or set "
+                               f"({reason}). Install a C++ compiler (g++; on CUDA also Triton), or set "
                                f"{PARAM}: false") from e
 
 

@@ -63,7 +63,7 @@ class TSKDParams(MethodParams):
         False, description="run the snapshot forwards and the attention maps as torch.compile'd kernels (fused "
         "BatchNorm/ReLU/attention passes): the same math up to float rounding, a review step ~6-10% faster on "
         "CPU (benchmarks/bench_methods.py). Costs a one-off compile of ~20-40 s (cached on disk) and needs a "
-        "C++ compiler on CPU (Triton on CUDA). Off by default so that short runs and tests do not pay the "
+        "C++ compiler (and Triton on CUDA). Off by default so that short runs and tests do not pay the "
         "compile; the cifar100 preset turns it on")
 
     @model_validator(mode="after")
