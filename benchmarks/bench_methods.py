@@ -110,7 +110,8 @@ def first_review_epoch(d) -> int:
 
 
 def time_all(args: argparse.Namespace) -> dict[str, list[float]]:
-    """Step seconds per case and round; cases are method names plus 'tskd:general' / 'tskd:review'."""
+    """Step seconds per case and round; cases are method names, and for TSKD 'tskd:general',
+    'tskd:review', 'tskd:review[compile=true]' and 'tskd:general[teacher_bn=train]'."""
     cases: dict[str, tuple[Bench, int]] = {}
     snapshot_s = None
     methods = args.methods or list_methods()

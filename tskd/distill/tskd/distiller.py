@@ -61,10 +61,10 @@ class TSKDParams(MethodParams):
         "32 elsewhere (gives the authors' 64,64,32 for ResNet/WRN and 64,32,32 for VGG-8)")
     compile: bool = Field(
         False, description="run the snapshot forwards and the attention maps as torch.compile'd kernels (fused "
-        "BatchNorm/ReLU/attention passes): the same math up to float rounding, a review step ~6-10% faster on "
-        "CPU (benchmarks/bench_methods.py). Costs a one-off compile of ~20-40 s (cached on disk) and needs a "
-        "C++ compiler (and Triton on CUDA). Off by default so that short runs and tests do not pay the "
-        "compile; the cifar100 preset turns it on")
+        "BatchNorm/ReLU/attention passes): the same math up to float rounding, a review step 6-23% faster on "
+        "CPU in our runs (benchmarks/bench_methods.py). Costs a one-off compile of ~20-40 s (cached on disk) "
+        "and needs a C++ compiler (and Triton on CUDA). Off by default so that short runs and tests do not "
+        "pay the compile; the cifar100 preset turns it on")
 
     @model_validator(mode="after")
     def _check(self) -> TSKDParams:
@@ -94,6 +94,7 @@ class TSKD(Distiller):
         self.memory = SnapshotMemory(params.k)
         self._prefix = TapPrefix(student, max(params.taps), ctx.image_size, params.snapshot_bn == "train")
         self._compile_checked = False
+        # The review step calls these two: the methods below, compiled when params.compile.
         self._frames_and_target = maybe_compiled(self._branch_inputs, params.compile, "the attention maps")
         # Attention maps inside the compiled region: their squares and norms fuse with the last
         # BatchNorm/ReLU pass instead of re-reading each full feature map.
