@@ -41,7 +41,10 @@ def _write(tmp_path, mutate):
     (lambda r: r["methods"]["kd"].update(T="hot"), ["methods.kd.T"]),
     (lambda r: r["methods"].update(magic={}), ["methods.magic", "unknown method", "kd"]),
     (lambda r: r["pairs"][0].update(student="resnet9000"), ["pairs.0.student", "resnet9000", "resnet8"]),
-    (lambda r: r.update(student_recipe="nope"), ["student_recipe", "nope"]),
+    (lambda r: r.update(student_recipe="nope"), ["student_recipe", "renamed `student_recipes`", "nope"]),
+    (lambda r: r.update(student_recipes=["nope"]), ["student_recipes.0", "unknown recipe 'nope'"]),
+    (lambda r: r["recipes"]["student"].update(methods={"magic": {}}), ["recipes.student.methods.magic"]),
+    (lambda r: r["recipes"]["student"].update(methods={"kd": {"tau": 1}}), ["recipes.student.methods.kd.tau"]),
 ])
 def test_bad_params_are_named(tmp_path, mutate, expect):
     path = _write(tmp_path, mutate)
@@ -67,13 +70,68 @@ def test_committed_schema_is_current(repo_root):
 
 
 def test_pair_overrides_reach_only_that_pairs_spec(repo_root):
-    from tskd.grid import student_spec
+    from tskd.distill.methods.dkd import DKDParams
+    from tskd.grid import StudentJob, student_spec
 
     p = load_preset(repo_root / "params/cifar100.yaml")
-    by_pair = {pair.name: student_spec(p, "dkd", pair, 0).method_params for pair in p.pairs}
+    by_pair = {pair.name: student_spec(p, StudentJob("tskd_v1", "dkd", pair, 0)).method_params for pair in p.pairs}
     assert by_pair["resnet56-resnet20"]["beta"] == 2.0
     assert by_pair["wrn_40_2-wrn_16_2"]["beta"] == 6.0
-    assert "beta" not in by_pair["resnet32x4-resnet8x4"]  # the method's published default applies
+    # The method's published default applies, and the spec says so: a run's identity holds every value.
+    assert by_pair["resnet32x4-resnet8x4"]["beta"] == DKDParams().beta
+    assert set(by_pair["resnet32x4-resnet8x4"]) == set(DKDParams.model_fields)
+
+
+def test_recipe_method_params_sit_between_the_preset_and_the_pair(tmp_path):
+    from tskd.grid import StudentJob, student_jobs, student_spec
+
+    def mutate(r):
+        r["recipes"]["other"] = dict(r["recipes"]["student"], methods={"kd": {"ce_weight": 0.1, "kd_weight": 0.9}})
+        r["student_recipes"] = ["student", "other"]
+        r["pairs"].append({"teacher": "resnet20", "student": "resnet14", "methods": {"kd": {"kd_weight": 0.5}}})
+
+    p = load_preset(_write(tmp_path, mutate))
+    pair, overridden = p.pairs
+    kd = {(j.recipe, j.pair.name): student_spec(p, j).method_params for j in student_jobs(p) if j.method == "kd"}
+    assert kd[("student", pair.name)] | {"T": 4.0} == {"T": 4.0, "ce_weight": 1.0, "kd_weight": 1.0}
+    assert kd[("other", pair.name)]["ce_weight"] == 0.1 and kd[("other", pair.name)]["kd_weight"] == 0.9
+    assert kd[("other", overridden.name)]["ce_weight"] == 0.1 and kd[("other", overridden.name)]["kd_weight"] == 0.5
+    # Each recipe's runs have their own directory, and the spec names the recipe.
+    dirs = {student_spec(p, j).out_dir for j in student_jobs(p)}
+    assert len(dirs) == len(student_jobs(p))
+    spec = student_spec(p, StudentJob("other", "kd", pair, 0))
+    assert "/students/other/kd/" in spec.out_dir and spec.recipe_name == "other"
+
+
+def test_student_alone_with_conflicting_overrides_is_refused(tmp_path):
+    def mutate(r):
+        r["pairs"] = [{"teacher": "resnet20", "student": "resnet8", "methods": {"vanilla": {"ce_weight": 0.5}}},
+                      {"teacher": "resnet20", "student": "resnet8"}]
+
+    path = _write(tmp_path, mutate)
+    with pytest.raises(ParamsError) as e:
+        load_preset(path)
+    msg = str(e.value)
+    assert str(path) in msg and "pairs.0" in msg and "pairs.1" in msg and "'resnet8'" in msg, msg
+
+
+def test_milestones_at_or_after_the_epoch():
+    from tskd.config import RecipeCfg
+
+    at = RecipeCfg(epochs=240, batch_size=64, lr=0.1, milestones=[150, 180, 210])
+    after = at.model_copy(update={"milestone_mode": "after"})
+    assert [at.lr_at(0.1, e) for e in (149, 150, 151)] == pytest.approx([0.1, 0.01, 0.01])
+    # The TSKD/ReviewKD authors' lr_schedule decays at the end of epoch 150: epoch 151 is the first.
+    assert [after.lr_at(0.1, e) for e in (149, 150, 151, 181, 211)] == pytest.approx([0.1, 0.1, 0.01, 0.001, 1e-4])
+
+
+def test_cifar100_recipes_follow_their_sources(repo_root):
+    p = load_preset(repo_root / "params/cifar100.yaml")
+    assert p.student_recipes == ["tskd_v1", "mdistiller"]
+    v1, md = p.recipes["tskd_v1"], p.recipes["mdistiller"]
+    assert v1.milestone_mode == "after" and md.milestone_mode == "at"
+    assert v1.teacher_input == "student" and v1.normalization == "cifar10"
+    assert md.methods["kd"] == {"ce_weight": 0.1, "kd_weight": 0.9}
 
 
 def test_bad_pair_override_is_named(tmp_path):

@@ -26,7 +26,8 @@ from tskd.engine.loaders import RunData
 
 def _run_data(n: int) -> RunData:
     return RunData(train=TensorDataset(torch.arange(n)), val=None, test=TensorDataset(torch.arange(1)),
-                   num_classes=1, image_size=(1, 1), train_labels=torch.zeros(n))
+                   num_classes=1, image_size=(1, 1), train_labels=torch.zeros(n), identity="test", normalization="none",
+                   mean=(0.0,), std=(1.0,))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -7,6 +7,7 @@ so that every DVC stage (each a Snakemake call) is exercised within the test bud
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -23,8 +24,8 @@ from tests.conftest import copy_repo
 pytestmark = pytest.mark.slow
 
 BIN = str(Path(sys.executable).parent)  # dvc, snakemake and tskd of this environment
-KD = "train-kd-resnet20-resnet8-seed0"
-KD_EVAL = "eval-kd-resnet20-resnet8-seed0"
+KD = "train-student-kd-resnet20-resnet8-seed0"
+KD_EVAL = "eval-student-kd-resnet20-resnet8-seed0"
 
 
 def _env(repo: Path) -> dict[str, str]:
@@ -32,8 +33,10 @@ def _env(repo: Path) -> dict[str, str]:
             "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
 
 
-def sh(repo: Path, *cmd: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(cmd), cwd=repo, capture_output=True, text=True, env=_env(repo), timeout=timeout)
+def sh(repo: Path, *cmd: str, check: bool = True, timeout: float = 900,
+       env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(cmd), cwd=repo, capture_output=True, text=True, env=_env(repo) | (env or {}),
+                       timeout=timeout)
     if check:
         assert r.returncode == 0, f"{' '.join(cmd)}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r
@@ -44,8 +47,8 @@ def ran(out: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", out))
 
 
-def snakemake_plan(repo: Path) -> dict[str, int]:
-    out = sh(repo, "snakemake", "-n", "--cores", "1", "--quiet", "rules").stdout
+def snakemake_plan(repo: Path, env: dict[str, str] | None = None) -> dict[str, int]:
+    out = sh(repo, "snakemake", "-n", "--cores", "1", "--quiet", "rules", env=env).stdout
     plan = {}
     for line in out.splitlines():
         m = re.match(r"^\s*(\w+)\s+(\d+)\s*$", line)
@@ -72,7 +75,7 @@ def set_param(repo: Path, edit) -> None:
 def md5s(repo: Path, root: str = "results") -> dict[str, str]:
     return {str(f.relative_to(repo)): hashlib.md5(f.read_bytes()).hexdigest()
             for f in sorted((repo / root).rglob("*"))
-            if f.is_file() and "logs" not in f.parts and f.name != "checkpoint.pt"}  # not DVC outputs
+            if f.is_file() and "logs" not in f.parts and f.name != "mlflow_run.json"}  # not DVC outputs
 
 
 def lock_out(repo: Path, stage: str, name: str) -> dict:
@@ -81,7 +84,7 @@ def lock_out(repo: Path, stage: str, name: str) -> dict:
 
 
 def _small_grid(raw: dict) -> None:
-    raw["methods"] = {"vanilla": {}, "kd": raw["methods"]["kd"]}
+    raw["methods"] = {"vanilla": {}, "kd": {"T": raw["methods"]["kd"]["T"]}}  # kd's weights: the code's defaults
     raw["seeds"] = [0]
     for r in raw["recipes"].values():
         r.update(epochs=2, milestones=[1])
@@ -115,20 +118,20 @@ def test_repro_runs_every_stage_caches_outputs_and_reports(repo):
     assert mlflow_runs(repo) == 3  # teacher, vanilla, kd: every training stage recorded a run
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     model = lock_out(repo, KD, "model.pt")
-    assert model["path"] == "results/smoke/students/kd/resnet20-resnet8/seed0/model.pt"
+    assert model["path"] == "results/smoke/students/student/kd/resnet20-resnet8/seed0/model.pt"
     obj = repo / ".dvc/cache/files/md5" / model["md5"][:2] / model["md5"][2:]
     assert obj.read_bytes() == (repo / model["path"]).read_bytes()  # the model is in DVC's cache
     assert lock[KD]["params"]["params/smoke.yaml"]["methods.kd"]["T"] == 4.0
 
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
     metrics = next(iter(shown.values()))["data"]
-    kd = metrics["results/smoke/summary/kd.json"]["data"]["resnet20-resnet8"]
-    rows = (repo / "results/smoke/report.csv").read_text().splitlines()
-    kd_row = next(r.split(",") for r in rows if ",kd," in r)
-    assert kd["best"] == pytest.approx(float(kd_row[5]), abs=1e-3) and kd["n"] == 1
+    kd = metrics["results/smoke/summary/kd.json"]["data"]["student"]["resnet20-resnet8"]
+    with (repo / "results/smoke/report.csv").open() as f:
+        kd_row = next(r for r in csv.DictReader(f) if r["method"] == "kd")
+    assert kd["best"] == pytest.approx(float(kd_row["best_top1"]), abs=1e-3) and kd["n"] == 1
     assert set(metrics) == {f"results/smoke/summary/{n}.json" for n in ("teachers", "vanilla", "kd")}
     table = sh(repo, "dvc", "metrics", "show").stdout
-    assert "results/smoke/summary/kd.json" in table and "resnet20-resnet8.best" in table
+    assert "results/smoke/summary/kd.json" in table and "student.resnet20-resnet8.best" in table
 
     sh(repo, "dvc", "plots", "show", "-o", "plots")
     html = (repo / "plots/index.html").read_text()
@@ -174,12 +177,42 @@ def test_changing_one_method_reruns_only_its_jobs_in_both(repo):
     assert ran(sh(repo, "dvc", "repro").stdout) == set()
 
 
+def test_renaming_the_experiment_reruns_nothing(repo):
+    """The MLflow experiment and the evaluation batch size change no result: neither executor reruns."""
+    set_param(repo, lambda raw: raw.update(tracking={"experiment": "renamed"},
+                                           train=dict(raw["train"], eval_batch_size=17)))
+    assert snakemake_plan(repo) == {}
+    assert set(json.loads(sh(repo, "dvc", "status", "--json", "dvc.yaml").stdout)) == {"params-check"}
+    sh(repo, "git", "checkout", "params/smoke.yaml")
+
+
+def test_a_changed_default_in_the_code_reruns_that_methods_jobs_in_both(repo):
+    """A new tskd version with another default for a value the preset leaves out (kd_weight):
+    Snakemake plans exactly the kd jobs, DVC stops until the defaults file is regenerated and then
+    names exactly the kd stages. Runs with this copy's code (PYTHONPATH), then restores it."""
+    code = repo / "tskd/distill/methods/kd.py"
+    original = code.read_text()
+    assert 'kd_weight: float = Field(1.0,' in original
+    env = {"PYTHONPATH": str(repo)}
+    try:
+        code.write_text(original.replace('kd_weight: float = Field(1.0,', 'kd_weight: float = Field(0.5,'))
+        assert snakemake_plan(repo, env) == {"student": 1, "evaluate": 1, "report": 1}
+        r = sh(repo, "tskd", "dvc", "check", "params/smoke.yaml", check=False, env=env)
+        assert r.returncode == 2 and "workflow/defaults.yaml no longer holds the code's defaults" in r.stderr
+        sh(repo, "tskd", "dvc", "write", "params/smoke.yaml", env=env)
+        assert set(json.loads(sh(repo, "dvc", "status", "--json", "dvc.yaml").stdout)) == {KD, KD_EVAL}
+    finally:
+        code.write_text(original)
+        sh(repo, "tskd", "dvc", "write", "params/smoke.yaml")
+    assert snakemake_plan(repo) == {} and json.loads(sh(repo, "dvc", "status", "--json", "dvc.yaml").stdout) == {}
+
+
 def test_training_stages_never_come_from_the_run_cache(repo):
     """Removing a model makes DVC retrain (and record an MLflow run), not restore it silently.
 
     On CPU the rerun reproduces the model bit for bit, so its evaluation is then up to date."""
     runs = mlflow_runs(repo)
-    kd_dir = repo / "results/smoke/students/kd/resnet20-resnet8/seed0"
+    kd_dir = repo / "results/smoke/students/student/kd/resnet20-resnet8/seed0"
     model = (kd_dir / "model.pt").read_bytes()
     (kd_dir / "model.pt").unlink()
     (kd_dir / "metrics.json").unlink()

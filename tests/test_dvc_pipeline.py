@@ -24,7 +24,8 @@ def _raw(name: str) -> dict[str, Any]:
 
 
 def test_committed_dvc_yaml_is_current():
-    # Fails when someone edits params/smoke.yaml's grid or the generator without `tskd dvc write`.
+    # Fails when someone edits params/smoke.yaml's grid, the generator or a default in the code
+    # without `tskd dvc write` (dvc.yaml and workflow/defaults.yaml).
     check_pipeline("params/smoke.yaml", Path("dvc.yaml"), root=REPO)
 
 
@@ -81,14 +82,15 @@ def _perturbed(raw: dict, path: tuple) -> dict | None:
 
 
 def _snakemake_params(p) -> dict[str, str]:
-    """What each rule of workflow/rules passes as `params:` (Snakemake's rerun trigger), by stage."""
+    """What each rule of workflow/rules passes as `params:` that Snakemake compares (its rerun
+    trigger), by stage: the runs' identities (placement is a derived param, not compared)."""
     out = {"data": canonical_json({"dataset": grid.dataset_for_run(p).model_dump(mode="json")}),
-           "report": canonical_json(p)}
+           "report": canonical_json(grid.report_identity(p))}
     for arch, t in p.teachers.items():
-        out[f"teacher-{arch}-seed{t.seed}"] = canonical_json(grid.teacher_spec(p, arch)) + str(t.checkpoint)
-    for m, pair, seed in grid.student_jobs(p):
-        tag = f"{m}-{grid.student_dir(p, m, pair, seed).parent.name}-seed{seed}"
-        out[f"train-{tag}"] = out[f"eval-{tag}"] = canonical_json(grid.student_spec(p, m, pair, seed))
+        out[f"teacher-{arch}-seed{t.seed}"] = canonical_json(grid.teacher_spec(p, arch).identity()) + str(t.checkpoint)
+    for job in grid.student_jobs(p):
+        tag = f"{job.recipe}-{job.method}-{grid.student_dir(p, job).parent.name}-seed{job.seed}"
+        out[f"train-{tag}"] = out[f"eval-{tag}"] = canonical_json(grid.student_spec(p, job).identity())
     return out
 
 
@@ -101,6 +103,10 @@ def test_declared_params_are_exactly_what_snakemake_reruns_for(preset):
     p = parse_preset(raw)
     base = _snakemake_params(p)
     declared = {s.name: s.params for s in stages(p, raw, f"params/{preset}.yaml")}
+    # Neither the MLflow experiment nor the evaluation batch size changes a result: nothing reruns.
+    renamed = copy.deepcopy(raw) | {"tracking": {"experiment": "renamed"}}
+    renamed["train"] = dict(raw.get("train", {}), eval_batch_size=99)
+    assert _snakemake_params(parse_preset(renamed)) == base
     checked = 0
     for path in _leaves(raw):
         new = _perturbed(raw, path)
@@ -122,28 +128,84 @@ def test_declared_params_are_exactly_what_snakemake_reruns_for(preset):
     assert checked > 20
 
 
+@pytest.mark.parametrize("preset", ["smoke", "cifar100"])
+def test_declared_defaults_are_what_snakemake_reruns_for(preset, monkeypatch):
+    """For every default the code fills in, changed in place (as a new version of tskd would): the
+    stages that declare it in workflow/defaults.yaml are exactly the jobs whose Snakemake params
+    change. A default that the params file overrides for a job reruns neither."""
+    from pydantic.fields import FieldInfo
+
+    from tskd.config import DatasetCfg, Preset, RecipeCfg, SyntheticCfg, TrainCfg
+    from tskd.distill.registry import list_methods, method_class
+    from tskd.dvc_pipeline import code_defaults
+
+    raw = _raw(preset)
+    p = parse_preset(raw)
+    base = _snakemake_params(p)
+    all_stages = stages(p, raw, f"params/{preset}.yaml")
+    models = {"recipe": RecipeCfg, "train": TrainCfg, "dataset": DatasetCfg, "synthetic": SyntheticCfg}
+    models |= {f"methods.{m}": method_class(m).Params for m in list_methods()}
+    checked = 0
+    for section, model in models.items():
+        defaults = code_defaults()
+        for part in section.split("."):
+            defaults = defaults[part]
+        for key, value in defaults.items():
+            new = _perturbed({key: value}, (key,))
+            if new is None:
+                continue
+            field = model.model_fields[key]
+            monkeypatch.setitem(model.model_fields, key, FieldInfo.merge_field_infos(field, default=new[key]))
+            for m in (model, Preset):
+                m.model_rebuild(force=True)
+            try:
+                after = _snakemake_params(parse_preset(raw))
+            finally:
+                monkeypatch.setitem(model.model_fields, key, field)
+                for m in (model, Preset):
+                    m.model_rebuild(force=True)
+            # The report reruns after any job it reads in both; its own trigger is the preset as written.
+            snakemake_reruns = {n for n in base if after[n] != base[n]} - {"report"}
+            dvc_reruns = {s.name for s in all_stages if f"{section}.{key}" in s.defaults}
+            assert dvc_reruns == snakemake_reruns, f"{section}.{key}"
+            checked += bool(snakemake_reruns)
+    assert checked > 20
+    assert _snakemake_params(parse_preset(raw)) == base  # every default restored
+
+
 def test_stale_pipeline_names_the_stages_and_the_fix(tmp_path):
+    from tskd.dvc_pipeline import DEFAULTS_FILE, render_defaults
+
     (tmp_path / "params").mkdir()
     raw = _raw("smoke")
     p = parse_preset(raw)
     (tmp_path / "dvc.yaml").write_text(render(p, raw, "params/smoke.yaml", Path("dvc.yaml")))
+    (tmp_path / DEFAULTS_FILE).parent.mkdir()
+    (tmp_path / DEFAULTS_FILE).write_text(render_defaults())
     raw["seeds"] = [0, 1, 2]
     (tmp_path / "params/smoke.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     r = run_cli("dvc", "check", "params/smoke.yaml", cwd=tmp_path)
     assert r.returncode == 2
     assert "dvc.yaml is out of date with params/smoke.yaml" in r.stderr
-    assert "missing stages: train-vanilla-resnet8-seed2, train-kd-resnet20-resnet8-seed2" in r.stderr
+    assert "missing stages: train-student-vanilla-resnet8-seed2, train-student-kd-resnet20-resnet8-seed2" in r.stderr
     assert "tskd dvc write params/smoke.yaml" in r.stderr
     # A per-pair override changes which keys the stages read, so it too needs a new dvc.yaml.
     raw["seeds"] = [0, 1]
     raw["pairs"][0]["methods"] = {"kd": {"T": 2.0}}
     (tmp_path / "params/smoke.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     r = run_cli("dvc", "check", "params/smoke.yaml", cwd=tmp_path)
-    assert r.returncode == 2 and "stages that differ: train-kd-resnet20-resnet8-seed0" in r.stderr
+    assert r.returncode == 2 and "stages that differ: train-student-kd-resnet20-resnet8-seed0" in r.stderr
     assert run_cli("dvc", "write", "params/smoke.yaml", cwd=tmp_path).returncode == 0
     assert "pairs.0.methods.kd" in (tmp_path / "dvc.yaml").read_text()
     r = run_cli("dvc", "check", "params/smoke.yaml", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    # A default changed in the code (here: the file edited to look so) needs a new defaults file.
+    text = (tmp_path / DEFAULTS_FILE).read_text()
+    (tmp_path / DEFAULTS_FILE).write_text(text.replace("    T: 4.0\n", "    T: 3.0\n", 1))
+    r = run_cli("dvc", "check", "params/smoke.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and f"{DEFAULTS_FILE} no longer holds the code's defaults" in r.stderr, r.stderr
+    assert "changed: methods." in r.stderr and "tskd dvc write params/smoke.yaml" in r.stderr
+    (tmp_path / DEFAULTS_FILE).write_text(text)
     (tmp_path / "dvc.yaml").unlink()
     r = run_cli("dvc", "check", "params/smoke.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "dvc.yaml: not found" in r.stderr

@@ -307,7 +307,7 @@ def dag(slurm_cluster, tmp_path_factory):
 
 def _training_logs(repo: Path) -> list[Path]:
     return sorted((repo / "results/smoke/logs").glob("teachers/*.log")) + sorted(
-        (repo / "results/smoke/logs").glob("students/*/*.log"))
+        (repo / "results/smoke/logs").glob("students/*/*/*.log"))
 
 
 @pytest.mark.slow
@@ -356,12 +356,12 @@ def test_failing_job_fails_its_rule_and_leaves_no_output(dag):
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "Error in rule student" in out, out[-3000:]
-    log = (repo / "results/smoke/logs/students/kd/resnet20-resnet8-seed0.log").read_text()
+    log = (repo / "results/smoke/logs/students/student/kd/resnet20-resnet8-seed0.log").read_text()
     job = SUBMITTED.search(log).group(1)
     assert re.search(rf"SLURM job {job} failed: \S*TrainingError: .*loss is", log), log
     assert f"{job}_0_log.err" in log and "Lower the learning rate" in log, log
     assert f"SLURM job {job} failed" in out  # show-failed-logs: the message reaches the terminal too
-    run_dir = repo / "results/smoke/students/kd/resnet20-resnet8/seed0"
+    run_dir = repo / "results/smoke/students/student/kd/resnet20-resnet8/seed0"
     assert not (run_dir / "model.pt").exists() and not (run_dir / "metrics.json").exists()
     planned = _snakemake(repo, "-n", "--profile", "slurm", db="mlflow.db").stdout
     assert re.search(r"^student\s+1$", planned, re.M), planned

@@ -214,7 +214,7 @@ def test_hidden_widths_follow_the_authors():
     assert auto_hidden([(32, 32), (32, 32), (16, 16)]) == (64, 64, 32)  # ResNet / WRN students
     assert auto_hidden([(32, 32), (16, 16), (8, 8)]) == (64, 32, 32)  # VGG-8
     d = make("resnet20", "resnet56")
-    assert sum(p.numel() for p in d.forecasters.parameters()) == 1_065_211  # METHOD.md: about 1.07 M
+    assert sum(p.numel() for p in d.forecasters.parameters()) == 1_065_211  # docs/method.md: about 1.07 M
     assert [f.encoder.hidden for f in make("vgg8", "vgg13").forecasters] == [64, 32, 32]
 
 
@@ -331,6 +331,19 @@ def test_review_step_on_every_pair(teacher, student):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.forecasters.parameters())
 
 
+@pytest.mark.parametrize("taps, want", [("authors", "feats"), ("preact", "preact_feats"), ("post", "feats")])
+def test_vgg_teacher_taps_follow_the_authors_code(taps, want):
+    """The authors' vgg.py ignores its preact flag: their VGG teachers give post-activation maps."""
+    d = make("vgg8", "vgg13", params=dict(SHORT, teacher_taps=taps))
+    fill(d, 2)
+    x, y = batch()
+    s_feats, t_taps = d.student(x)[1]["feats"], d.teacher_forward(x)[1]
+    assert not torch.equal(t_taps["feats"][1], t_taps["preact_feats"][1])  # BN output vs its ReLU
+    torch.testing.assert_close(d.forward_train(x, y, 2)[1]["review"], d.review_loss(x, s_feats, t_taps[want]),
+                               rtol=0, atol=0)
+    assert make(params=SHORT)._teacher_taps == "preact_feats"  # ResNet teachers: pre-activation, as theirs
+
+
 def test_unmatched_taps_name_the_pair():
     with pytest.raises(ValueError, match="CifarResNet -> CifarResNet.*taps"):
         make(params=dict(SHORT, taps=[0, 1, 2, 6]))
@@ -385,6 +398,40 @@ def test_memory_follows_dtype_moves():
 
 
 # -- end to end through the trainer -------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["decay", "frozen"])
+def test_forecasters_between_reviews_follow_sgd_by_hand(make_spec, mode):
+    """After a review, the general steps of the next epoch: with 'decay' (the authors' torch 1.9
+    zero_grad, which zero-fills gradients) SGD applies weight decay and Nesterov momentum to the
+    forecasters at every step, as written out by hand here; with 'frozen' they do not move."""
+    from tskd.engine.trainer import Trainer
+
+    teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
+    Trainer(teacher, track=False).run()
+    spec = make_spec(out="student", method="tskd", teacher_arch="resnet8", teacher_path=f"{teacher.out_dir}/model.pt",
+                     method_params={"delta": 1, "k": 2, "forecaster_between_reviews": mode},
+                     recipe={"epochs": 4, "milestones": [], "lr": 0.1, "nesterov": True, "weight_decay": 5e-4})
+    t = Trainer(spec, track=False)
+    for epoch in range(3):  # memory, memory, review
+        t._train_epoch(epoch)
+    forecasters = list(t.distiller.forecasters.parameters())
+    before = [p.detach().clone() for p in forecasters]
+    bufs = [t.optimizer.state[p]["momentum_buffer"].clone() for p in forecasters]
+    t._train_epoch(3)  # a memory node: no review loss, the forecasters get no gradient
+    steps = math.ceil(len(t.data.train) / spec.recipe.batch_size)
+    r = spec.recipe
+    for w0, buf, p in zip(before, bufs, forecasters, strict=True):
+        if mode == "frozen":
+            assert torch.equal(p.detach(), w0)
+            continue
+        w = w0
+        for _ in range(steps):
+            d_p = r.weight_decay * w  # the gradient is zero: weight decay alone
+            buf = r.momentum * buf + d_p
+            w = w - r.lr * (d_p + r.momentum * buf)  # Nesterov
+        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(p.detach(), w0)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, monkeypatch, compiled):
     from tskd.engine import trainer as trainer_mod
@@ -400,23 +447,44 @@ def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, monkeypatch, c
 
     whole = trainer_mod.train(spec("whole"), track=False)
     assert "train_review" in whole["history"][2] and "train_review" not in whole["history"][1]
+    _kill_at(monkeypatch, trainer_mod, 2, lambda: trainer_mod.train(spec("resumed"), track=False))
+    resumed = trainer_mod.train(spec("resumed"), track=False)
+    assert _strip(resumed) == _strip(whole)
+    exported = torch.load(f"{spec('whole').out_dir}/model.pt", weights_only=True)["model"]
+    assert exported.keys() == create_model("resnet8").state_dict().keys()
 
+
+def _strip(m):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in m["history"]]
+
+
+def _kill_at(monkeypatch, trainer_mod, kill_epoch, run):
     real = trainer_mod.Trainer._train_epoch
 
-    def killed_at_review(self, epoch):
-        if epoch == 2:
+    def killed(self, epoch):
+        if epoch == kill_epoch:
             raise KeyboardInterrupt("killed")
         return real(self, epoch)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", killed_at_review)
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
-        trainer_mod.train(spec("resumed"), track=False)
+        run()
     monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", real)
+
+
+def test_resume_between_reviews_keeps_the_forecasters_decaying(make_spec, monkeypatch):
+    """Killed after a review: the resumed run's forecasters go on decaying (their zeroed gradients
+    are restored), so the next review starts from the same weights as in the uninterrupted run."""
+    from tskd.engine import trainer as trainer_mod
+
+    teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
+    trainer_mod.train(teacher, track=False)
+
+    def spec(out):  # memory 0, 1 | review 2 | memory 3, 4 | review 5
+        return make_spec(out=out, method="tskd", teacher_arch="resnet8", teacher_path=f"{teacher.out_dir}/model.pt",
+                         method_params={"delta": 1, "k": 2}, recipe={"epochs": 6, "milestones": [], "lr": 0.1})
+
+    whole = trainer_mod.train(spec("whole"), track=False)
+    _kill_at(monkeypatch, trainer_mod, 3, lambda: trainer_mod.train(spec("resumed"), track=False))
     resumed = trainer_mod.train(spec("resumed"), track=False)
-
-    def strip(m):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in m["history"]]
-
-    assert strip(resumed) == strip(whole)
-    exported = torch.load(f"{spec('whole').out_dir}/model.pt", weights_only=True)["model"]
-    assert exported.keys() == create_model("resnet8").state_dict().keys()
+    assert _strip(resumed) == _strip(whole)

@@ -54,8 +54,8 @@ def test_smoke_dag_produces_report_and_mlflow_runs(smoke_repo):
 
     p = load_preset(smoke_repo / "params/smoke.yaml")
     rows = list(csv.DictReader((smoke_repo / "results/smoke/report.csv").open()))
-    expected = {(pair.name, m, str(s)) for m, pair, s in student_jobs(p)}
-    got = {(r["pair"], r["method"], r["seed"]) for r in rows if r["pair"] != "teacher"}
+    expected = {(j.recipe, j.pair.name, j.method, str(j.seed)) for j in student_jobs(p)}
+    got = {(r["recipe"], r["pair"], r["method"], r["seed"]) for r in rows if r["pair"] != "teacher"}
     assert got == expected
     for r in rows:
         assert 0.0 <= float(r["best_top1"]) <= 100.0
@@ -71,6 +71,21 @@ def test_smoke_dag_produces_report_and_mlflow_runs(smoke_repo):
     assert len(runs) == len(p.teachers) + len(student_jobs(p))
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.tags["method"] for r in runs} == {"vanilla"} | set(p.methods)
+    assert {r.data.tags["recipe"] for r in runs} == {"teacher", "student"}
+    assert all(f":{r.data.tags['recipe']}:seed" in r.info.run_name for r in runs)
+
+
+def test_renaming_the_experiment_or_the_eval_batch_reruns_nothing(smoke_repo):
+    params = smoke_repo / "params/smoke.yaml"
+    text = params.read_text()
+    raw = yaml.safe_load(text)
+    raw["tracking"] = {"experiment": "another-name"}
+    raw["train"]["eval_batch_size"] = 31
+    params.write_text(yaml.safe_dump(raw))
+    try:
+        assert "Nothing to be done" in snakemake(smoke_repo, "-n").stdout
+    finally:
+        params.write_text(text)
 
 
 def test_second_run_does_nothing(smoke_repo):
@@ -83,7 +98,7 @@ def test_changing_a_kd_value_reruns_only_kd_jobs(smoke_repo):
     raw = yaml.safe_load(params.read_text())
     raw["methods"]["kd"]["T"] = 2.0
     params.write_text(yaml.safe_dump(raw))
-    vanilla = sorted((smoke_repo / "results/smoke/students/vanilla").rglob("metrics.json"))
+    vanilla = sorted((smoke_repo / "results/smoke/students/student/vanilla").rglob("metrics.json"))
     before = {f: f.stat().st_mtime_ns for f in vanilla}
 
     jobs = planned_jobs(smoke_repo)
@@ -112,3 +127,41 @@ def test_cifar100_dry_run_lists_every_job_without_data(tmp_path):
     assert jobs == {"data": 1, "teacher": len(p.teachers), "student": n, "evaluate": n, "report": 1,
                     "all": 1, "total": 3 + len(p.teachers) + 2 * n}, jobs
     assert not (repo / "results").exists()
+
+
+def test_a_published_teacher_file_is_an_input_of_its_rule(tmp_path):
+    """Replaced with other weights (even keeping the old mtime, as cp -p or a checkout does), the
+    file reruns the import; a missing file stops the DAG before anything runs."""
+    import torch
+
+    from tskd.models import create_model
+
+    repo = copy_repo(tmp_path / "repo")
+    published = tmp_path / "resnet20_vanilla" / "ckpt_epoch_240.pth"
+    published.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save({"model": create_model("resnet20").state_dict(), "epoch": 240}, published)
+    params = repo / "params/smoke.yaml"
+    raw = yaml.safe_load(params.read_text())
+    raw["teachers"]["resnet20"]["checkpoint"] = str(published)
+    raw["dataset"]["synthetic"].update(train_per_class=2, test_per_class=2)
+    params.write_text(yaml.safe_dump(raw))
+    target = "results/smoke/teachers/resnet20/seed0/model.pt"
+
+    snakemake(repo, target)
+    assert "Nothing to be done" in snakemake(repo, "-n", target).stdout
+    metrics = yaml.safe_load((repo / "results/smoke/teachers/resnet20/seed0/metrics.json").read_text())
+    assert metrics["method"] == "imported" and metrics["source"] == str(published)
+
+    before = published.stat()
+    torch.manual_seed(1)
+    torch.save({"model": create_model("resnet20").state_dict(), "epoch": 240}, published)
+    os.utime(published, ns=(before.st_atime_ns, before.st_mtime_ns))
+    out = snakemake(repo, "-n", "--quiet", "rules", "--", target).stdout
+    assert re.search(r"^\s*teacher\s+1\s*$", out, re.M), out
+
+    published.unlink()
+    r = snakemake(repo, target, check=False)
+    assert r.returncode != 0
+    assert f"teachers.resnet20.checkpoint: {published} is not a file" in r.stdout + r.stderr
+    assert "rule teacher" not in r.stdout + r.stderr  # refused while the DAG was built, no job started

@@ -10,6 +10,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from tskd.errors import TskdError
+
+
+class UsageError(TskdError):
+    """A command line that cannot work, or a check that found problems (listed above it)."""
+
 
 def _parse(model, data, source: str):
     from tskd.config import ParamsError, format_validation_error
@@ -29,10 +35,14 @@ def _json(text: str, source: str):
         raise ParamsError(f"{source}: not valid JSON: {e}") from None
 
 
-def _spec(text: str):
-    from tskd.grid import RunSpec
+def _spec(a):
+    """The run spec: ``--spec`` (a whole spec, or its identity) with ``--place`` (its placement)."""
+    from tskd.grid import RunSpec, merge_parts
 
-    return _parse(RunSpec, _json(text, "--spec"), "--spec")
+    data = _json(a.spec, "--spec")
+    if getattr(a, "place", None):
+        data = merge_parts(data, _json(a.place, "--place"))
+    return _parse(RunSpec, data, "--spec/--place")
 
 
 def _launch_settings(a, spec):
@@ -48,7 +58,7 @@ def _launch_settings(a, spec):
 def cmd_train(a) -> None:
     from tskd.launch import launch
 
-    spec = _spec(a.spec)
+    spec = _spec(a)
     m = launch(spec, _launch_settings(a, spec), "train", track=not a.no_track)
     print(f"{m['method']} {m['student']}: best top-1 {m['best_top1']:.2f} (epoch {m['best_epoch'] + 1}), "
           f"last {m['last_top1']:.2f}")
@@ -57,14 +67,14 @@ def cmd_train(a) -> None:
 def cmd_evaluate(a) -> None:
     from tskd.engine.eval_run import evaluate_model_file
 
-    res = evaluate_model_file(_spec(a.spec), Path(a.model), Path(a.out))
+    res = evaluate_model_file(_spec(a), Path(a.model), Path(a.out))
     print(f"{a.model}: top-1 {res['top1']:.2f} top-5 {res['top5']:.2f}")
 
 
 def cmd_import_teacher(a) -> None:
     from tskd.launch import launch
 
-    spec = _spec(a.spec)
+    spec = _spec(a)
     res = launch(spec, _launch_settings(a, spec), "import-teacher", checkpoint=str(Path(a.checkpoint)))
     print(f"imported {a.checkpoint} as {res['student']}: top-1 {res['last_top1']:.2f}")
 
@@ -91,7 +101,7 @@ def cmd_report(a) -> None:
     from tskd.report import write_report
 
     if (a.params is None) == (a.json is None):
-        raise ValueError("give either a params file or --json")
+        raise UsageError("give either a params file or --json")
     preset = load_preset(a.params) if a.params else parse_preset(_json(a.json, "--json"), "--json")
     md = write_report(preset)
     print(md.read_text() if a.print else f"wrote {md}")
@@ -129,7 +139,7 @@ def cmd_dvc_write(a) -> None:
     from tskd.dvc_pipeline import write_pipeline
 
     if a.out and len(a.params) != 1:
-        raise ValueError("--out needs exactly one params file")
+        raise UsageError("--out needs exactly one params file")
     for params in a.params:
         print(f"wrote {write_pipeline(params, Path(a.out) if a.out else None)} from {params}")
 
@@ -155,7 +165,7 @@ def cmd_dvc_verify(a) -> None:
     if a.remove_corrupt:
         for obj in remove_corrupt(problems):
             print(f"removed {obj}; `dvc pull` or `dvc repro` restores it", file=sys.stderr)
-    raise RuntimeError(f"{len(problems)} problem(s) above; corrupt cache files can be removed with "
+    raise UsageError(f"{len(problems)} problem(s) above; corrupt cache files can be removed with "
                        "`tskd dvc verify --remove-corrupt`, outputs that differ rebuilt with `dvc repro`")
 
 
@@ -167,6 +177,13 @@ def cmd_dvc_sync(a) -> None:
     synced = sync(p, raw, a.params)
     print(f"Snakemake now records {len(synced)} stages that dvc.lock shows current" + (
         f": {', '.join(synced[:8])}{' ...' if len(synced) > 8 else ''}" if synced else ""))
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", required=True, help="run spec as JSON (see tskd.grid.RunSpec): the whole spec, or "
+                   "its identity with --place")
+    p.add_argument("--place", default=None, help="the spec's placement as JSON (output dir, MLflow experiment, "
+                   "labels, paths: tskd.grid.PLACEMENT), merged into --spec")
 
 
 def _launch_args(p: argparse.ArgumentParser) -> None:
@@ -182,19 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train one teacher or student run (spec as JSON)")
-    p.add_argument("--spec", required=True, help="run spec as JSON (see tskd.grid.RunSpec)")
+    _spec_args(p)
     p.add_argument("--no-track", action="store_true", help="do not record an MLflow run")
     _launch_args(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate an exported model file on the test set")
-    p.add_argument("--spec", required=True)
+    _spec_args(p)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="eval.json to write")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("import-teacher", help="import a published CRD/mdistiller teacher file")
-    p.add_argument("--spec", required=True, help="the teacher's run spec (arch, data, out_dir)")
+    _spec_args(p)
     p.add_argument("--checkpoint", required=True)
     _launch_args(p)
     p.set_defaults(fn=cmd_import_teacher)
@@ -258,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         a.fn(a)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Bad params, data or files (ParamsError, DatasetError, CheckpointError are ValueErrors;
-        # TrainingError a RuntimeError): one clear message. -v shows the traceback too.
+    except TskdError as e:
+        # Expected failures (bad params, data, files, checkpoints, a diverged loss): the message
+        # says it all. Anything else is raised with its traceback. -v shows it for these too.
         if a.verbose:
             raise
         print(f"tskd {a.verb}: error: {e}", file=sys.stderr)

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tskd.errors import TskdError
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -50,7 +52,7 @@ class DatasetCfg(Strict):
 
 
 class RecipeCfg(Strict):
-    """An optimisation recipe (METHOD.md §4)."""
+    """An optimisation recipe (docs/method.md, "Recipes")."""
 
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -61,9 +63,26 @@ class RecipeCfg(Strict):
     weight_decay: float = Field(5e-4, ge=0)
     milestones: list[int] = Field(default_factory=list, description="epochs where lr is multiplied by gamma")
     gamma: float = Field(0.1, gt=0)
+    milestone_mode: Literal["at", "after"] = Field(
+        "at", description="'at': epoch m (0-based) is the first to train with the decayed lr (mdistiller, "
+        "CRD); 'after': the lr decays once epoch m has finished, so epoch m+1 is the first (the ReviewKD and "
+        "TSKD authors' code calls its lr_schedule at the end of each epoch)")
     normalization: Literal["cifar100", "cifar10"] = Field(
         "cifar100", description="mean/std: cifar100 (CRD/mdistiller) or cifar10 (ReviewKD/TSKD authors)")
     augment: bool = True
+    teacher_input: Literal["student", "renormalize"] = Field(
+        "student", description="what a distillation run feeds its teacher: 'student' = the student's input "
+        "tensor as it is (the TSKD authors, mdistiller), also when the teacher was trained with other "
+        "normalisation statistics (logged and recorded in MLflow); 'renormalize' = the same images "
+        "normalised with the teacher's own training statistics (read from its model.pt)")
+    methods: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="method params of this recipe, over the preset's `methods` and "
+        "under a pair's overrides (e.g. mdistiller's KD: {kd: {ce_weight: 0.1, kd_weight: 0.9}})")
+
+    def lr_at(self, base_lr: float, epoch: int) -> float:
+        """The step-decayed learning rate of 0-based ``epoch``."""
+        shift = 1 if self.milestone_mode == "after" else 0
+        return base_lr * self.gamma ** sum(epoch >= m + shift for m in self.milestones)
 
     @model_validator(mode="after")
     def _milestones_sorted(self):
@@ -73,7 +92,8 @@ class RecipeCfg(Strict):
 
 
 class TrainCfg(Strict):
-    """Where and how the loop runs; decided once, in the trainer."""
+    """Where and how the loop runs; decided once, in the trainer. Only ``eval_batch_size`` leaves
+    the results unchanged; the rest is part of a run's identity."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast applies on CUDA only")
@@ -112,11 +132,20 @@ class Preset(Strict):
     recipes: dict[str, RecipeCfg]
     teachers: dict[str, TeacherCfg]
     pairs: list[PairCfg]
-    student_recipe: str = Field(description="name of the recipe students train with")
+    student_recipes: list[str] = Field(min_length=1, description="names of the recipes students train with; "
+                                       "every student job runs once per recipe")
     methods: dict[str, dict[str, Any]] = Field(description="method name -> its params")
     seeds: list[int] = Field(min_length=1)
     train: TrainCfg = TrainCfg()
     tracking: TrackingCfg = TrackingCfg()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "student_recipe" in raw:
+            raise ValueError("student_recipe: renamed `student_recipes`, a list of recipe names "
+                             f"(e.g. student_recipes: [{raw['student_recipe']}])")
+        return raw
 
     @model_validator(mode="after")
     def _references(self):
@@ -124,9 +153,16 @@ class Preset(Strict):
             if t.recipe not in self.recipes:
                 raise ValueError(f"teachers.{name}.recipe: unknown recipe {t.recipe!r}; "
                                  f"defined: {sorted(self.recipes)}")
-        if self.student_recipe not in self.recipes:
-            raise ValueError(f"student_recipe: unknown recipe {self.student_recipe!r}; "
-                             f"defined: {sorted(self.recipes)}")
+        for i, name in enumerate(self.student_recipes):
+            if name not in self.recipes:
+                raise ValueError(f"student_recipes.{i}: unknown recipe {name!r}; defined: {sorted(self.recipes)}")
+        if len(set(self.student_recipes)) != len(self.student_recipes):
+            raise ValueError(f"student_recipes: duplicates in {self.student_recipes}")
+        for name in self.student_recipes:
+            for m in self.recipes[name].methods:
+                if m not in self.methods:
+                    raise ValueError(f"recipes.{name}.methods.{m}: sets params of a method that is not in "
+                                     f"`methods` ({sorted(self.methods)})")
         for i, p in enumerate(self.pairs):
             if p.teacher not in self.teachers:
                 raise ValueError(f"pairs.{i}.teacher: {p.teacher!r} is not a key of `teachers` "
@@ -139,16 +175,18 @@ class Preset(Strict):
             raise ValueError(f"seeds: duplicates in {self.seeds}")
         return self
 
-    def method_params(self, method: str, pair: PairCfg) -> dict[str, Any]:
-        """A method's params for one pair: the preset's values, then the pair's overrides."""
-        return {**(self.methods[method] or {}), **pair.methods.get(method, {})}
+    def method_params(self, method: str, pair: PairCfg, recipe: str) -> dict[str, Any]:
+        """A method's params as written for one run: the preset's values, then the recipe's, then
+        the pair's overrides (defaults are filled in by the method's own params model)."""
+        return {**(self.methods[method] or {}), **self.recipes[recipe].methods.get(method, {}),
+                **pair.methods.get(method, {})}
 
     @property
     def out(self) -> Path:
         return Path(self.results_dir) / self.preset
 
 
-class ParamsError(ValueError):
+class ParamsError(TskdError, ValueError):
     """Bad params: the message names the file, the key and what is allowed."""
 
 
@@ -161,7 +199,8 @@ def format_validation_error(e: ValidationError, source: str) -> str:
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        got = "" if err["type"] in ("missing",) else f" (got {err.get('input')!r})"
+        # A top-level error's input is the whole file: not worth repeating.
+        got = "" if err["type"] == "missing" or not err["loc"] else f" (got {err.get('input')!r})"
         lines.append(f"  {key}: {msg}{got}")
     return "\n".join(lines)
 
@@ -191,15 +230,35 @@ def _check_registered(preset: Preset, source: str) -> None:
     for name in preset.methods:
         if name not in list_methods():
             raise ParamsError(f"{source}: methods.{name}: unknown method; allowed: {', '.join(list_methods())}")
-    epochs = preset.recipes[preset.student_recipe].epochs
+    for recipe in preset.student_recipes:
+        epochs = preset.recipes[recipe].epochs
+        for i, pair in enumerate(preset.pairs):
+            for name in preset.methods:
+                where = (f"pairs.{i}.methods" if name in pair.methods else
+                         f"recipes.{recipe}.methods" if name in preset.recipes[recipe].methods else "methods")
+                try:
+                    params = parse_method_params(name, preset.method_params(name, pair, recipe), where=where)
+                    method_class(name).check_schedule(params, epochs=epochs)
+                except ValueError as e:
+                    raise ParamsError(f"{source}: {e}") from None
+        _check_student_alone(preset, recipe, source)
+
+
+def _check_student_alone(preset: Preset, recipe: str, source: str) -> None:
+    """``vanilla`` runs once per (recipe, student architecture), whichever pairs share that student:
+    their overrides of it must agree, or one of them would be silently dropped."""
+    if "vanilla" not in preset.methods:
+        return
+    seen: dict[str, tuple[int, dict[str, Any]]] = {}
     for i, pair in enumerate(preset.pairs):
-        for name in preset.methods:
-            where = "methods" if name not in pair.methods else f"pairs.{i}.methods"
-            try:
-                params = parse_method_params(name, preset.method_params(name, pair), where=where)
-                method_class(name).check_schedule(params, epochs=epochs)
-            except ValueError as e:
-                raise ParamsError(f"{source}: {e}") from None
+        params = preset.method_params("vanilla", pair, recipe)
+        first = seen.setdefault(pair.student, (i, params))
+        if first[1] != params:
+            raise ParamsError(
+                f"{source}: pairs.{first[0]} and pairs.{i} share the student {pair.student!r}, whose `vanilla` "
+                f"run (the student alone) is trained once, but set different vanilla params ({first[1]} vs "
+                f"{params}). Give both pairs the same pairs.<i>.methods.vanilla values, or put them under "
+                "`methods.vanilla`")
 
 
 def load_preset(path: str | Path) -> Preset:

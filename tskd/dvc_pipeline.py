@@ -23,10 +23,14 @@ from typing import Any
 import yaml
 
 from tskd import grid
-from tskd.config import ParamsError, Preset
+from tskd.config import DatasetCfg, ParamsError, Preset, RecipeCfg, SyntheticCfg, TrainCfg
 from tskd.report import summary_files
 
 ROOT_PRESET = "smoke"  # the preset whose pipeline is the repository's top-level dvc.yaml
+# Every default the code fills in (method params, recipe, train and dataset settings), written by
+# `tskd dvc write` beside the pipelines' params: stages declare the defaults they read, so a
+# changed default reruns exactly the stages whose runs it changes, as it does in Snakemake.
+DEFAULTS_FILE = "workflow/defaults.yaml"
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Stage:
     inputs: list[str]  # that job's Snakemake inputs (what its mtimes are compared with)
     deps: list[str] = field(default_factory=list)
     params: list[str] | None = None  # keys of the params file; None: the whole file
+    defaults: list[str] = field(default_factory=list)  # keys of DEFAULTS_FILE
     outs: list[str] = field(default_factory=list)
     persist: bool = False  # training stages: see `_out_entry`
     metrics: list[str] = field(default_factory=list)
@@ -68,16 +73,86 @@ def _keys(raw: dict[str, Any], *keys: str) -> list[str]:
     return [k for k in keys if _present(raw, k)]
 
 
+def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    node: Any = raw
+    for part in key.split("."):
+        node = node[int(part)] if isinstance(node, list) and part.isdigit() else (
+            node.get(part) if isinstance(node, dict) else None)
+    return node if isinstance(node, dict) else {}
+
+
+def _declare(raw: dict[str, Any], fields: list[str], layers: list[str], default: str,
+             whole: bool = True) -> tuple[list[str], list[str]]:
+    """Where each field's value comes from: the last of ``layers`` (params file sections, later
+    ones override earlier ones) that sets it, else ``default`` (a section of DEFAULTS_FILE).
+    A stage declares exactly these keys, so a value that a later section overrides, or a default
+    that the file overrides, reruns nothing when it changes: in DVC as in Snakemake. With
+    ``whole`` (``fields`` are all the keys the section may hold), a section all of whose keys are
+    declared is declared whole: shorter, and a key added to it is covered. Returns the params file
+    keys and the DEFAULTS_FILE keys."""
+    by_layer: dict[str, list[str]] = {}
+    defaults = []
+    for f in fields:
+        layer = next((layer for layer in reversed(layers) if f in _section(raw, layer)), None)
+        if layer is None:
+            defaults.append(f"{default}.{f}")
+        else:
+            by_layer.setdefault(layer, []).append(f)
+    keys = []
+    for layer, fs in by_layer.items():
+        keys += [layer] if whole and set(fs) == set(_section(raw, layer)) else [f"{layer}.{f}" for f in fs]
+    return keys, defaults
+
+
+def _fields(section: str, model, *skip: str) -> list[str]:
+    """The fields of a params model that are part of a run's identity (not its placement)."""
+    return [f for f in model.model_fields if f"{section}.{f}" not in grid.PLACEMENT and f not in skip]
+
+
+# Sections that may also hold keys outside a run's identity are always declared key by key.
+def _dataset_keys(p: Preset, raw: dict[str, Any]) -> list[tuple[list[str], list[str]]]:
+    parts = [_declare(raw, _fields("dataset", DatasetCfg, "synthetic"), ["dataset"], "dataset", whole=False)]
+    if p.dataset.synthetic is not None:
+        parts.append(_declare(raw, list(SyntheticCfg.model_fields), ["dataset.synthetic"], "synthetic"))
+    return parts
+
+
+def _run_keys(p: Preset, raw: dict[str, Any], recipe: str, method: str,
+              method_layers: list[str]) -> tuple[list[str], list[str]]:
+    """The params and defaults keys a training run's identity is built from (tskd.grid)."""
+    from tskd.distill.registry import method_class
+
+    parts = [*_dataset_keys(p, raw),
+             _declare(raw, _fields("recipe", RecipeCfg, "methods"), [f"recipes.{recipe}"], "recipe", whole=False),
+             _declare(raw, _fields("train", TrainCfg), ["train"], "train", whole=False),
+             _declare(raw, list(method_class(method).Params.model_fields), method_layers, f"methods.{method}")]
+    return [k for keys, _ in parts for k in keys], [k for _, defaults in parts for k in defaults]
+
+
+def code_defaults() -> dict[str, Any]:
+    """The content of DEFAULTS_FILE: each section's defaults as the code has them now."""
+    from tskd.distill.registry import list_methods, method_class
+
+    def defaults(section: str, model, *skip: str) -> dict[str, Any]:
+        fields = model.model_fields
+        return {k: fields[k].get_default(call_default_factory=True) for k in _fields(section, model, *skip)
+                if not fields[k].is_required()}
+
+    return {"methods": {m: method_class(m).Params().model_dump(mode="json") for m in list_methods()},
+            "recipe": defaults("recipe", RecipeCfg, "methods"), "train": defaults("train", TrainCfg),
+            "dataset": defaults("dataset", DatasetCfg, "synthetic"), "synthetic": defaults("synthetic", SyntheticCfg)}
+
+
+def render_defaults() -> str:
+    head = ("# Generated by `tskd dvc write` from the code's defaults: do not edit. DVC stages declare the\n"
+            "# defaults their runs read, so a default changed in the code reruns those stages.\n")
+    return head + yaml.safe_dump(code_defaults(), sort_keys=True, width=10_000, default_flow_style=False)
+
+
 def _data_deps(p: Preset) -> list[str]:
     if p.dataset.synthetic is not None:
         return [str(grid.data_dir(p))]  # the stage writes the whole directory
     return [str(grid.data_marker(p)), str(p.dataset.root)]
-
-
-def _spec_keys(p: Preset, raw: dict[str, Any], method: str, pair_index: int) -> list[str]:
-    """The params keys a student's run spec is built from (tskd.grid.student_spec)."""
-    return _keys(raw, "preset", "dataset", "student_recipe", f"recipes.{p.student_recipe}", f"methods.{method}",
-                 f"pairs.{pair_index}.methods.{method}", "train", "tracking")
 
 
 def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
@@ -86,30 +161,39 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
     marker = str(grid.data_marker(p))
     data_outs = [str(grid.data_dir(p))] if p.dataset.synthetic is not None else [marker]
     real_root = [] if p.dataset.synthetic is not None else [str(p.dataset.root)]  # synthetic: written here
-    out.append(Stage("data", "data", [marker], [], deps=real_root, params=_keys(raw, "dataset"), outs=data_outs))
+    out.append(Stage("data", "data", [marker], [], deps=real_root, params=_keys(raw, "dataset"), outs=data_outs,
+                     defaults=[k for _, defaults in _dataset_keys(p, raw) for k in defaults]))
     for arch, t in p.teachers.items():
         d = grid.teacher_dir(p, arch)
         files = [str(d / "model.pt"), str(d / "metrics.json")]
         deps = _data_deps(p) + ([t.checkpoint] if t.checkpoint else [])
-        keys = _keys(raw, "preset", "dataset", f"recipes.{t.recipe}", f"teachers.{arch}", "train", "tracking")
-        out.append(Stage(f"teacher-{arch}-seed{t.seed}", "teacher", files, [marker], deps=deps, params=keys,
-                         outs=files, persist=True, curve=None if t.checkpoint else "teachers"))
+        keys, defaults = _run_keys(p, raw, t.recipe, "vanilla", [])  # teachers: vanilla at its defaults
+        out.append(Stage(f"teacher-{arch}-seed{t.seed}", "teacher", files, [marker], deps=deps,
+                         params=[*keys, *_keys(raw, f"teachers.{arch}")], outs=files, persist=True,
+                         curve=None if t.checkpoint else "teachers", defaults=defaults))
     evals = []
-    for method, pair, seed in grid.student_jobs(p):
-        d = grid.student_dir(p, method, pair, seed)
-        tag = f"{method}-{d.parent.name}-seed{seed}"
+    for job in grid.student_jobs(p):
+        d = grid.student_dir(p, job)
+        tag = f"{job.recipe}-{job.method}-{d.parent.name}-seed{job.seed}"
         files = [str(d / "model.pt"), str(d / "metrics.json")]
-        inputs = [marker] + ([] if method == "vanilla" else [str(grid.teacher_dir(p, pair.teacher) / "model.pt")])
-        keys = _spec_keys(p, raw, method, p.pairs.index(pair))
-        out.append(Stage(f"train-{tag}", "student", files, inputs, deps=_data_deps(p) + inputs[1:], params=keys,
-                         outs=files, persist=True, curve=method))
+        teacher = [] if job.method == "vanilla" else [str(grid.teacher_dir(p, job.pair.teacher) / "model.pt")]
+        inputs = [marker, *teacher]
+        layers = [f"methods.{job.method}", f"recipes.{job.recipe}.methods.{job.method}",
+                  f"pairs.{p.pairs.index(job.pair)}.methods.{job.method}"]
+        keys, defaults = _run_keys(p, raw, job.recipe, job.method, layers)
+        out.append(Stage(f"train-{tag}", "student", files, inputs, deps=_data_deps(p) + teacher, params=keys,
+                         outs=files, persist=True, curve=job.method, defaults=defaults))
         evals.append(Stage(f"eval-{tag}", "evaluate", [str(d / "eval.json")], [files[0]],
-                           deps=_data_deps(p) + [files[0]], params=keys, outs=[str(d / "eval.json")]))
+                           deps=_data_deps(p) + [files[0]], params=keys, outs=[str(d / "eval.json")],
+                           defaults=defaults))
     out += evals
     results = [f for s in out if s.rule in ("teacher", "student", "evaluate") for f in s.targets if f.endswith(".json")]
     summary = [str(f) for f in summary_files(p)]
+    # The report reads the whole preset but the MLflow experiment and the evaluation batch size.
+    report_keys = _keys(raw, *[k for k in raw if k not in ("tracking", "train")],
+                        *(f"train.{f}" for f in _fields("train", TrainCfg)))
     out.append(Stage("report", "report", [str(p.out / "report.md"), str(p.out / "report.csv"), *summary], results,
-                     deps=results, params=None, outs=[str(p.out / "report.md"), str(p.out / "report.csv")],
+                     deps=results, params=report_keys, outs=[str(p.out / "report.md"), str(p.out / "report.csv")],
                      metrics=summary))
     return out
 
@@ -136,6 +220,8 @@ def _stage_dict(s: Stage, params_file: str, wdir: str | None) -> dict[str, Any]:
     if s.deps:
         d["deps"] = list(s.deps)
     d["params"] = [{params_file: None}] if s.params is None else [{params_file: list(s.params)}]
+    if s.defaults:
+        d["params"].append({DEFAULTS_FILE: list(s.defaults)})
     if s.outs:
         d["outs"] = [_out_entry(o, s.persist) for o in s.outs]
     if s.metrics:
@@ -189,11 +275,13 @@ def write_pipeline(params_file: str, out: Path | None = None) -> Path:
 
     p, raw = load_raw(params_file)
     path = out or pipeline_path(p)
+    atomic_write_text(DEFAULTS_FILE, render_defaults())
     return atomic_write_text(path, render(p, raw, params_file, path))
 
 
 def check_pipeline(params_file: str, path: Path, root: Path = Path(".")) -> None:
-    """Raise ParamsError naming the stages that differ when ``path`` is not what the grid gives."""
+    """Raise ParamsError naming the stages that differ when ``path`` is not what the grid gives,
+    or when DEFAULTS_FILE no longer holds the code's defaults."""
     p, raw = load_raw(root / params_file)
     expected = render(p, raw, params_file, path)
     target = root / path
@@ -203,6 +291,7 @@ def check_pipeline(params_file: str, path: Path, root: Path = Path(".")) -> None
         raise ParamsError(f"{path}: not found; {fix}")
     actual = target.read_text()
     if actual == expected:
+        _check_defaults(root, params_file)
         return
     try:
         have = (yaml.safe_load(actual) or {}).get("stages", {}) or {}
@@ -219,6 +308,18 @@ def check_pipeline(params_file: str, path: Path, root: Path = Path(".")) -> None
         diff = difflib.unified_diff(actual.splitlines(), expected.splitlines(), lineterm="", n=0)
         parts = ["first difference: " + next((ln for ln in diff if ln[:1] in "+-" and ln[:3] not in "+++---"), "?")]
     raise ParamsError(f"{path} is out of date with {params_file} ({'; '.join(parts)}); {fix}")
+
+
+def _check_defaults(root: Path, params_file: str) -> None:
+    defaults = root / DEFAULTS_FILE
+    if defaults.is_file() and defaults.read_text() == render_defaults():
+        return
+    have = (yaml.safe_load(defaults.read_text()) or {}) if defaults.is_file() else {}
+    changed = sorted(f"{section}.{k}" for section, values in code_defaults().items() for k, v in values.items()
+                     if (have.get(section) or {}).get(k) != v)
+    raise ParamsError(f"{DEFAULTS_FILE} no longer holds the code's defaults (changed: "
+                      f"{', '.join(changed[:5]) or 'its layout'}{' ...' if len(changed) > 5 else ''}); "
+                      f"regenerate it: tskd dvc write {params_file}")
 
 
 def check_from_dvc_env(params_file: str) -> None:

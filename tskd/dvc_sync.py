@@ -21,6 +21,11 @@ from pathlib import Path
 
 from tskd.config import Preset
 from tskd.dvc_pipeline import Stage, pipeline_path, stages
+from tskd.errors import TskdError
+
+
+class SyncError(TskdError):
+    """`tskd dvc sync` could not vouch for the outputs, or Snakemake refused to record them."""
 
 
 def _mtime(path: Path) -> float | None:
@@ -133,7 +138,7 @@ def sync(p: Preset, raw: dict, params_file: str, root: Path = Path(".")) -> list
     damaged = _damaged(root, current)
     if damaged:
         lines = [pr for prs in damaged.values() for pr in prs]
-        raise RuntimeError("files that dvc.lock records differ from their hashes (nothing synced):\n  "
+        raise SyncError("files that dvc.lock records differ from their hashes (nothing synced):\n  "
                            + "\n  ".join(lines) + "\nremove damaged cache files with `tskd dvc verify "
                            "--remove-corrupt`, then rebuild each stage with `dvc repro -f -s <stage>`: "
                            + ", ".join(sorted(damaged)))
@@ -145,5 +150,5 @@ def sync(p: Preset, raw: dict, params_file: str, root: Path = Path(".")) -> list
            "--quiet", "host", "progress", "rules", "--", *targets]
     r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"snakemake --touch failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+        raise SyncError(f"snakemake --touch failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
     return [s.name for s in chosen]

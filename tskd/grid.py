@@ -7,15 +7,29 @@ derive their stages from it, so the two cannot drift apart.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 
 from tskd.config import DatasetCfg, PairCfg, Preset, RecipeCfg, Strict, TrainCfg
 
+# The fields of a RunSpec that say where a run's files go and how it is labelled, not what it
+# computes. Everything else is the run's identity (``RunSpec.identity``).
+PLACEMENT = ("preset", "recipe_name", "teacher_path", "out_dir", "experiment",
+             "dataset.root", "dataset.download", "train.eval_batch_size")
+
 
 class RunSpec(Strict):
-    """Everything one training call reads. Passed to ``tskd train`` as JSON."""
+    """Everything one training call reads. Passed to ``tskd train`` as JSON.
+
+    Its *identity* (``identity()``) is what decides the result; together with the teacher file's
+    hash and the dataset's identity, which only the run itself can read, it keys the resume
+    checkpoint, and it is what Snakemake's rerun trigger and MLflow's params hold. Its
+    *placement* (``PLACEMENT``: output directory, MLflow experiment, labels, the dataset's and the
+    teacher's paths, the evaluation batch size) may change without changing any result.
+    ``method_params`` hold every value the method reads, defaults filled in (``tskd.grid``
+    fills them; the trainer fills them again for a spec written by hand).
+    """
 
     preset: str
     role: Literal["teacher", "student"]
@@ -27,14 +41,62 @@ class RunSpec(Strict):
     seed: int
     dataset: DatasetCfg
     recipe: RecipeCfg
+    recipe_name: str | None = None
     train: TrainCfg
     out_dir: str
     experiment: str
 
-    def resume_key(self) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed (the output dir may move)."""
-        return self.model_dump(mode="json", exclude={"out_dir", "experiment", "train"}) | {
-            "train": self.train.model_dump(mode="json", exclude={"eval_batch_size"})}
+    def identity(self) -> dict[str, Any]:
+        """The spec without its placement: what decides the result (as JSON-ready values)."""
+        d = self.model_dump(mode="json")
+        for path in PLACEMENT:
+            *parents, leaf = path.split(".")
+            node = d
+            for part in parents:
+                node = node[part]
+            node.pop(leaf, None)
+        return d
+
+    def placement(self) -> dict[str, Any]:
+        """Only the placement fields, nested as in the spec."""
+        d = self.model_dump(mode="json")
+        out: dict[str, Any] = {}
+        for path in PLACEMENT:
+            *parents, leaf = path.split(".")
+            src, dst = d, out
+            for part in parents:
+                src, dst = src[part], dst.setdefault(part, {})
+            dst[leaf] = src[leaf]
+        return out
+
+    @classmethod
+    def from_parts(cls, identity: dict[str, Any], placement: dict[str, Any] | None) -> RunSpec:
+        """The spec whose ``identity()`` and ``placement()`` these are."""
+        return cls.model_validate(merge_parts(identity, placement or {}))
+
+
+def merge_parts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` with ``b``'s values, nested mappings merged key by key."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge_parts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class StudentJob(NamedTuple):
+    """One student training run of the grid."""
+
+    recipe: str
+    method: str
+    pair: PairCfg
+    seed: int
+
+
+def effective_method_params(method: str, raw: dict[str, Any] | None) -> dict[str, Any]:
+    """Every param the method reads, defaults filled in: a changed default changes the run's identity."""
+    from tskd.distill.registry import parse_method_params  # imports torch: only where params are made
+
+    return parse_method_params(method, raw).model_dump(mode="json")
 
 
 def data_dir(p: Preset) -> Path:
@@ -57,41 +119,54 @@ def teacher_dir(p: Preset, arch: str) -> Path:
     return p.out / "teachers" / arch / f"seed{p.teachers[arch].seed}"
 
 
-def student_dir(p: Preset, method: str, pair: PairCfg, seed: int) -> Path:
+def student_dir(p: Preset, job: StudentJob) -> Path:
     # The student alone does not depend on the teacher: one run per student architecture.
-    run = pair.student if method == "vanilla" else pair.name
-    return p.out / "students" / method / run / f"seed{seed}"
+    run = job.pair.student if job.method == "vanilla" else job.pair.name
+    return p.out / "students" / job.recipe / job.method / run / f"seed{job.seed}"
+
+
+def report_identity(p: Preset) -> dict[str, Any]:
+    """What the report reads of a preset, less what cannot change a table (the MLflow experiment,
+    the evaluation batch size): the report job's rerun trigger."""
+    return p.model_dump(mode="json", exclude={"tracking": True, "train": {"eval_batch_size"}})
 
 
 def experiment_name(p: Preset) -> str:
     return p.tracking.experiment or f"tskd-{p.preset}"
 
 
-def _recipe(p: Preset, name: str) -> RecipeCfg:
-    return p.recipes[name]
+def _run_recipe(p: Preset, name: str) -> RecipeCfg:
+    # The recipe's method params are folded into the spec's method_params (teachers do not use them).
+    return p.recipes[name].model_copy(update={"methods": {}})
 
 
 def teacher_spec(p: Preset, arch: str) -> RunSpec:
     t = p.teachers[arch]
-    return RunSpec(preset=p.preset, role="teacher", method="vanilla", arch=arch, seed=t.seed,
-                   dataset=dataset_for_run(p), recipe=_recipe(p, t.recipe), train=p.train,
+    return RunSpec(preset=p.preset, role="teacher", method="vanilla",
+                   method_params=effective_method_params("vanilla", {}), arch=arch, seed=t.seed,
+                   dataset=dataset_for_run(p), recipe=_run_recipe(p, t.recipe), recipe_name=t.recipe, train=p.train,
                    out_dir=str(teacher_dir(p, arch)), experiment=experiment_name(p))
 
 
-def student_spec(p: Preset, method: str, pair: PairCfg, seed: int) -> RunSpec:
-    alone = method == "vanilla"
-    return RunSpec(preset=p.preset, role="student", method=method, method_params=p.method_params(method, pair),
-                   arch=pair.student, teacher_arch=None if alone else pair.teacher,
-                   teacher_path=None if alone else str(teacher_dir(p, pair.teacher) / "model.pt"), seed=seed,
-                   dataset=dataset_for_run(p), recipe=_recipe(p, p.student_recipe), train=p.train,
-                   out_dir=str(student_dir(p, method, pair, seed)), experiment=experiment_name(p))
+def student_spec(p: Preset, job: StudentJob) -> RunSpec:
+    alone = job.method == "vanilla"
+    teacher = job.pair.teacher
+    return RunSpec(preset=p.preset, role="student", method=job.method,
+                   method_params=effective_method_params(job.method, p.method_params(job.method, job.pair, job.recipe)),
+                   arch=job.pair.student, teacher_arch=None if alone else teacher,
+                   teacher_path=None if alone else str(teacher_dir(p, teacher) / "model.pt"), seed=job.seed,
+                   dataset=dataset_for_run(p), recipe=_run_recipe(p, job.recipe), recipe_name=job.recipe, train=p.train,
+                   out_dir=str(student_dir(p, job)), experiment=experiment_name(p))
 
 
-def student_jobs(p: Preset) -> list[tuple[str, PairCfg, int]]:
-    """(method, pair, seed) for every student run. ``vanilla`` runs once per student arch."""
-    jobs: dict[Path, tuple[str, PairCfg, int]] = {}
-    for method in p.methods:
-        for pair in p.pairs:
-            for seed in p.seeds:
-                jobs.setdefault(student_dir(p, method, pair, seed), (method, pair, seed))
+def student_jobs(p: Preset) -> list[StudentJob]:
+    """Every student run. ``vanilla`` runs once per (recipe, student arch): the config refuses pairs
+    that would give the same student alone different params."""
+    jobs: dict[Path, StudentJob] = {}
+    for recipe in p.student_recipes:
+        for method in p.methods:
+            for pair in p.pairs:
+                for seed in p.seeds:
+                    job = StudentJob(recipe, method, pair, seed)
+                    jobs.setdefault(student_dir(p, job), job)
     return list(jobs.values())

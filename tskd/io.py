@@ -17,8 +17,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], keep_previous: Path | None = None) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    ``keep_previous``: the file ``path`` held until now is renamed there first (a kill between
+    the two renames leaves it there and ``path`` missing, never a half-written ``path``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -29,6 +33,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,7 +54,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+def atomic_torch_save(path: str | Path, obj: Any, keep_previous: Path | None = None) -> Path:
     import torch
 
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f), keep_previous)

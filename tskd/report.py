@@ -10,36 +10,48 @@ from pathlib import Path
 from typing import Any
 
 from tskd.config import Preset
+from tskd.errors import TskdError
 from tskd.grid import student_dir, student_jobs, teacher_dir
 from tskd.io import atomic_write_text
 
-COLUMNS = ["pair", "teacher", "student", "method", "seed", "best_top1", "best_epoch", "last_top1",
-           "last_top5", "eval_top1"]
+
+class ReportError(TskdError):
+    """A result file the report needs is missing or unreadable."""
+
+
+COLUMNS = ["recipe", "pair", "teacher", "student", "method", "seed", "best_top1", "best_top5", "best_epoch",
+           "last_top1", "last_top5", "selected_top1", "selected_epoch", "eval_top1"]
+# The figures of a row that are averaged over seeds (selected_*: only with a validation split).
+FIGURES = {"best_top1": "best top-1", "last_top1": "last top-1", "best_top5": "best top-5",
+           "last_top5": "last top-5", "selected_top1": "selected top-1"}
 
 
 def _read(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read results ({e}); rerun the stage that writes it") from None
+        raise ReportError(f"{path}: cannot read results ({e}); rerun the stage that writes it") from None
+
+
+def _figures(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: m.get(k, "") for k in ("best_top1", "best_top5", "best_epoch", "last_top1", "last_top5",
+                                      "selected_top1", "selected_epoch")}
 
 
 def collect_rows(p: Preset) -> list[dict[str, Any]]:
     rows = []
-    for arch in p.teachers:
+    for arch, t in p.teachers.items():
         m = _read(teacher_dir(p, arch) / "metrics.json")
-        rows.append({"pair": "teacher", "teacher": "", "student": arch, "method": m["method"],
-                     "seed": m["seed"], "best_top1": m["best_top1"], "best_epoch": m["best_epoch"],
-                     "last_top1": m["last_top1"], "last_top5": m["last_top5"], "eval_top1": ""})
-    for method, pair, seed in student_jobs(p):
-        d = student_dir(p, method, pair, seed)
+        rows.append({"recipe": t.recipe, "pair": "teacher", "teacher": "", "student": arch, "method": m["method"],
+                     "seed": m["seed"], **_figures(m), "eval_top1": ""})
+    for job in student_jobs(p):
+        d = student_dir(p, job)
         m, e = _read(d / "metrics.json"), _read(d / "eval.json")
         # The student alone runs once per student arch; it is listed under every pair that has it.
-        pairs = [q for q in p.pairs if q.student == pair.student] if method == "vanilla" else [pair]
+        pairs = [q for q in p.pairs if q.student == job.pair.student] if job.method == "vanilla" else [job.pair]
         for q in pairs:
-            rows.append({"pair": q.name, "teacher": q.teacher, "student": q.student, "method": method,
-                         "seed": seed, "best_top1": m["best_top1"], "best_epoch": m["best_epoch"],
-                         "last_top1": m["last_top1"], "last_top5": m["last_top5"], "eval_top1": e["top1"]})
+            rows.append({"recipe": job.recipe, "pair": q.name, "teacher": q.teacher, "student": q.student,
+                         "method": job.method, "seed": job.seed, **_figures(m), "eval_top1": e["top1"]})
     return rows
 
 
@@ -49,27 +61,37 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
+def _present(rows: list[dict[str, Any]], key: str) -> bool:
+    return any(r[key] != "" for r in rows)
+
+
 def format_markdown(p: Preset, rows: list[dict[str, Any]]) -> str:
     out = [f"# Results: preset `{p.preset}`", "",
-           "Top-1 accuracy (%) on the test set. **best**: best epoch (mdistiller / TSKD authors' figure); "
-           "**last**: final epoch (RepDistiller's figure); mean ± sample std over seeds, n = number of seeds.",
+           "Test accuracy (%). **best**: the epoch of highest test top-1 (mdistiller / TSKD authors' figure), "
+           "its top-1 and top-5; **last**: the final epoch (RepDistiller's figure); **selected**: the epoch of "
+           "highest validation top-1 (with a validation split). Each cell is the mean ± sample std over n seeds.",
            ""]
     teachers = [r for r in rows if r["pair"] == "teacher"]
     if teachers:
-        out += ["## Teachers", "", "| teacher | source | seed | best | last |", "|---|---|---|---|---|"]
-        out += [f"| {r['student']} | {r['method']} | {r['seed']} | {r['best_top1']:.2f} | {r['last_top1']:.2f} |"
-                for r in teachers]
+        out += ["## Teachers", "", "| teacher | source | recipe | seed | best top-1 | last top-1 |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['student']} | {r['method']} | {r['recipe']} | {r['seed']} | {r['best_top1']:.2f} | "
+                f"{r['last_top1']:.2f} |" for r in teachers]
         out.append("")
-    out += ["## Students", "", "| pair | method | n | best top-1 | last top-1 | last top-5 |",
-            "|---|---|---|---|---|---|"]
-    for pair in p.pairs:
-        for method in p.methods:
-            sel = [r for r in rows if r["pair"] == pair.name and r["method"] == method]
-            if not sel:
-                continue
-            out.append(f"| {pair.name} | {method} | {len(sel)} | {_mean_std([r['best_top1'] for r in sel])} | "
-                       f"{_mean_std([r['last_top1'] for r in sel])} | {_mean_std([r['last_top5'] for r in sel])} |")
-    return "\n".join(out) + "\n"
+    students = [r for r in rows if r["pair"] != "teacher"]
+    figures = [k for k in FIGURES if _present(students, k)]
+    for recipe in p.student_recipes:
+        out += [f"## Students, recipe `{recipe}`", "",
+                "| pair | method | n | " + " | ".join(FIGURES[k] for k in figures) + " |",
+                "|---|---|---|" + "---|" * len(figures)]
+        for pair in p.pairs:
+            for method in p.methods:
+                sel = [r for r in students if (r["recipe"], r["pair"], r["method"]) == (recipe, pair.name, method)]
+                if sel:
+                    cells = [_mean_std([r[k] for r in sel]) for k in figures]
+                    out.append(f"| {pair.name} | {method} | {len(sel)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -79,8 +101,8 @@ def _stats(xs: list[float]) -> dict[str, float]:
 def summaries(p: Preset, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The table's figures as numbers, one mapping per file: ``teachers`` and one per method.
 
-    ``dvc metrics show`` prints one row per file, so methods become rows and pairs columns, as in
-    the paper's tables.
+    ``dvc metrics show`` prints one row per file, so methods become rows and recipe/pair columns,
+    as in the paper's tables.
     """
     out: dict[str, dict[str, Any]] = {"teachers": {}}
     for r in rows:
@@ -88,12 +110,14 @@ def summaries(p: Preset, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]
             out["teachers"][r["student"]] = {"best": r["best_top1"], "last": r["last_top1"]}
     for method in p.methods:
         out[method] = {}
-        for pair in p.pairs:
-            sel = [r for r in rows if r["pair"] == pair.name and r["method"] == method]
-            if sel:
-                best, last = _stats([r["best_top1"] for r in sel]), _stats([r["last_top1"] for r in sel])
-                out[method][pair.name] = {"best": best["mean"], "best_std": best["std"], "last": last["mean"],
-                                          "n": len(sel)}
+        for recipe in p.student_recipes:
+            for pair in p.pairs:
+                sel = [r for r in rows if (r["recipe"], r["pair"], r["method"]) == (recipe, pair.name, method)]
+                if sel:
+                    best, last = _stats([r["best_top1"] for r in sel]), _stats([r["last_top1"] for r in sel])
+                    out[method].setdefault(recipe, {})[pair.name] = {
+                        "best": best["mean"], "best_std": best["std"], "last": last["mean"], "last_std": last["std"],
+                        "n": len(sel)}
     return out
 
 

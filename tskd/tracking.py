@@ -97,11 +97,24 @@ class RunTracker:
                 _retry(lambda chunk=items[i:i + 100]: self.client.log_batch(self.run_id, params=chunk))
 
     def _exists(self, run_id: str) -> bool:
+        """Only MLflow's "does not exist" means not found; any other error (a locked or unreachable
+        store) is raised, rather than answered with a duplicate run."""
+        from mlflow.exceptions import MlflowException
+
         try:
-            self.client.get_run(run_id)
+            _retry(lambda: self.client.get_run(run_id))
             return True
-        except Exception:
-            return False
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+
+    def mark_killed(self, run_ids: set[str]) -> None:
+        """Runs of earlier attempts that will not be continued: those still RUNNING (their process
+        died before it could say so) become KILLED."""
+        for run_id in sorted(run_ids):
+            if self._exists(run_id) and self.client.get_run(run_id).info.status == "RUNNING":
+                _retry(lambda r=run_id: self.client.set_terminated(r, status="KILLED"))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():

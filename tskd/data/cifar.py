@@ -25,7 +25,7 @@ from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from tskd.data.integrity import MANIFEST_NAME, DatasetError, IntegrityError, verify_manifest
+from tskd.data.integrity import MANIFEST_NAME, DatasetError, IntegrityError, sha256_file, verify_manifest
 
 __all__ = [
     "NORMALIZATION",
@@ -34,6 +34,7 @@ __all__ = [
     "IndexedSplit",
     "VerifiedCIFAR100",
     "cifar100_datasets",
+    "cifar100_identity",
     "eval_transform",
     "stratified_split",
     "train_transform",
@@ -84,6 +85,14 @@ def verify_cifar100_dir(folder: str | Path) -> str:
                 f"{MANIFEST_NAME}: the file is corrupted or not the official one. Replace the directory "
                 f"(download: true re-downloads it) or regenerate synthetic data with `tskd data synth`.")
     return "official md5"
+
+
+def cifar100_identity(folder: str | Path, verified_by: str) -> str:
+    """What the data is, for a run's identity, without re-reading the images: the official
+    release's md5s, or the sha256 of the manifest that holds every file's sha256."""
+    if verified_by == "manifest":
+        return f"cifar100 manifest sha256:{sha256_file(Path(folder).expanduser() / MANIFEST_NAME)}"
+    return "cifar100 official md5:" + ",".join(_OFFICIAL_MD5[name] for name in FILES)
 
 
 def _download(root: Path) -> None:
@@ -188,6 +197,7 @@ class Cifar100Splits:
     test: IndexedSplit  # the official test set, evaluation transform
     classes: tuple[str, ...]
     verified_by: str  # "manifest" (tskd-written data) or "official md5"
+    identity: str  # what the data is (``cifar100_identity``): part of every run's identity
 
     @property
     def num_classes(self) -> int:
@@ -219,7 +229,7 @@ def eval_transform(normalization: Normalization) -> T.Compose:
 
 def _stats(normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if normalization not in NORMALIZATION:
-        raise ValueError(f"normalization must be one of {sorted(NORMALIZATION)}, got {normalization!r}")
+        raise DatasetError(f"normalization must be one of {sorted(NORMALIZATION)}, got {normalization!r}")
     return NORMALIZATION[normalization]
 
 
@@ -229,7 +239,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     Deterministic for (labels, fraction, seed); every class keeps at least one row.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+        raise DatasetError(f"val_fraction must be in [0, 1), got {fraction}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     held = []
@@ -251,7 +261,7 @@ def cifar100_datasets(root: str | Path, *, download: bool, normalization: Normal
     ``val_seed``), evaluated without augmentation. Raises DatasetError on missing or bad data.
     """
     if not 0.0 <= val_fraction < 1.0:  # fail before reading anything
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
     eval_tf = eval_transform(normalization)
     train_source = VerifiedCIFAR100(root, train=True, download=download)
     test_source = VerifiedCIFAR100(root, train=False)
@@ -260,7 +270,7 @@ def cifar100_datasets(root: str | Path, *, download: bool, normalization: Normal
     if val_fraction > 0:
         train_rows, val_rows = stratified_split(np.asarray(train_source.targets), val_fraction, val_seed)
         if len(val_rows) == 0:
-            raise ValueError(f"val_fraction {val_fraction} holds out no image of {len(train_source)} "
+            raise DatasetError(f"val_fraction {val_fraction} holds out no image of {len(train_source)} "
                              "(too few per class)")
         val = IndexedSplit(train_source, val_rows, eval_tf)
     return Cifar100Splits(
@@ -269,4 +279,5 @@ def cifar100_datasets(root: str | Path, *, download: bool, normalization: Normal
         test=IndexedSplit(test_source, None, eval_tf),
         classes=tuple(train_source.classes),
         verified_by=train_source.verified_by,
+        identity=cifar100_identity(Path(root) / VerifiedCIFAR100.base_folder, train_source.verified_by),
     )

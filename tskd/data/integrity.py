@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tskd.errors import TskdError
+
 # One implementation of atomic writes for the whole project; re-exported here for data code.
 from tskd.io import atomic_write_bytes, atomic_write_text
 
@@ -35,7 +37,7 @@ MANIFEST_FORMAT = "tskd-manifest/1"
 _CHUNK = 1 << 20
 
 
-class DatasetError(ValueError):
+class DatasetError(TskdError, ValueError):
     """A dataset is missing, incomplete, unreadable or fails its integrity check."""
 
 

@@ -272,7 +272,7 @@ def write_synthetic_cifar100(root: str | Path, *, seed: int, train_per_class: in
     for name, value, least in (("seed", seed, 0), ("train_per_class", train_per_class, 1),
                                ("test_per_class", test_per_class, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            raise DatasetError(f"{name} must be an integer >= {least}, got {value!r}")
     nz = nuisance or Nuisance()
     params = {"generator": "tskd.data.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
               "train_per_class": train_per_class, "test_per_class": test_per_class, "nuisance": asdict(nz)}

@@ -50,6 +50,18 @@ class Distiller(nn.Module):
         # Stored outside the module tree so the teacher is never in state_dict() or
         # trainable_parameters(): its weights come from its own file and stay frozen.
         self._teacher = [teacher] if teacher is not None else []
+        # Per-channel affine map from the student's input tensor to the teacher's (None: the
+        # teacher sees the student's tensor). Not saved: the trainer sets it from the files.
+        self.register_buffer("_teacher_scale", None, persistent=False)
+        self.register_buffer("_teacher_shift", None, persistent=False)
+
+    def renormalize_teacher_input(self, student_mean, student_std, teacher_mean, teacher_std) -> None:
+        """Feed the teacher the same images normalised with its own statistics:
+        ``(x * std_s + mean_s - mean_t) / std_t`` per channel, instead of the student's ``x``."""
+        s_mean, s_std, t_mean, t_std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                                        for v in (student_mean, student_std, teacher_mean, teacher_std))
+        self._teacher_scale = s_std / t_std
+        self._teacher_shift = (s_mean - t_mean) / t_std
 
     @property
     def teacher(self) -> nn.Module:
@@ -80,6 +92,14 @@ class Distiller(nn.Module):
     def teacher_train_mode(self) -> bool:
         return False
 
+    def keep_zeroed_grads(self) -> bool:
+        """Whether the optimizer's ``zero_grad`` fills gradients with zeros instead of clearing them.
+
+        The same for every parameter that gets a gradient in every step. It differs for a module
+        that gets gradients only in some epochs (TSKD's forecasters): kept zero gradients make SGD
+        go on applying weight decay and momentum to it in the others, as torch < 2.0 did."""
+        return False
+
     def forward(self, images: Tensor) -> Tensor:
         """Inference: the student's logits."""
         return self.student(images)[0]
@@ -101,4 +121,6 @@ class Distiller(nn.Module):
 
     def teacher_forward(self, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
         with torch.no_grad():
+            if self._teacher_scale is not None:
+                images = images * self._teacher_scale.to(images.dtype) + self._teacher_shift.to(images.dtype)
             return self.teacher(images)

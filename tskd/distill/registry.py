@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import ValidationError
 from torch import nn
 
+from tskd.config import ParamsError
 from tskd.distill.base import DistillContext, Distiller, MethodParams
 
 _METHODS: dict[str, type[Distiller]] = {}
@@ -39,7 +40,7 @@ def method_class(name: str) -> type[Distiller]:
     try:
         return _METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(sorted(_METHODS))}") from None
+        raise ParamsError(f"unknown method {name!r}; allowed: {', '.join(sorted(_METHODS))}") from None
 
 
 def parse_method_params(name: str, raw: dict[str, Any] | None, where: str = "methods") -> MethodParams:
@@ -53,7 +54,7 @@ def parse_method_params(name: str, raw: dict[str, Any] | None, where: str = "met
             key = ".".join([where, name, *map(str, err["loc"])])
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
         allowed = ", ".join(cls.Params.model_fields)
-        raise ValueError(f"invalid params for method {name!r}:\n" + "\n".join(lines)
+        raise ParamsError(f"invalid params for method {name!r}:\n" + "\n".join(lines)
                          + f"\n  allowed keys: {allowed or '(none)'}") from None
 
 
@@ -62,5 +63,5 @@ def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None,
     cls = method_class(name)
     params = parse_method_params(name, raw_params)
     if cls.needs_teacher and teacher is None:
-        raise ValueError(f"method {name!r} needs a teacher, but none was given")
+        raise ParamsError(f"method {name!r} needs a teacher, but none was given")
     return cls(student, teacher if cls.needs_teacher else None, params, ctx)

@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from tskd.config import ParamsError
+
 
 @dataclass(frozen=True)
 class World:
@@ -96,7 +98,7 @@ class RankBatches(Sampler[list[int]]):
         for batch in self.batches:
             if len(batch) < self.world.size:
                 # An empty part cannot be collated; every rank must take part in every step.
-                raise ValueError(f"a batch of {len(batch)} images cannot be shared by {self.world.size} "
+                raise ParamsError(f"a batch of {len(batch)} images cannot be shared by {self.world.size} "
                                  "processes: change the batch size or the number of tasks")
             lo, hi = part_bounds(len(batch), self.world.rank, self.world.size)
             yield batch[lo:hi]

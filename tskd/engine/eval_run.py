@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from tskd.data.integrity import sha256_file
 from tskd.engine.checkpoint import export_model
 from tskd.engine.evaluate import evaluate
 from tskd.engine.loaders import build_run_data
@@ -21,7 +22,8 @@ def _test_accuracy(spec: RunSpec, model: torch.nn.Module) -> dict[str, float]:
     data = build_run_data(spec.dataset, spec.recipe)
     model.to(rt.device).eval()
     loader = data.eval_loader(data.test, spec.train.eval_batch_size, spec.dataset.num_workers)
-    return evaluate(lambda x: model(x)[0], loader, rt.device, rt.autocast) | {"num_classes": data.num_classes}
+    return evaluate(lambda x: model(x)[0], loader, rt.device, rt.autocast) | {"num_classes": data.num_classes,
+                                                                             "input": data.input_spec}
 
 
 def evaluate_model_file(spec: RunSpec, model_path: Path, out: Path) -> dict[str, Any]:
@@ -29,7 +31,7 @@ def evaluate_model_file(spec: RunSpec, model_path: Path, out: Path) -> dict[str,
     model = load_published_checkpoint(model_path, spec.arch)
     res = _test_accuracy(spec, model)
     atomic_write_json(out, {"model": str(model_path), "arch": spec.arch, "method": spec.method,
-                            "seed": spec.seed, **res})
+                            "seed": spec.seed, **{k: v for k, v in res.items() if k != "input"}})
     return res
 
 
@@ -38,10 +40,12 @@ def import_teacher(spec: RunSpec, checkpoint: Path) -> dict[str, Any]:
     model = load_published_checkpoint(checkpoint, spec.arch)
     res = _test_accuracy(spec, model)
     out = Path(spec.out_dir)
+    # Published files do not say how their inputs were normalised: the teacher's recipe does.
     export_model(out / "model.pt", model, arch=spec.arch, num_classes=res["num_classes"],
-                 epoch=0, accuracy=res["top1"], method="imported")
+                 epoch=0, accuracy=res["top1"], method="imported", input_spec=res["input"])
     metrics = {"preset": spec.preset, "role": "teacher", "method": "imported", "student": spec.arch,
-               "teacher": None, "seed": spec.seed, "source": str(checkpoint), "epochs": 0,
+               "teacher": None, "seed": spec.seed, "source": str(checkpoint),
+               "source_sha256": sha256_file(checkpoint), "epochs": 0,
                "best_top1": res["top1"], "best_top5": res["top5"], "best_epoch": None,
                "last_top1": res["top1"], "last_top5": res["top5"], "history": []}
     atomic_write_json(out / "metrics.json", metrics)

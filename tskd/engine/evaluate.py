@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tskd.data.integrity import DatasetError
+
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
     """Number of samples whose label is among the k highest logits, for each k."""
@@ -33,5 +35,5 @@ def evaluate(forward: Callable[[Tensor], Tensor], loader, device: torch.device,
         a, b = topk_correct(logits, labels)
         c1, c5, n = c1 + a, c5 + b, n + labels.shape[0]
     if n == 0:
-        raise ValueError("evaluation set is empty")
+        raise DatasetError("the evaluation set is empty")
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n}

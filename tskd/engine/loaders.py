@@ -19,6 +19,16 @@ class RunData:
     num_classes: int
     image_size: tuple[int, int]
     train_labels: torch.Tensor
+    identity: str  # what the data is (official checksums or manifest hash), part of a run's identity
+    normalization: str  # the normalisation the loaders apply: its name, mean and std
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def input_spec(self) -> dict:
+        """What a network trained on these loaders sees; recorded in its exported model file."""
+        return {"normalization": self.normalization, "mean": list(self.mean), "std": list(self.std),
+                "image_size": list(self.image_size)}
 
     def train_loader(self, batch_size: int, generator: torch.Generator, num_workers: int,
                      world: World = SINGLE) -> DataLoader:
@@ -39,10 +49,12 @@ class RunData:
 
 
 def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
-    from tskd.data.cifar import cifar100_datasets
+    from tskd.data.cifar import NORMALIZATION, cifar100_datasets
 
     # One validation split for every seed and method (val_seed fixed), so runs are comparable.
     splits = cifar100_datasets(ds.root, download=ds.download, normalization=recipe.normalization,
                                augment=recipe.augment, val_fraction=ds.val_fraction, val_seed=0)
+    mean, std = NORMALIZATION[recipe.normalization]
     return RunData(train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes,
-                   image_size=(32, 32), train_labels=splits.train_labels)
+                   image_size=(32, 32), train_labels=splits.train_labels, identity=splits.identity,
+                   normalization=recipe.normalization, mean=mean, std=std)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tskd.config import TrainCfg
+from tskd.config import ParamsError, TrainCfg
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Runtime:
 def uses_cuda(cfg: TrainCfg) -> bool:
     """Whether the run trains on CUDA: asked for, or ``auto`` with a device present."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: 'cuda' was asked for but no CUDA device is available")
+        raise ParamsError("train.device: 'cuda' was asked for but no CUDA device is available")
     return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
 
 

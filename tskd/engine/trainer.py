@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,14 @@ from tqdm import tqdm
 
 from tskd.config import fingerprint
 from tskd.distill import DistillContext, build_distiller
+from tskd.distill.registry import parse_method_params
 from tskd.engine import distributed
-from tskd.engine.checkpoint import export_model, load_checkpoint, save_checkpoint
+from tskd.engine.checkpoint import export_model, load_latest_checkpoint, remove_checkpoints, save_checkpoint
 from tskd.engine.distributed import SINGLE, World
 from tskd.engine.evaluate import evaluate
 from tskd.engine.loaders import build_run_data
 from tskd.engine.runtime import Runtime, seed_epoch, select_runtime, uses_cuda
+from tskd.errors import TskdError
 from tskd.grid import RunSpec
 from tskd.io import atomic_write_json
 from tskd.models import create_model, model_entry
@@ -28,13 +32,8 @@ from tskd.models import create_model, model_entry
 log = logging.getLogger("tskd.train")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(TskdError, RuntimeError):
     """Training cannot go on (e.g. the loss is no longer finite)."""
-
-
-def lr_at(base_lr: float, milestones: list[int], gamma: float, epoch: int) -> float:
-    """Step decay: ``base_lr * gamma^(number of milestones <= epoch)`` (epochs 0-based)."""
-    return base_lr * gamma ** sum(epoch >= m for m in milestones)
 
 
 def _base_lr(spec: RunSpec) -> float:
@@ -42,30 +41,53 @@ def _base_lr(spec: RunSpec) -> float:
     return spec.recipe.lr_small if (small and spec.recipe.lr_small) else spec.recipe.lr
 
 
-def _load_teacher(spec: RunSpec, num_classes: int) -> torch.nn.Module | None:
+@dataclass(frozen=True)
+class TeacherFile:
+    """The frozen teacher of a distillation run and what its file says about it."""
+
+    model: torch.nn.Module
+    sha256: str  # the file's content: part of the run's identity
+    input_spec: dict[str, Any] | None  # what it was trained on (our exports record it)
+
+
+def _load_teacher(spec: RunSpec, num_classes: int) -> TeacherFile | None:
     if spec.teacher_path is None:
         return None
-    from tskd.models.published import load_published_checkpoint
+    from tskd.data.integrity import sha256_file
+    from tskd.models.published import load_model_file
 
-    return load_published_checkpoint(Path(spec.teacher_path), spec.teacher_arch, num_classes=num_classes)
+    path = Path(spec.teacher_path)
+    model, input_spec = load_model_file(path, spec.teacher_arch, num_classes=num_classes)
+    return TeacherFile(model, sha256_file(path), input_spec)
 
 
-def _tracker(spec: RunSpec, run_id: str | None, world: World):
+def run_identity(spec: RunSpec, method_params: dict[str, Any], teacher_sha256: str | None, data_identity: str,
+                 device: str) -> dict[str, Any]:
+    """Everything that decides a run's result: the spec's identity with the effective method params,
+    the teacher file's hash, the dataset's identity and the device it trains on."""
+    return spec.identity() | {"method_params": method_params, "teacher_sha256": teacher_sha256,
+                              "data_identity": data_identity, "device": device}
+
+
+def _tracker(spec: RunSpec, identity: dict[str, Any], run_id: str | None, world: World,
+             extra_tags: dict[str, str]):
     from tskd.tracking import RunTracker, git_commit
 
     tags = {"preset": spec.preset, "dataset": spec.dataset.name, "role": spec.role, "method": spec.method,
-            "student": spec.arch, "teacher": spec.teacher_arch or "", "seed": str(spec.seed),
-            "git_commit": git_commit(), "out_dir": spec.out_dir}
+            "student": spec.arch, "teacher": spec.teacher_arch or "", "recipe": spec.recipe_name or "",
+            "seed": str(spec.seed), "git_commit": git_commit(), "out_dir": spec.out_dir} | extra_tags
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     if world.distributed:
         tags["world_size"] = str(world.size)
-    name = f"{spec.method}:{spec.teacher_arch + '-' if spec.teacher_arch else ''}{spec.arch}:seed{spec.seed}"
-    return RunTracker(spec.experiment, name, tags, spec.model_dump(mode="json"), run_id=run_id)
+    pair = f"{spec.teacher_arch}-{spec.arch}" if spec.teacher_arch else spec.arch
+    name = f"{spec.method}:{pair}:{spec.recipe_name + ':' if spec.recipe_name else ''}seed{spec.seed}"
+    return RunTracker(spec.experiment, name, tags, identity, run_id=run_id)
 
 
 class Trainer:
-    """Trains ``spec`` to completion, resuming from ``<out_dir>/checkpoint.pt`` if it matches.
+    """Trains ``spec`` to completion, resuming from ``<out_dir>/checkpoint.pt`` if it was written
+    by an unfinished run of the same identity (``run_identity``); otherwise it trains from the start.
 
     In a data-parallel run (``world.size > 1``, see ``tskd.engine.distributed``) every rank
     runs this same loop on its part of each batch; only rank 0 writes files and MLflow records.
@@ -86,31 +108,63 @@ class Trainer:
         ctx = DistillContext(num_classes=self.data.num_classes, image_size=self.data.image_size,
                              epochs=spec.recipe.epochs, num_train=len(self.data.train),
                              train_labels=self.data.train_labels)
-        distiller = build_distiller(spec.method, student, teacher, spec.method_params, ctx)
+        method_params = parse_method_params(spec.method, spec.method_params).model_dump(mode="json")
+        distiller = build_distiller(spec.method, student, teacher and teacher.model, method_params, ctx)
+        self.input_spec = self.data.input_spec
+        self.tags = self._feed_teacher(distiller, teacher)
         # Global-batch BatchNorm statistics, so that N ranks train as one process would.
         self.distiller = distributed.sync_batchnorm(distiller, world, self.rt.device.type == "cuda")
         self.distiller.to(self.rt.device)
         self.base_lr = _base_lr(spec)
         r = spec.recipe
-        self.optimizer = torch.optim.SGD(list(self.distiller.trainable_parameters()), lr=self.base_lr,
-                                         momentum=r.momentum, nesterov=r.nesterov, weight_decay=r.weight_decay)
-        self.key = fingerprint(spec.resume_key())
+        self.params = list(self.distiller.trainable_parameters())
+        self.optimizer = torch.optim.SGD(self.params, lr=self.base_lr, momentum=r.momentum, nesterov=r.nesterov,
+                                         weight_decay=r.weight_decay)
+        self.identity = run_identity(spec, method_params, teacher and teacher.sha256, self.data.identity,
+                                     self.rt.device.type)
+        self.key = fingerprint(self.identity)
+        self.keep_zeroed = self.distiller.keep_zeroed_grads()
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.run_id: str | None = None
+        self._orphans: list[str | None] = []  # MLflow runs of attempts that will not be continued
         self._resume()
+
+    def _feed_teacher(self, distiller, teacher: TeacherFile | None) -> dict[str, str]:
+        """Compare the teacher's training input with this run's; renormalise if the recipe says so.
+        Returns the MLflow tags that record it."""
+        if teacher is None or teacher.input_spec is None:
+            return {}
+        t, s = teacher.input_spec, self.input_spec
+        if (t.get("mean"), t.get("std")) == (s["mean"], s["std"]):
+            return {"teacher_input": "same normalisation as its training"}
+        how = self.spec.recipe.teacher_input
+        log.warning("%s: the teacher %s was trained on %s-normalised images; this run's recipe normalises with "
+                    "%s statistics, and recipes.<recipe>.teacher_input: %s %s", self.out, self.spec.teacher_path,
+                    t.get("normalization"), s["normalization"], how,
+                    "feeds it the student's tensor as it is (the TSKD authors' choice)" if how == "student"
+                    else "re-normalises the images for it")
+        if how == "renormalize":
+            distiller.renormalize_teacher_input(s["mean"], s["std"], t["mean"], t["std"])
+        return {"teacher_input": f"{how}: teacher trained with {t.get('normalization')}, "
+                                 f"student input {s['normalization']}"}
 
     # -- resume -----------------------------------------------------------------------------
     def _resume(self) -> None:
-        if not self.ckpt_path.exists():
+        state = load_latest_checkpoint(self.ckpt_path)
+        if state is None:
             return
-        state = load_checkpoint(self.ckpt_path)
         if state.get("key") != self.key:
-            # The params changed since this checkpoint was written: it belongs to another run.
-            log.warning("%s: written for other params; training from the start", self.ckpt_path)
+            # Another identity (the teacher, the data, the device or a param changed): its state is not
+            # this run's to continue.
+            log.warning("%s: written for another run (teacher, data or params differ); training from the start",
+                        self.ckpt_path)
+            self._orphans.append(state.get("mlflow_run_id"))
             return
         self.distiller.load_state_dict(state["distiller"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for i in state.get("zeroed_grads", []):  # as the uninterrupted run has them (keep_zeroed_grads)
+            self.params[i].grad = torch.zeros_like(self.params[i])
         self.start_epoch = state["epoch"]
         self.history = state["history"]
         self.run_id = state.get("mlflow_run_id")
@@ -119,21 +173,22 @@ class Trainer:
     def _save(self, epoch_done: int) -> None:
         if not self.world.main:
             return
+        zeroed = [i for i, p in enumerate(self.params) if p.grad is not None] if self.keep_zeroed else []
         save_checkpoint(self.ckpt_path, {"key": self.key, "epoch": epoch_done, "history": self.history,
                                          "distiller": self.distiller.state_dict(),
-                                         "optimizer": self.optimizer.state_dict(),
+                                         "optimizer": self.optimizer.state_dict(), "zeroed_grads": zeroed,
                                          "mlflow_run_id": self.run_id, "spec": self.spec.model_dump(mode="json")})
 
     # -- one epoch ----------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         spec, d, dev = self.spec, self.distiller, self.rt.device
-        lr = lr_at(self.base_lr, spec.recipe.milestones, spec.recipe.gamma, epoch)
+        lr = spec.recipe.lr_at(self.base_lr, epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         world, batch_size = self.world, spec.recipe.batch_size
         gen = seed_epoch(spec.seed, epoch, world.rank)
         loader = self.data.train_loader(batch_size, gen, spec.dataset.num_workers, world)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        params = self.params
         d.train()
         d.on_epoch_start(epoch)
         # Running totals stay on the device: converting each term per step would add a host
@@ -154,7 +209,7 @@ class Trainer:
                                     f"(method {spec.method}, lr {lr:g}; terms: {terms}). "
                                     "Lower the learning rate or check the inputs.")
             b = labels.shape[0]
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=not self.keep_zeroed)
             if world.distributed:
                 # This part's share of the global batch: the gradients summed over ranks are then
                 # those of the global batch's mean loss, as in a single process.
@@ -192,12 +247,26 @@ class Trainer:
         return out
 
     # -- the run ----------------------------------------------------------------------------
+    def _start_tracking(self):
+        """This run's MLflow run: the checkpoint's when resuming, else a new one. An earlier attempt's
+        run that is still RUNNING (killed before its first checkpoint, or superseded) is marked KILLED."""
+        run_file = self.out / "mlflow_run.json"
+        earlier = list(self._orphans)
+        if run_file.is_file():
+            try:
+                earlier.append(json.loads(run_file.read_text()).get("run_id"))
+            except (OSError, ValueError, AttributeError):
+                log.warning("%s: unreadable; ignored", run_file)
+        tracker = _tracker(self.spec, self.identity, self.run_id, self.world, self.tags)
+        self.run_id = tracker.run_id
+        atomic_write_json(run_file, {"run_id": tracker.run_id, "experiment": self.spec.experiment})
+        tracker.mark_killed({r for r in earlier if r and r != tracker.run_id})
+        return tracker
+
     def run(self) -> dict[str, Any]:
         spec = self.spec
         self.out.mkdir(parents=True, exist_ok=True)
-        tracker = _tracker(spec, self.run_id, self.world) if self.track else None
-        if tracker:
-            self.run_id = tracker.run_id
+        tracker = self._start_tracking() if self.track else None
         try:
             for epoch in range(self.start_epoch, spec.recipe.epochs):
                 t0 = time.perf_counter()
@@ -218,8 +287,11 @@ class Trainer:
                 return metrics
             export_model(self.out / "model.pt", self.distiller.student, arch=spec.arch,
                          num_classes=self.data.num_classes, epoch=spec.recipe.epochs,
-                         accuracy=metrics["last_top1"], method=spec.method)
+                         accuracy=metrics["last_top1"], method=spec.method, input_spec=self.input_spec)
             atomic_write_json(self.out / "metrics.json", metrics)
+            # The run is complete: its checkpoint must never stand in for a later run asked of this
+            # directory (forced, or with other inputs), which trains from the start instead.
+            remove_checkpoints(self.ckpt_path)
             if tracker:
                 tracker.log_metrics({k: metrics[k] for k in ("best_top1", "last_top1", "best_top5", "last_top5")},
                                     step=spec.recipe.epochs)
@@ -236,16 +308,17 @@ class Trainer:
 def summarize(history: list[dict[str, Any]], spec: RunSpec) -> dict[str, Any]:
     """metrics.json: best and last epoch figures, labelled, plus the per-epoch history.
 
-    ``best_*`` is the best test accuracy over epochs (mdistiller / TSKD authors' figure);
-    ``last_*`` the final epoch (RepDistiller's figure). With a validation split, the epoch
-    is chosen on validation and ``selected_*`` is the test accuracy at that epoch.
+    ``best_*`` are the figures of the best epoch, the one of highest test top-1 (the first of
+    equals): the mdistiller / TSKD authors' figure; ``best_top5`` is that epoch's top-5, not the
+    highest top-5 of any epoch. ``last_*`` are the final epoch's (RepDistiller's figure). With a
+    validation split, ``selected_*`` are the test figures of the epoch of highest validation top-1.
     """
     best = max(history, key=lambda r: r["test_top1"])
     last = history[-1]
     m: dict[str, Any] = {
         "preset": spec.preset, "role": spec.role, "method": spec.method, "student": spec.arch,
-        "teacher": spec.teacher_arch, "seed": spec.seed, "epochs": spec.recipe.epochs,
-        "best_top1": best["test_top1"], "best_top5": max(r["test_top5"] for r in history),
+        "teacher": spec.teacher_arch, "recipe": spec.recipe_name, "seed": spec.seed, "epochs": spec.recipe.epochs,
+        "best_top1": best["test_top1"], "best_top5": best["test_top5"],
         "best_epoch": best["epoch"], "last_top1": last["test_top1"], "last_top5": last["test_top5"],
         "history": history,
     }

@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from tskd.config import ParamsError, Strict
+from tskd.errors import TskdError
 
 Backend = Literal["slurm", "local", "inline"]
 RuleName = Literal["teacher", "student"]
@@ -28,7 +29,7 @@ _MANAGED = {"time": "timeout_min", "partition": "partition", "account": "account
             "gpus-per-node": "gpus_per_node", "job-name": None, "output": None, "error": None,
             "signal": None, "open-mode": None, "array": None}
 
-class LaunchError(RuntimeError):
+class LaunchError(TskdError, RuntimeError):
     """A job could not be submitted, or it failed; the message names the job and its log."""
 
 

@@ -15,9 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tskd.errors import TskdError
 from tskd.models.registry import create_model, list_models, model_entry
 
 _SHOW = 5  # keys listed per kind of mismatch
+
+
+class ModelFileError(TskdError, ValueError):
+    """A model file that is missing, unreadable, or not of the expected architecture."""
 
 
 def load_published_checkpoint(path: str | Path, arch: str, num_classes: int = 100) -> nn.Module:
@@ -25,31 +30,39 @@ def load_published_checkpoint(path: str | Path, arch: str, num_classes: int = 10
 
     The model is returned on the CPU, in training mode like any freshly built module.
 
-    Raises ``KeyError`` if ``arch`` is not registered, and ``ValueError`` naming the file when it
-    is missing, unreadable, holds no state_dict, or does not fit ``arch`` exactly.
+    Raises ``KeyError`` if ``arch`` is not registered, and ``ModelFileError`` (a ValueError) naming
+    the file when it is missing, unreadable, holds no state_dict, or does not fit ``arch`` exactly.
     """
+    return load_model_file(path, arch, num_classes)[0]
+
+
+def load_model_file(path: str | Path, arch: str, num_classes: int = 100) -> tuple[nn.Module, dict | None]:
+    """``load_published_checkpoint`` plus what the file says the network was trained on (the
+    ``input`` record of our exports: normalisation and image size; None for other files)."""
     path = Path(path)
     model_entry(arch)  # fail on an unknown name before touching the file
-    state_dict, declared_arch = _state_dict_from(_read(path), path)
+    obj = _read(path)
+    state_dict, declared_arch = _state_dict_from(obj, path)
     model = create_model(arch, num_classes=num_classes)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
     if found != expected:
-        raise ValueError(_mismatch_message(path, arch, num_classes, expected, found, declared_arch))
+        raise ModelFileError(_mismatch_message(path, arch, num_classes, expected, found, declared_arch))
     model.load_state_dict(state_dict, strict=True)
-    return model
+    input_spec = obj.get("input") if isinstance(obj, Mapping) else None
+    return model, dict(input_spec) if isinstance(input_spec, Mapping) else None
 
 
 def _read(path: Path) -> object:
     """``torch.load`` on CPU with the safe (weights-only) unpickler; failures become ValueError."""
     if not path.is_file():
-        raise ValueError(f"checkpoint file {path} does not exist")
+        raise ModelFileError(f"checkpoint file {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass  # refused by the safe unpickler (or not a pickle at all): retry below
     except Exception as exc:  # truncated or corrupt zip, not a torch file, ...
-        raise ValueError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {exc}") from exc
+        raise ModelFileError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {exc}") from exc
     # Old CRD files may hold numpy scalars (e.g. the accuracy), which the safe unpickler
     # refuses by default. Allow numpy scalars/arrays/dtypes, and nothing else, rather than
     # falling back to unrestricted unpickling (weights_only=False can run arbitrary code).
@@ -57,7 +70,7 @@ def _read(path: Path) -> object:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(
+        raise ModelFileError(
             f"cannot read checkpoint {path}: the safe loader refused it (corrupt, or it holds objects "
             f"other than tensors and numpy values): {exc}"
         ) from exc
@@ -79,7 +92,7 @@ def _numpy_globals() -> list:
 def _state_dict_from(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """Find the state_dict in a loaded checkpoint; also return the ``arch`` it declares, if any."""
     if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights")
+        raise ModelFileError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights")
     declared = obj.get("arch") if isinstance(obj.get("arch"), str) else None
     for key in ("model", "state_dict"):
         if isinstance(obj.get(key), Mapping):
@@ -87,7 +100,7 @@ def _state_dict_from(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], 
             break
     state_dict = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state_dict or len(state_dict) != len(obj):
-        raise ValueError(
+        raise ModelFileError(
             f"checkpoint {path} has no state_dict under 'model' or 'state_dict' and is not one itself "
             f"(keys: {', '.join(map(str, list(obj)[:10]))})"
         )

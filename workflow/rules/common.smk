@@ -1,12 +1,15 @@
 # Params validation and the job grid, shared by every rule file.
+import functools
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from snakemake.utils import validate
 
 from tskd.config import ParamsError, canonical_json, parse_preset
 from tskd import grid
+from tskd.data.integrity import sha256_file
 from tskd.dvc_sync import sync_for_snakemake
 from tskd.dvc_pipeline import check_from_dvc_env
 from tskd.report import summary_files
@@ -24,10 +27,22 @@ try:
     check_from_dvc_env(_SOURCE)
 except ParamsError as e:
     sys.exit(f"error: {e}")
+# Published teacher files are inputs: a missing one stops the DAG here, before any job runs.
+for _arch, _t in P.teachers.items():
+    if _t.checkpoint and not Path(_t.checkpoint).is_file():
+        sys.exit(f"error: {_SOURCE}: teachers.{_arch}.checkpoint: {_t.checkpoint} is not a file (a published "
+                 "teacher to import: give its path, or null to train this teacher)")
 # After `dvc pull`/`checkout`: restored files carry checkout-time mtimes; fix those dvc.lock vouches for.
 sync_for_snakemake(P, config, _SOURCE)
 
 OUT = str(P.out)
+
+
+wildcard_constraints:
+    recipe=r"[^/]+",
+    method=r"[^/]+",
+    run=r"[^/]+",
+
 # `tskd` from the environment that runs Snakemake, whether or not it is activated.
 shell.prefix(f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; ")
 DATA_MARKER = str(grid.data_marker(P))
@@ -41,30 +56,57 @@ def q(obj):
 
 
 TEACHER_SPECS = {str(grid.teacher_dir(P, arch)): grid.teacher_spec(P, arch) for arch in P.teachers}
-STUDENT_SPECS = {
-    str(grid.student_dir(P, m, pair, seed)): grid.student_spec(P, m, pair, seed)
-    for m, pair, seed in grid.student_jobs(P)
-}
+STUDENT_SPECS = {str(grid.student_dir(P, job)): grid.student_spec(P, job) for job in grid.student_jobs(P)}
 
 
 def student_spec(wc):
-    return STUDENT_SPECS[f"{OUT}/students/{wc.method}/{wc.run}/seed{wc.seed}"]
+    return STUDENT_SPECS[f"{OUT}/students/{wc.recipe}/{wc.method}/{wc.run}/seed{wc.seed}"]
 
 
 def _teacher_spec(wc):
     return TEACHER_SPECS[f"{OUT}/teachers/{wc.arch}/seed{wc.tseed}"]
 
 
+# A run's spec reaches its job in two parts. Its identity, what decides the result, is a param:
+# Snakemake reruns the job when it changes. Its placement (output dir, MLflow experiment, labels,
+# paths) must rerun nothing, so it comes from a function of `output`, a param that Snakemake
+# counts as derived from the files and leaves out of its params trigger.
+def identity(spec):
+    return q(spec.identity())
+
+
+def placement(spec):
+    return q(spec.placement())
+
+
+def _published(wc):
+    """The published file a teacher is imported from ([] when the teacher is trained)."""
+    path = P.teachers[wc.arch].checkpoint
+    return [path] if path else []
+
+
+@functools.cache
+def _sha256(path):
+    return sha256_file(path)
+
+
+def _teacher_source(wc):
+    # The file's content, not only its mtime: a file replaced by one with an older mtime (cp -p,
+    # rsync -a, a checkout) reruns the import too.
+    return [_sha256(path) for path in _published(wc)]
+
+
 def _teacher_cmd(wc):
-    published = P.teachers[wc.arch].checkpoint
-    if published:
-        return f"import-teacher --checkpoint {shlex.quote(published)}"
-    return "train"
+    published = _published(wc)
+    return f"import-teacher --checkpoint {shlex.quote(published[0])}" if published else "train"
 
 
 def _student_inputs(wc):
     spec = student_spec(wc)
     return [DATA_MARKER] + ([spec.teacher_path] if spec.teacher_path else [])
+
+
+REPORT_KEY = q(grid.report_identity(P))
 
 
 def _report_inputs(wc):

@@ -1,14 +1,15 @@
-# Phase 3: students, one job per (method, teacher-student pair, seed).
+# Phase 3: students, one job per (recipe, method, teacher-student pair, seed).
 
 
 rule student:
     input:
         _student_inputs,
     output:
-        model=f"{OUT}/students/{{method}}/{{run}}/seed{{seed}}/model.pt",
-        metrics=f"{OUT}/students/{{method}}/{{run}}/seed{{seed}}/metrics.json",
+        model=f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/model.pt",
+        metrics=f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/metrics.json",
     params:
-        spec=lambda wc: q(student_spec(wc)),
+        spec=lambda wc: identity(student_spec(wc)),
+        place=lambda wc, output: placement(student_spec(wc)),
     wildcard_constraints:
         seed=r"\d+",
     threads: 1
@@ -20,6 +21,6 @@ rule student:
     conda:
         "../envs/tskd.yaml"
     log:
-        f"{OUT}/logs/students/{{method}}/{{run}}-seed{{seed}}.log",
+        f"{OUT}/logs/students/{{recipe}}/{{method}}/{{run}}-seed{{seed}}.log",
     shell:
-        "tskd train --spec {params.spec} --launch={resources.launch:q} > {log} 2>&1"
+        "tskd train --spec {params.spec} --place {params.place} --launch={resources.launch:q} > {log} 2>&1"

@@ -3,16 +3,17 @@
 
 rule evaluate:
     input:
-        model=f"{OUT}/students/{{method}}/{{run}}/seed{{seed}}/model.pt",
+        model=f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/model.pt",
     output:
-        f"{OUT}/students/{{method}}/{{run}}/seed{{seed}}/eval.json",
+        f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/eval.json",
     params:
-        spec=lambda wc: q(student_spec(wc)),
+        spec=lambda wc: identity(student_spec(wc)),
+        place=lambda wc, output: placement(student_spec(wc)),
     wildcard_constraints:
         seed=r"\d+",
     conda:
         "../envs/tskd.yaml"
     log:
-        f"{OUT}/logs/evaluate/{{method}}/{{run}}-seed{{seed}}.log",
+        f"{OUT}/logs/evaluate/{{recipe}}/{{method}}/{{run}}-seed{{seed}}.log",
     shell:
-        "tskd evaluate --spec {params.spec} --model {input.model} --out {output} > {log} 2>&1"
+        "tskd evaluate --spec {params.spec} --place {params.place} --model {input.model} --out {output} > {log} 2>&1"

@@ -10,7 +10,9 @@ rule report:
         # One file per method and one for the teachers: the DVC pipeline's metrics.
         summary=[str(f) for f in summary_files(P)],
     params:
-        preset=lambda wc: q(P),
+        key=REPORT_KEY,
+        # The whole preset, for the command; a function of `output`, so not a rerun trigger.
+        preset=lambda wc, output: q(P),
     conda:
         "../envs/tskd.yaml"
     log:

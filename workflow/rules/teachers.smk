@@ -4,11 +4,14 @@
 rule teacher:
     input:
         DATA_MARKER,
+        published=_published,
     output:
         model=f"{OUT}/teachers/{{arch}}/seed{{tseed}}/model.pt",
         metrics=f"{OUT}/teachers/{{arch}}/seed{{tseed}}/metrics.json",
     params:
-        spec=lambda wc: q(_teacher_spec(wc)),
+        spec=lambda wc: identity(_teacher_spec(wc)),
+        place=lambda wc, output: placement(_teacher_spec(wc)),
+        source=_teacher_source,
         cmd=_teacher_cmd,
     wildcard_constraints:
         tseed=r"\d+",
@@ -23,4 +26,4 @@ rule teacher:
     log:
         f"{OUT}/logs/teachers/{{arch}}-seed{{tseed}}.log",
     shell:
-        "tskd {params.cmd} --spec {params.spec} --launch={resources.launch:q} > {log} 2>&1"
+        "tskd {params.cmd} --spec {params.spec} --place {params.place} --launch={resources.launch:q} > {log} 2>&1"

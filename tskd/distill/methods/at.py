@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.registry import register_method
 from tskd.models.taps import probe_taps
@@ -49,7 +50,7 @@ class AT(Distiller):
         n_s = len(probe_taps(student, ctx.image_size).feats)
         n_t = len(probe_taps(teacher, ctx.image_size).feats)
         if n_s != n_t:
-            raise ValueError(f"method 'at': student {type(student).__name__} has {n_s} feature taps and "
+            raise ParamsError(f"method 'at': student {type(student).__name__} has {n_s} feature taps and "
                              f"teacher {type(teacher).__name__} has {n_t}; AT pairs taps stage by stage")
 
     def forward_train(self, images, labels, epoch, indices=None):

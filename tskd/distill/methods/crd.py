@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.registry import register_method
 from tskd.models.taps import probe_taps
@@ -62,7 +63,7 @@ class CRD(Distiller):
     def __init__(self, student, teacher, params, ctx):
         super().__init__(student, teacher, params, ctx)
         if ctx.num_train < 2:
-            raise ValueError(f"method 'crd': needs at least 2 training samples, got num_train={ctx.num_train}")
+            raise ParamsError(f"method 'crd': needs at least 2 training samples, got num_train={ctx.num_train}")
         self.embed_s = Embed(probe_taps(student, ctx.image_size).pooled, params.feat_dim)
         self.embed_t = Embed(probe_taps(teacher, ctx.image_size).pooled, params.feat_dim)
         self.num_k = min(params.nce_k, ctx.num_train - 1)
@@ -74,11 +75,11 @@ class CRD(Distiller):
         labels = None
         if params.negatives == "other_class":
             if ctx.train_labels is None or len(ctx.train_labels) != ctx.num_train:
-                raise ValueError("method 'crd': negatives='other_class' needs train_labels for all "
+                raise ParamsError("method 'crd': negatives='other_class' needs train_labels for all "
                                  f"{ctx.num_train} training samples; set crd.negatives: uniform otherwise")
             labels = torch.as_tensor(ctx.train_labels, dtype=torch.long)
             if labels.unique().numel() < 2:
-                raise ValueError("method 'crd': negatives='other_class' needs at least two classes")
+                raise ParamsError("method 'crd': negatives='other_class' needs at least two classes")
         self.register_buffer("train_labels", labels, persistent=False)  # derived from the data set
 
     def sample_indices(self, indices: Tensor) -> Tensor:
@@ -111,7 +112,7 @@ class CRD(Distiller):
 
     def forward_train(self, images, labels, epoch, indices=None):
         if indices is None:
-            raise ValueError("method 'crd' needs the dataset indices of the batch (indices=...)")
+            raise ParamsError("method 'crd' needs the dataset indices of the batch (indices=...)")
         indices = indices.long()
         logits, taps = self.student(images)
         _, t_taps = self.teacher_forward(images)

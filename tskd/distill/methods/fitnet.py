@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.registry import register_method
 from tskd.models.taps import probe_taps
@@ -46,7 +47,7 @@ class ConvRegressor(nn.Module):
         elif hs >= ht and ws >= wt:
             self.conv = nn.Conv2d(cs, ct, kernel_size=(1 + hs - ht, 1 + ws - wt))
         else:
-            raise ValueError(f"method 'fitnet' ({where}): cannot regress a student tap of {hs}x{ws} onto a "
+            raise ParamsError(f"method 'fitnet' ({where}): cannot regress a student tap of {hs}x{ws} onto a "
                              f"teacher tap of {ht}x{wt} (only equal, halved, doubled or smaller teacher maps)")
         self.bn = nn.BatchNorm2d(ct)
 
@@ -64,14 +65,14 @@ class FitNet(Distiller):
         where = f"{type(teacher).__name__} -> {type(student).__name__}"
         k = params.hint_layer
         if k >= min(len(s.feats), len(t.feats)):
-            raise ValueError(f"method 'fitnet' ({where}): hint_layer={k} is out of range; the student has "
+            raise ParamsError(f"method 'fitnet' ({where}): hint_layer={k} is out of range; the student has "
                              f"{len(s.feats)} feature taps and the teacher {len(t.feats)}")
         self.regressor = ConvRegressor(s.feats[k], t.feats[k], where)
 
     @classmethod
     def check_schedule(cls, params, *, epochs):
         if params.hint_epochs >= epochs:
-            raise ValueError(f"fitnet.hint_epochs={params.hint_epochs} must be smaller than the run's "
+            raise ParamsError(f"fitnet.hint_epochs={params.hint_epochs} must be smaller than the run's "
                              f"{epochs} epochs (0 disables the hint stage)")
 
     def in_hint_stage(self, epoch: int) -> bool:

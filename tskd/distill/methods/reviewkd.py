@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.losses import warmup_factor
 from tskd.distill.registry import register_method
@@ -89,7 +90,7 @@ class ReviewKD(Distiller):
         in_ch = [c for c, _, _ in s.feats[1:]] + [s.pooled]
         out_ch = [c for c, _, _ in t.preact_feats[1:]] + [t.pooled]
         if len(in_ch) != len(out_ch):
-            raise ValueError(f"method 'reviewkd': student {type(student).__name__} gives {len(in_ch)} review levels "
+            raise ParamsError(f"method 'reviewkd': student {type(student).__name__} gives {len(in_ch)} review levels "
                              f"and teacher {type(teacher).__name__} {len(out_ch)}; they must be paired one to one")
         mid = min(params.max_mid_channels, in_ch[-1])
         # Deepest level first: the order the review runs in; the deepest has nothing to fuse with.

@@ -1,4 +1,4 @@
-"""Attention maps and knowledge increments (METHOD.md §2)."""
+"""Attention maps and knowledge increments (docs/method.md, "The review loss")."""
 
 from __future__ import annotations
 

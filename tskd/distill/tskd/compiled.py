@@ -14,7 +14,13 @@ from collections.abc import Callable
 
 import torch
 
+from tskd.errors import TskdError
+
 PARAM = "methods.tskd.compile"
+
+
+class CompileUnavailable(TskdError, RuntimeError):
+    """``compile: true`` on a machine that cannot build the kernels."""
 
 
 class Compiled:
@@ -29,7 +35,7 @@ class Compiled:
             return self._fn(*args)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             reason = str(e).strip().splitlines()[0]
-            raise RuntimeError(f"{PARAM}: true, but torch.compile cannot build {self._what} on this machine "
+            raise CompileUnavailable(f"{PARAM}: true, but torch.compile cannot build {self._what} on this machine "
                                f"({reason}). Install a C++ compiler (g++; on CUDA also Triton), or set "
                                f"{PARAM}: false") from e
 

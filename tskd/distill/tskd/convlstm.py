@@ -1,4 +1,4 @@
-"""The ConvLSTM encoder-forecaster that predicts the next knowledge increment (METHOD.md §2).
+"""The ConvLSTM encoder-forecaster that predicts the next knowledge increment (docs/method.md).
 
 Math as in the authors' code, minus the terms that multiply an all-zero tensor: the encoder
 starts from a zero state and the forecaster is fed zeros, so those halves of their gate

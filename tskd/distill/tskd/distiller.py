@@ -1,4 +1,4 @@
-"""TSKD: Temporal Supervised Knowledge Distillation (arXiv 2307.00811), see docs/METHOD.md.
+"""TSKD: Temporal Supervised Knowledge Distillation (arXiv 2307.00811), see docs/method.md.
 
 KD on the logits every epoch; at review nodes, a ConvLSTM per feature branch reads how the
 student's attention maps changed over its last k memory snapshots and the current step, and
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.losses import kd_loss
 from tskd.distill.registry import register_method
@@ -23,6 +24,7 @@ from tskd.distill.tskd.convlstm import IncrementForecaster, auto_hidden
 from tskd.distill.tskd.memory import SnapshotMemory
 from tskd.distill.tskd.prefix import TapPrefix
 from tskd.distill.tskd.schedule import Node, cycle_memory_epochs, node_at, schedule_problem
+from tskd.models.cifar.vgg import VGG
 from tskd.models.taps import probe_taps
 
 BnMode = Literal["train", "eval"]
@@ -54,11 +56,22 @@ class TSKDParams(MethodParams):
         "depend on the batch (its size differs between recipes); and batch-statistics BN makes the teacher "
         "forward ~10-20% slower on CPU, which alone exceeds TSKD's whole-run cost budget. Set 'train' to "
         "replicate the authors' run exactly (its running statistics drift but are never read: resume stays exact).")
+    teacher_taps: Literal["authors", "preact", "post"] = Field(
+        "authors", description="the teacher feature maps the branches compare with: 'preact' = each stage's "
+        "output before its last activation, 'post' = after it (as the student's); 'authors' = what the authors' "
+        "code gives: pre-activation, except for VGG teachers, whose definition there ignores its preact flag and "
+        "returns post-activation maps")
     taps: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="feature taps used as branches "
                                   "(0 = stem, then stages); the authors use the first three")
     hidden_channels: tuple[int, ...] | None = Field(
         None, description="ConvLSTM hidden width per branch; null = 64 at the largest tap resolution, "
         "32 elsewhere (gives the authors' 64,64,32 for ResNet/WRN and 64,32,32 for VGG-8)")
+    forecaster_between_reviews: Literal["decay", "frozen"] = Field(
+        "decay", description="what SGD does to the ConvLSTM forecasters in the epochs between reviews, once "
+        "the first review has given them gradients. 'decay' (authors): their torch 1.9 zero_grad() fills "
+        "gradients with zeros, so weight decay and Nesterov momentum go on shrinking the forecasters in every "
+        "step (to about 2.4% between two reviews at lr 0.1); 'frozen': gradients are cleared (set to None, "
+        "the torch >= 2.0 default) and the forecasters stay as the last review left them")
     compile: bool = Field(
         False, description="run the snapshot forwards and the attention maps as torch.compile'd kernels (fused "
         "BatchNorm/ReLU/attention passes): the same math up to float rounding, a review step 6-23% faster on "
@@ -84,9 +97,11 @@ class TSKD(Distiller):
         super().__init__(student, teacher, params, ctx)
         self.check_schedule(params, epochs=ctx.epochs)
         s_taps = probe_taps(student, ctx.image_size).feats
-        t_taps = probe_taps(teacher, ctx.image_size).preact_feats
+        post = params.teacher_taps == "post" or (params.teacher_taps == "authors" and isinstance(teacher, VGG))
+        self._teacher_taps = "feats" if post else "preact_feats"
+        t_taps = getattr(probe_taps(teacher, ctx.image_size), self._teacher_taps)
         if max(params.taps) >= min(len(s_taps), len(t_taps)):
-            raise ValueError(f"TSKD pair {type(teacher).__name__} -> {type(student).__name__}: methods.tskd.taps "
+            raise ParamsError(f"TSKD pair {type(teacher).__name__} -> {type(student).__name__}: methods.tskd.taps "
                              f"{list(params.taps)} needs taps up to {max(params.taps)}, but the teacher has "
                              f"{len(t_taps)} and the student {len(s_taps)} feature taps")
         hidden = params.hidden_channels or auto_hidden([s_taps[i][1:] for i in params.taps])
@@ -118,10 +133,13 @@ class TSKD(Distiller):
     def check_schedule(cls, params: TSKDParams, *, epochs: int) -> None:
         problem = schedule_problem(epochs, params.delta, params.k)
         if problem:
-            raise ValueError(problem)
+            raise ParamsError(problem)
 
     def teacher_train_mode(self) -> bool:
         return self.params.teacher_bn == "train"
+
+    def keep_zeroed_grads(self) -> bool:
+        return self.params.forecaster_between_reviews == "decay"
 
     def _node(self, epoch: int) -> Node:
         return node_at(epoch, self.ctx.epochs, self.params.delta, self.params.k)
@@ -148,7 +166,7 @@ class TSKD(Distiller):
         losses = {"ce": p.ce_weight * F.cross_entropy(logits, labels),
                   "kd": p.kd_weight * kd_loss(logits, t_logits, p.T)}
         if self._node(epoch).kind == "review":
-            losses["review"] = p.review_weight * self.review_loss(images, taps["feats"], t_taps["preact_feats"])
+            losses["review"] = p.review_weight * self.review_loss(images, taps["feats"], t_taps[self._teacher_taps])
         return logits, losses
 
     def review_loss(self, images: Tensor, s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:

@@ -1,4 +1,4 @@
-"""The k student snapshots a review node learns from, held in memory (METHOD.md §1, §3).
+"""The k student snapshots a review node learns from, held in memory (docs/method.md).
 
 The authors save whole model files at memory nodes and read all k back for every review
 batch; copies of the weights in memory give the same numbers without that I/O.

@@ -1,4 +1,4 @@
-"""TSKD's timeline of nodes (METHOD.md §1), as pure functions of (epoch, E, delta, k).
+"""TSKD's timeline of nodes (docs/method.md, "The node schedule"), as pure functions of (epoch, E, delta, k).
 
 Every ``delta``-th epoch (0, delta, 2*delta, ...) is a node. Nodes cycle in groups of
 ``k + 1``: k memory nodes (the student is snapshotted into slot 0..k-1 at the end of the

@@ -1,0 +1,90 @@
+"""The results table from metrics files: recipes, n, best/last/selected with their spreads."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import yaml
+
+from tskd.config import parse_preset
+from tskd.grid import student_dir, student_jobs, teacher_dir
+from tskd.report import summaries, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _preset(tmp_path: Path, val: bool):
+    raw = yaml.safe_load((REPO / "params/smoke.yaml").read_text())
+    raw["results_dir"] = str(tmp_path / "results")
+    raw["methods"] = {"vanilla": {}, "kd": {}}
+    raw["recipes"]["other"] = dict(raw["recipes"]["student"])
+    raw["student_recipes"] = ["student", "other"]
+    raw["dataset"]["val_fraction"] = 0.2 if val else 0.0
+    return parse_preset(raw)
+
+
+def _history(offset: float, val: bool) -> list[dict]:
+    # Epoch 1 has the best top-1, epoch 2 the best top-5 and the best validation top-1.
+    rows = [{"epoch": 0, "test_top1": 10 + offset, "test_top5": 30 + offset},
+            {"epoch": 1, "test_top1": 20 + offset, "test_top5": 40 + offset},
+            {"epoch": 2, "test_top1": 15 + offset, "test_top5": 50 + offset}]
+    if val:
+        for r, v in zip(rows, (1.0, 2.0, 3.0), strict=True):
+            r["val_top1"] = v
+    return rows
+
+
+def _metrics(history: list[dict], val: bool) -> dict:
+    from tskd.engine.trainer import summarize
+    from tskd.grid import RunSpec
+
+    spec = RunSpec.model_validate({
+        "preset": "t", "role": "student", "method": "kd", "arch": "resnet8", "seed": 0,
+        "dataset": {"root": "x"}, "recipe": {"epochs": 3, "batch_size": 8, "lr": 0.1}, "train": {},
+        "out_dir": "x", "experiment": "x"})
+    return summarize(history, spec)
+
+
+def _write_runs(p, val: bool) -> None:
+    for arch in p.teachers:
+        d = teacher_dir(p, arch)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(_metrics(_history(50, val), val) | {"method": "vanilla"}))
+    for job in student_jobs(p):
+        d = student_dir(p, job)
+        d.mkdir(parents=True)
+        offset = job.seed + (5 if job.recipe == "other" else 0) + (1 if job.method == "kd" else 0)
+        m = _metrics(_history(offset, val), val)
+        (d / "metrics.json").write_text(json.dumps(m))
+        (d / "eval.json").write_text(json.dumps({"top1": m["last_top1"]}))
+
+
+def test_best_top5_is_the_best_epochs_and_last_has_a_spread(tmp_path):
+    m = _metrics(_history(0, False), False)
+    assert m["best_epoch"] == 1 and m["best_top1"] == 20 and m["best_top5"] == 40  # not max over epochs (50)
+    p = _preset(tmp_path, val=False)
+    _write_runs(p, val=False)
+    md = write_report(p).read_text()
+    # One table per recipe; n, best and last top-1 and top-5, each mean ± std over the 2 seeds.
+    assert "## Students, recipe `student`" in md and "## Students, recipe `other`" in md
+    assert "| pair | method | n | best top-1 | last top-1 | best top-5 | last top-5 |" in md
+    assert "| resnet20-resnet8 | kd | 2 | 21.50 ± 0.71 | 16.50 ± 0.71 | 41.50 ± 0.71 | 51.50 ± 0.71 |" in md
+    assert "| resnet20-resnet8 | kd | 2 | 26.50 ± 0.71 | 21.50 ± 0.71 | 46.50 ± 0.71 | 56.50 ± 0.71 |" in md
+    assert "selected" not in md.split("## Teachers")[1]
+    rows = list(csv.DictReader((p.out / "report.csv").open()))
+    assert {r["recipe"] for r in rows if r["pair"] != "teacher"} == {"student", "other"}
+    kd = json.loads((p.out / "summary/kd.json").read_text())
+    assert kd["other"]["resnet20-resnet8"] == {"best": 26.5, "best_std": 0.7071, "last": 21.5, "last_std": 0.7071,
+                                               "n": 2}
+
+
+def test_selected_epoch_is_reported_with_a_validation_split(tmp_path):
+    p = _preset(tmp_path, val=True)
+    _write_runs(p, val=True)
+    md = write_report(p).read_text()
+    assert "selected top-1" in md
+    assert "| resnet20-resnet8 | kd | 2 | 21.50 ± 0.71 | 16.50 ± 0.71 | 41.50 ± 0.71 | 51.50 ± 0.71 | 16.50 ± 0.71 |" \
+        in md
+    assert summaries(p, [])["kd"] == {}
