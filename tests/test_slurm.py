@@ -220,7 +220,9 @@ def test_stopping_the_waiting_call_cancels_its_job(slurm_cluster, make_spec, tmp
 def test_requeued_and_preempted_job_resumes_to_the_same_metrics(slurm_cluster, make_spec, tmp_path):
     from tskd.engine.trainer import train
 
-    recipe = {"epochs": 12, "milestones": [6]}
+    # Long enough that the requeued step cannot finish the run in the seconds SLURM gives it after
+    # its SIGTERM (which submitit ignores) before the SIGKILL: 12 epochs did, on a fast machine.
+    recipe = {"epochs": 40, "milestones": [20]}
     ref = train(make_spec(out="ref", recipe=recipe), track=False)
     spec = make_spec(out="requeued", recipe=recipe)
     ckpt = Path(spec.out_dir) / "checkpoint.pt"
