@@ -10,41 +10,41 @@ import torch
 from tskd.data.integrity import sha256_file
 from tskd.engine.checkpoint import export_model
 from tskd.engine.evaluate import evaluate
-from tskd.engine.loaders import build_run_data
+from tskd.engine.loaders import RunData, build_run_data
 from tskd.engine.runtime import select_runtime
 from tskd.grid import RunSpec
 from tskd.io import atomic_write_json
 from tskd.models.published import load_published_checkpoint
 
 
-def _test_accuracy(spec: RunSpec, model: torch.nn.Module) -> dict[str, float]:
+def _test_accuracy(spec: RunSpec, data: RunData, model: torch.nn.Module) -> dict[str, Any]:
     rt = select_runtime(spec.train)
-    data = build_run_data(spec.dataset, spec.recipe)
     model.to(rt.device).eval()
     loader = data.eval_loader(data.test, spec.train.eval_batch_size, spec.dataset.num_workers)
-    return evaluate(lambda x: model(x)[0], loader, rt.device, rt.autocast) | {"num_classes": data.num_classes,
-                                                                             "input": data.input_spec}
+    return evaluate(lambda x: model(x)[0], loader, rt.device, rt.autocast)
 
 
 def evaluate_model_file(spec: RunSpec, model_path: Path, out: Path) -> dict[str, Any]:
     """Test accuracy of ``model_path`` (an exported student of ``spec.arch``), written to ``out``."""
-    model = load_published_checkpoint(model_path, spec.arch)
-    res = _test_accuracy(spec, model)
+    data = build_run_data(spec.dataset, spec.recipe)
+    model = load_published_checkpoint(model_path, spec.arch, num_classes=data.num_classes)
+    res = _test_accuracy(spec, data, model)
     atomic_write_json(out, {"model": str(model_path), "arch": spec.arch, "method": spec.method,
-                            "seed": spec.seed, **{k: v for k, v in res.items() if k != "input"}})
+                            "seed": spec.seed, "num_classes": data.num_classes, **res})
     return res
 
 
 def import_teacher(spec: RunSpec, checkpoint: Path) -> dict[str, Any]:
-    """Load a CRD/mdistiller teacher file strictly, evaluate it, write model.pt + metrics.json."""
-    model = load_published_checkpoint(checkpoint, spec.arch)
-    res = _test_accuracy(spec, model)
+    """Load a published teacher file strictly, evaluate it, write model.pt + metrics.json."""
+    data = build_run_data(spec.dataset, spec.recipe)
+    model = load_published_checkpoint(checkpoint, spec.arch, num_classes=data.num_classes)
+    res = _test_accuracy(spec, data, model)
     out = Path(spec.out_dir)
     # Published files do not say how their inputs were normalised: the teacher's recipe does.
-    export_model(out / "model.pt", model, arch=spec.arch, num_classes=res["num_classes"],
-                 epoch=0, accuracy=res["top1"], method="imported", input_spec=res["input"])
+    export_model(out / "model.pt", model, arch=spec.arch, num_classes=data.num_classes,
+                 epoch=0, accuracy=res["top1"], method="imported", input_spec=data.input_spec)
     metrics = {"preset": spec.preset, "role": "teacher", "method": "imported", "student": spec.arch,
-               "teacher": None, "seed": spec.seed, "source": str(checkpoint),
+               "teacher": None, "recipe": spec.recipe_name, "seed": spec.seed, "source": str(checkpoint),
                "source_sha256": sha256_file(checkpoint), "epochs": 0,
                "best_top1": res["top1"], "best_top5": res["top5"], "best_epoch": None,
                "last_top1": res["top1"], "last_top5": res["top5"], "history": []}

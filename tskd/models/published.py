@@ -25,8 +25,9 @@ class ModelFileError(TskdError, ValueError):
     """A model file that is missing, unreadable, or not of the expected architecture."""
 
 
-def load_published_checkpoint(path: str | Path, arch: str, num_classes: int = 100) -> nn.Module:
-    """Build ``arch`` with ``num_classes`` outputs and load the weights in ``path`` with strict=True.
+def load_published_checkpoint(path: str | Path, arch: str, num_classes: int | None = None) -> nn.Module:
+    """Build ``arch`` with ``num_classes`` outputs (default: its family's) and load the weights in
+    ``path`` with strict=True.
 
     The model is returned on the CPU, in training mode like any freshly built module.
 
@@ -36,11 +37,11 @@ def load_published_checkpoint(path: str | Path, arch: str, num_classes: int = 10
     return load_model_file(path, arch, num_classes)[0]
 
 
-def load_model_file(path: str | Path, arch: str, num_classes: int = 100) -> tuple[nn.Module, dict | None]:
+def load_model_file(path: str | Path, arch: str, num_classes: int | None = None) -> tuple[nn.Module, dict | None]:
     """``load_published_checkpoint`` plus what the file says the network was trained on (the
     ``input`` record of our exports: normalisation and image size; None for other files)."""
     path = Path(path)
-    model_entry(arch)  # fail on an unknown name before touching the file
+    num_classes = num_classes or model_entry(arch).default_classes  # an unknown name fails before the file is read
     obj = _read(path)
     state_dict, declared_arch = _state_dict_from(obj, path)
     model = create_model(arch, num_classes=num_classes)

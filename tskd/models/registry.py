@@ -1,4 +1,4 @@
-"""Models registered by name.
+"""Models registered by name: the CIFAR zoo (``tskd.models.cifar``) and ImageNet (``tskd.models.imagenet``).
 
 A model is built by ``create_model(name, num_classes=...)``. Every registered model's
 ``forward(x)`` returns ``(logits, taps)`` where ``taps`` is a dict:
@@ -25,8 +25,14 @@ class ModelEntry:
     family: str  # "cifar", "imagenet" or "detection": which input the model expects
     small: bool  # ShuffleNet/MobileNet students use the recipe's small-model learning rate
 
+    @property
+    def default_classes(self) -> int:
+        """The class count of the family's benchmark (parameter counts are quoted for it)."""
+        return FAMILY_CLASSES.get(self.family, 100)
+
 
 _REGISTRY: dict[str, ModelEntry] = {}
+FAMILY_CLASSES = {"cifar": 100, "imagenet": 1000}
 
 
 def register_model(name: str, *, family: str = "cifar", small: bool = False):
@@ -43,7 +49,7 @@ def register_model(name: str, *, family: str = "cifar", small: bool = False):
 
 def _load_builtin() -> None:
     # Importing the zoo packages runs their @register_model decorators.
-    from tskd.models import cifar  # noqa: F401
+    from tskd.models import cifar, imagenet  # noqa: F401
 
 
 def model_entry(name: str) -> ModelEntry:
@@ -54,9 +60,10 @@ def model_entry(name: str) -> ModelEntry:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}") from None
 
 
-def create_model(name: str, num_classes: int = 100) -> nn.Module:
-    """Build the registered architecture ``name`` with ``num_classes`` outputs."""
-    return model_entry(name).factory(num_classes=num_classes)
+def create_model(name: str, num_classes: int | None = None) -> nn.Module:
+    """Build the registered architecture ``name`` with ``num_classes`` outputs (default: its family's)."""
+    entry = model_entry(name)
+    return entry.factory(num_classes=num_classes or entry.default_classes)
 
 
 def list_models(family: str | None = None) -> list[str]:

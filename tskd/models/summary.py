@@ -6,11 +6,11 @@ import torch
 
 from tskd.models.registry import create_model, list_models, model_entry
 
-_PARAMS_CLASSES = 100  # parameter counts are quoted for CIFAR-100 heads
 
-
-def count_params(name: str, num_classes: int = _PARAMS_CLASSES) -> int:
-    """Parameter count of architecture ``name``, built on the meta device (no memory, no init cost)."""
+def count_params(name: str, num_classes: int | None = None) -> int:
+    """Parameter count of architecture ``name`` (with its family's class count unless given), built on
+    the meta device (no memory, no init cost)."""
+    num_classes = num_classes or model_entry(name).default_classes
     try:
         with torch.device("meta"):
             model = create_model(name, num_classes=num_classes)

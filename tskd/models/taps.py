@@ -8,6 +8,11 @@ import torch
 from torch import nn
 
 
+def make_taps(feats: list[torch.Tensor], preact_feats: list[torch.Tensor], pooled: torch.Tensor) -> dict:
+    """The ``taps`` dict every model's ``forward`` returns next to its logits (see tskd.models.registry)."""
+    return {"feats": feats, "preact_feats": preact_feats, "pooled_feat": pooled}
+
+
 @dataclass(frozen=True)
 class TapShapes:
     feats: list[tuple[int, int, int]]  # (C, H, W) of each post-activation tap

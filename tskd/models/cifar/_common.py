@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tskd.models.taps import make_taps
+
+__all__ = ["Stage", "channel_shuffle", "global_pool", "init_conv_bn", "make_taps"]
+
 
 def init_conv_bn(model: nn.Module) -> None:
     """He-normal (fan-out) convolutions with zero bias, BatchNorm scale 1 / shift 0.
@@ -37,11 +41,6 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """ShuffleNet channel shuffle: interleave the channels of ``groups`` equal groups."""
     b, c, h, w = x.shape
     return x.reshape(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
-
-
-def make_taps(feats: list[torch.Tensor], preact_feats: list[torch.Tensor], pooled: torch.Tensor) -> dict:
-    """The ``taps`` dict every model's ``forward`` returns next to its logits."""
-    return {"feats": feats, "preact_feats": preact_feats, "pooled_feat": pooled}
 
 
 class Stage(nn.Sequential):
