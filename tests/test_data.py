@@ -269,3 +269,68 @@ def test_synthetic_data_is_learnable():
     with torch.no_grad():
         acc = (model(xt).argmax(1) == yt).float().mean().item()
     assert acc > 0.15, f"test accuracy {acc:.3f} (chance 0.01, usually ~0.4): synthetic data not learnable"
+
+
+# -- a user's own data in the cifar-100-python layout ----------------------------------------------
+def _own_data(root: Path, classes: int = 10, per_class: int = 4, label_shift: int = 0) -> Path:
+    """A small real-format dataset of someone's own (digits, say): 10 classes, no manifest."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for split in ("train", "test"):
+        labels = [c + label_shift for c in range(classes) for _ in range(per_class)]
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        (folder / split).write_bytes(pickle.dumps({"data": data, "fine_labels": labels,
+                                                   "coarse_labels": [0] * len(labels)}))
+    names = [f"digit_{c}" for c in range(classes)]
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": ["digit"]}))
+    return root
+
+
+def test_own_data_is_registered_with_one_command_and_keeps_its_name(tmp_path, make_spec):
+    from tests.conftest import run_cli
+    from tskd.config import DatasetCfg
+    from tskd.engine.trainer import train
+
+    root = _own_data(tmp_path / "digits")
+    with pytest.raises(IntegrityError) as e:
+        cifar100_datasets(root, download=False, normalization="cifar100")
+    assert f"tskd data register {root} --name <name>" in str(e.value)  # the refusal names the fix
+
+    r = run_cli("data", "register", str(root), "--name", "digits")
+    assert r.returncode == 0, r.stderr
+    assert "10 classes, 40 train / 40 test images" in r.stdout
+    manifest = read_manifest(root / "cifar-100-python")
+    assert manifest["params"]["registered_as"] == "digits"
+    splits = cifar100_datasets(root, download=False, normalization="cifar100")
+    assert splits.num_classes == 10 and splits.name == "digits" and splits.verified_by == "manifest"
+
+    m = train(make_spec(dataset=DatasetCfg(root=str(root)), recipe={"epochs": 1, "milestones": [],
+                                                                    "augment": ["crop"]}), track=False)
+    assert m["dataset"] == "digits"
+    before = splits.identity
+    (root / "cifar-100-python" / "test").write_bytes((root / "cifar-100-python" / "test").read_bytes())
+    run_cli("data", "register", str(root), "--name", "digits")
+    assert cifar100_datasets(root, download=False, normalization="cifar100").identity == before  # same bytes
+
+
+def test_registration_refuses_what_the_reader_would_refuse(tmp_path):
+    from tskd.data.cifar import register_cifar100_layout
+
+    bad = _own_data(tmp_path / "bad", label_shift=5)  # labels 5..14 for 10 names
+    with pytest.raises(DatasetError, match=r"labels outside 0\.\.9"):
+        register_cifar100_layout(bad, "bad")
+    assert not (bad / "cifar-100-python" / MANIFEST_NAME).exists()  # no record of data that cannot be read
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'none' / 'cifar-100-python'}: missing train"):
+        register_cifar100_layout(tmp_path / "none", "none")
+    with pytest.raises(DatasetError, match="letters, digits"):
+        register_cifar100_layout(_own_data(tmp_path / "named"), "my data")
+
+
+@pytest.mark.parametrize("parts", [(), ("crop",), ("flip",), ("crop", "flip")])
+def test_augmentation_parts_are_separate(parts):
+    from tskd.data.cifar import train_transform
+
+    names = [type(t).__name__ for t in train_transform("cifar100", parts).transforms]
+    assert names[:-2] == [{"crop": "RandomCrop", "flip": "RandomHorizontalFlip"}[p] for p in parts]
+    assert names[-2:] == ["ToTensor", "Normalize"]

@@ -26,7 +26,8 @@ from tskd.engine.loaders import RunData
 
 def _run_data(n: int) -> RunData:
     return RunData(train=TensorDataset(torch.arange(n)), val=None, test=TensorDataset(torch.arange(1)),
-                   num_classes=1, image_size=(1, 1), train_labels=torch.zeros(n), identity="test", normalization="none",
+                   num_classes=1, image_size=(1, 1), train_labels=torch.zeros(n), identity="test", name="test",
+                   normalization="none",
                    mean=(0.0,), std=(1.0,))
 
 
@@ -94,7 +95,7 @@ def test_two_local_tasks_train_like_one_process(make_spec, mlflow_uri):
     from tskd.engine.trainer import train
     from tskd.launch import LaunchSettings, Resources, launch
 
-    recipe = {"epochs": 2, "batch_size": 55, "milestones": [1], "augment": False}
+    recipe = {"epochs": 2, "batch_size": 55, "milestones": [1], "augment": []}
     one = train(make_spec(out="one", recipe=recipe), track=False)
     spec = make_spec(out="two", recipe=recipe)
     # submitit's local executor: two processes, each a rank (TorchDistributedEnvironment)

@@ -373,7 +373,7 @@ def test_two_task_job_trains_data_parallel(slurm_cluster, make_spec, tmp_path):
     from tskd.engine.trainer import train
     from tskd.launch import launch, load_settings
 
-    recipe = {"epochs": 1, "batch_size": 55, "milestones": [], "augment": False}
+    recipe = {"epochs": 1, "batch_size": 55, "milestones": [], "augment": []}
     one = train(make_spec(out="one", recipe=recipe), track=False)
     launch_file = _launch_file(tmp_path / "launch.yaml", tasks_per_node=2)
     two = launch(make_spec(out="two", recipe=recipe), load_settings(launch_file, "student"), track=False)

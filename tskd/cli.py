@@ -87,6 +87,14 @@ def cmd_data_synth(a) -> None:
     print(f"wrote {path}")
 
 
+def cmd_data_register(a) -> None:
+    from tskd.data.cifar import register_cifar100_layout
+
+    info = register_cifar100_layout(Path(a.root), a.name)
+    print(f"registered {info['folder']} as {info['registered_as']!r}: {info['classes']} classes, "
+          f"{info['train']} train / {info['test']} test images; its manifest now records every file's sha256")
+
+
 def cmd_data_prepare(a) -> None:
     from tskd.config import DatasetCfg
     from tskd.data.prepare import prepare_dataset
@@ -223,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-class", type=int, default=20)
     p.add_argument("--test-per-class", type=int, default=10)
     p.set_defaults(fn=cmd_data_synth)
+    p = data.add_parser("register", help="record your own data in a supported layout (cifar-100-python) "
+                        "under a name: writes its integrity manifest")
+    p.add_argument("root", help="the directory holding cifar-100-python/ (the preset's dataset.root)")
+    p.add_argument("--name", required=True, help="the data's own name, shown in MLflow tags and the report")
+    p.set_defaults(fn=cmd_data_register)
     p = data.add_parser("prepare", help="write (synthetic) or verify (real) a preset's dataset")
     p.add_argument("--dataset", required=True, help='JSON {"dataset": {...}} (the dataset params)')
     p.add_argument("--marker", required=True, help="dataset.json written once the data is verified")

@@ -69,7 +69,9 @@ class RecipeCfg(Strict):
         "TSKD authors' code calls its lr_schedule at the end of each epoch)")
     normalization: Literal["cifar100", "cifar10"] = Field(
         "cifar100", description="mean/std: cifar100 (CRD/mdistiller) or cifar10 (ReviewKD/TSKD authors)")
-    augment: bool = True
+    augment: tuple[Literal["crop", "flip"], ...] = Field(
+        ("crop", "flip"), description="training augmentation, in this order: 'crop' = random crop (CIFAR: 32 px "
+        "from the image padded by 4), 'flip' = horizontal flip (wrong for digits or text); [] = none")
     teacher_input: Literal["student", "renormalize"] = Field(
         "student", description="what a distillation run feeds its teacher: 'student' = the student's input "
         "tensor as it is (the TSKD authors, mdistiller), also when the teacher was trained with other "

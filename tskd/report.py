@@ -65,8 +65,8 @@ def _present(rows: list[dict[str, Any]], key: str) -> bool:
     return any(r[key] != "" for r in rows)
 
 
-def format_markdown(p: Preset, rows: list[dict[str, Any]]) -> str:
-    out = [f"# Results: preset `{p.preset}`", "",
+def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None = None) -> str:
+    out = [f"# Results: preset `{p.preset}`" + (f", dataset `{dataset}`" if dataset else ""), "",
            "Test accuracy (%). **best**: the epoch of highest test top-1 (mdistiller / TSKD authors' figure), "
            "its top-1 and top-5; **last**: the final epoch (RepDistiller's figure); **selected**: the epoch of "
            "highest validation top-1 (with a validation split). Each cell is the mean ± sample std over n seeds.",
@@ -128,6 +128,7 @@ def summary_files(p: Preset) -> list[Path]:
 def write_report(p: Preset) -> Path:
     """Write report.csv, report.md and summary/<name>.json under results/<preset>/; returns report.md."""
     rows = collect_rows(p)
+    names = {_read(teacher_dir(p, arch) / "metrics.json").get("dataset") for arch in p.teachers} - {None}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
@@ -135,4 +136,4 @@ def write_report(p: Preset) -> Path:
     atomic_write_text(p.out / "report.csv", buf.getvalue())
     for name, figures in summaries(p, rows).items():
         atomic_write_text(p.out / "summary" / f"{name}.json", json.dumps(figures, indent=1, sort_keys=True) + "\n")
-    return atomic_write_text(p.out / "report.md", format_markdown(p, rows))
+    return atomic_write_text(p.out / "report.md", format_markdown(p, rows, ", ".join(sorted(names)) or None))

@@ -14,6 +14,7 @@ Every failure is a ``DatasetError`` (a ValueError) naming the file and how to fi
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,15 @@ from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from tskd.data.integrity import MANIFEST_NAME, DatasetError, IntegrityError, sha256_file, verify_manifest
+from tskd.data.integrity import (
+    MANIFEST_NAME,
+    DatasetError,
+    IntegrityError,
+    read_manifest,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+)
 
 __all__ = [
     "NORMALIZATION",
@@ -83,8 +92,18 @@ def verify_cifar100_dir(folder: str | Path) -> str:
             raise IntegrityError(
                 f"{folder / name} does not match the official CIFAR-100 md5 ({md5}) and {folder} has no "
                 f"{MANIFEST_NAME}: the file is corrupted or not the official one. Replace the directory "
-                f"(download: true re-downloads it) or regenerate synthetic data with `tskd data synth`.")
+                f"(download: true re-downloads it), regenerate synthetic data with `tskd data synth`, or, for "
+                f"your own data in this layout, register it: `tskd data register {folder.parent} --name <name>`.")
     return "official md5"
+
+
+def dataset_name(folder: str | Path, verified_by: str) -> str:
+    """The data's own name, for tags and reports: ``cifar100`` (official), the name it was
+    registered under (``tskd data register``), or ``synthetic-cifar100`` (``tskd data synth``)."""
+    if verified_by != "manifest":
+        return "cifar100"
+    params = (read_manifest(folder) or {}).get("params", {})
+    return params.get("registered_as") or "synthetic-cifar100"
 
 
 def cifar100_identity(folder: str | Path, verified_by: str) -> str:
@@ -132,10 +151,10 @@ class VerifiedCIFAR100(CIFAR100):
         except _READ_ERRORS as e:
             raise DatasetError(f"cannot read {data_file} as a CIFAR-100 pickle ({type(e).__name__}: {e}); "
                                f"it is corrupted or truncated. {_how_to_get(root)}") from e
-        labels = np.asarray(self.targets)
-        if len(labels) != len(self.data) or (len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES)):
+        labels, n = np.asarray(self.targets), len(self.classes)
+        if len(labels) != len(self.data) or (len(labels) and (labels.min() < 0 or labels.max() >= n)):
             raise DatasetError(f"{data_file}: {len(self.data)} images but {len(labels)} labels, "
-                               f"or labels outside 0..{NUM_CLASSES - 1}")
+                               f"or labels outside 0..{n - 1} (the {n} fine_label_names of its meta)")
 
     def _check_integrity(self) -> bool:
         # torchvision calls this from __init__ and download(); __init__ has already verified
@@ -158,7 +177,8 @@ class VerifiedCIFAR100(CIFAR100):
             classes = list(meta[self.meta["key"]])
         except _READ_ERRORS as e:
             raise DatasetError(f"cannot read {path} as CIFAR-100 meta ({type(e).__name__}: {e})") from e
-        if len(classes) != NUM_CLASSES:
+        # The official release has 100 classes; data registered in its layout may have any number.
+        if len(classes) != NUM_CLASSES and self.verified_by != "manifest" or len(classes) < 2:
             raise DatasetError(f"{path}: {len(classes)} fine label names, expected {NUM_CLASSES}")
         self.classes = classes
         self.class_to_idx = {name: i for i, name in enumerate(classes)}
@@ -198,6 +218,7 @@ class Cifar100Splits:
     classes: tuple[str, ...]
     verified_by: str  # "manifest" (tskd-written data) or "official md5"
     identity: str  # what the data is (``cifar100_identity``): part of every run's identity
+    name: str  # the data's own name (``dataset_name``)
 
     @property
     def num_classes(self) -> int:
@@ -214,10 +235,12 @@ class Cifar100Splits:
         return self.val if self.val is not None else self.test
 
 
-def train_transform(normalization: Normalization, augment: bool = True) -> T.Compose:
-    """Random crop 32 (pad 4) + horizontal flip (if ``augment``), ToTensor, Normalize."""
+def train_transform(normalization: Normalization, augment: tuple[str, ...] = ("crop", "flip")) -> T.Compose:
+    """The ``augment`` parts (``crop``: random crop 32 with 4 px zero padding; ``flip``: horizontal
+    flip, p 0.5), in that order, then ToTensor and Normalize."""
     mean, std = _stats(normalization)
-    aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+    parts = {"crop": T.RandomCrop(32, padding=4), "flip": T.RandomHorizontalFlip()}
+    aug = [parts[name] for name in ("crop", "flip") if name in augment]
     return T.Compose([*aug, T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -252,7 +275,8 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return keep, held_out
 
 
-def cifar100_datasets(root: str | Path, *, download: bool, normalization: Normalization, augment: bool = True,
+def cifar100_datasets(root: str | Path, *, download: bool, normalization: Normalization,
+                      augment: tuple[str, ...] = ("crop", "flip"),
                       val_fraction: float = 0.0, val_seed: int = 0) -> Cifar100Splits:
     """Load ``root/cifar-100-python`` (verified) into training, optional validation and test splits.
 
@@ -280,4 +304,32 @@ def cifar100_datasets(root: str | Path, *, download: bool, normalization: Normal
         classes=tuple(train_source.classes),
         verified_by=train_source.verified_by,
         identity=cifar100_identity(Path(root) / VerifiedCIFAR100.base_folder, train_source.verified_by),
+        name=dataset_name(Path(root).expanduser() / VerifiedCIFAR100.base_folder, train_source.verified_by),
     )
+
+
+def register_cifar100_layout(root: str | Path, name: str) -> dict[str, Any]:
+    """Record your own data in the ``cifar-100-python`` layout (``root/cifar-100-python/{train,
+    test,meta}``, any number of classes) under ``name``: read it through the real reader, then write
+    its manifest (each file's sha256). Refuses the official release, which needs no record."""
+    folder = Path(root).expanduser() / CIFAR100.base_folder
+    missing = [f for f in FILES if not (folder / f).is_file()]
+    if missing:
+        raise DatasetError(f"{folder}: missing {', '.join(missing)}; the cifar-100-python layout is "
+                           f"{folder}/train, test and meta (pickled dicts with 'data', 'fine_labels'; "
+                           "'fine_label_names')")
+    if not (folder / MANIFEST_NAME).exists() and all(check_integrity(str(folder / f), md5)
+                                                     for f, md5 in _OFFICIAL_MD5.items()):
+        raise DatasetError(f"{folder} is the official CIFAR-100 (its md5s match): it is verified by those and "
+                           "needs no registration")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise DatasetError(f"--name {name!r}: letters, digits, '_', '.', '-' only")
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)  # a new record for what is there now
+    record = {"registered_as": name, "format": CIFAR100.base_folder}
+    write_manifest(folder, FILES, params=record)
+    try:
+        train, test = VerifiedCIFAR100(root, train=True), VerifiedCIFAR100(root, train=False)
+    except DatasetError:
+        (folder / MANIFEST_NAME).unlink(missing_ok=True)  # no record for data the reader refuses
+        raise
+    return record | {"classes": len(train.classes), "train": len(train), "test": len(test), "folder": str(folder)}

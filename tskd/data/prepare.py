@@ -19,10 +19,11 @@ def prepare_dataset(ds: DatasetCfg, marker: Path) -> dict:
         s = ds.synthetic
         write_synthetic_cifar100(root, seed=s.seed, train_per_class=s.train_per_class,
                                  test_per_class=s.test_per_class, nuisance=Nuisance().scaled(s.nuisance_scale))
-    splits = cifar100_datasets(str(root), download=ds.download, normalization="cifar100", augment=False,
+    splits = cifar100_datasets(str(root), download=ds.download, normalization="cifar100", augment=(),
                                val_fraction=ds.val_fraction, val_seed=0)
     # The root as given, not resolved: the marker is a DVC output, identical in every clone.
-    info = {"name": ds.name, "root": str(root), "identity": splits.identity, "synthetic": ds.synthetic is not None,
+    info = {"name": splits.name, "family": ds.name, "root": str(root), "identity": splits.identity,
+            "synthetic": ds.synthetic is not None,
             "num_classes": splits.num_classes, "train": len(splits.train) + (len(splits.val) if splits.val else 0),
             "test": len(splits.test)}
     atomic_write_json(marker, info)

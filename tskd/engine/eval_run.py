@@ -43,9 +43,9 @@ def import_teacher(spec: RunSpec, checkpoint: Path) -> dict[str, Any]:
     # Published files do not say how their inputs were normalised: the teacher's recipe does.
     export_model(out / "model.pt", model, arch=spec.arch, num_classes=data.num_classes,
                  epoch=0, accuracy=res["top1"], method="imported", input_spec=data.input_spec)
-    metrics = {"preset": spec.preset, "role": "teacher", "method": "imported", "student": spec.arch,
-               "teacher": None, "recipe": spec.recipe_name, "seed": spec.seed, "source": str(checkpoint),
-               "source_sha256": sha256_file(checkpoint), "epochs": 0,
+    metrics = {"preset": spec.preset, "dataset": data.name, "role": "teacher", "method": "imported",
+               "student": spec.arch, "teacher": None, "recipe": spec.recipe_name, "seed": spec.seed,
+               "source": str(checkpoint), "source_sha256": sha256_file(checkpoint), "epochs": 0,
                "best_top1": res["top1"], "best_top5": res["top5"], "best_epoch": None,
                "last_top1": res["top1"], "last_top5": res["top5"], "history": []}
     atomic_write_json(out / "metrics.json", metrics)

@@ -20,6 +20,7 @@ class RunData:
     image_size: tuple[int, int]
     train_labels: torch.Tensor
     identity: str  # what the data is (official checksums or manifest hash), part of a run's identity
+    name: str  # the data's own name (tags, metrics, the report): the family's, or the one it was registered under
     normalization: str  # the normalisation the loaders apply: its name, mean and std
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -56,5 +57,5 @@ def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
                                augment=recipe.augment, val_fraction=ds.val_fraction, val_seed=0)
     mean, std = NORMALIZATION[recipe.normalization]
     return RunData(train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes,
-                   image_size=(32, 32), train_labels=splits.train_labels, identity=splits.identity,
+                   image_size=(32, 32), train_labels=splits.train_labels, identity=splits.identity, name=splits.name,
                    normalization=recipe.normalization, mean=mean, std=std)

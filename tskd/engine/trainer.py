@@ -73,7 +73,7 @@ def _tracker(spec: RunSpec, identity: dict[str, Any], run_id: str | None, world:
              extra_tags: dict[str, str]):
     from tskd.tracking import RunTracker, git_commit
 
-    tags = {"preset": spec.preset, "dataset": spec.dataset.name, "role": spec.role, "method": spec.method,
+    tags = {"preset": spec.preset, "dataset_family": spec.dataset.name, "role": spec.role, "method": spec.method,
             "student": spec.arch, "teacher": spec.teacher_arch or "", "recipe": spec.recipe_name or "",
             "seed": str(spec.seed), "git_commit": git_commit(), "out_dir": spec.out_dir} | extra_tags
     if os.environ.get("SLURM_JOB_ID"):
@@ -111,7 +111,7 @@ class Trainer:
         method_params = parse_method_params(spec.method, spec.method_params).model_dump(mode="json")
         distiller = build_distiller(spec.method, student, teacher and teacher.model, method_params, ctx)
         self.input_spec = self.data.input_spec
-        self.tags = self._feed_teacher(distiller, teacher)
+        self.tags = self._feed_teacher(distiller, teacher) | {"dataset": self.data.name}
         # Global-batch BatchNorm statistics, so that N ranks train as one process would.
         self.distiller = distributed.sync_batchnorm(distiller, world, self.rt.device.type == "cuda")
         self.distiller.to(self.rt.device)
@@ -282,7 +282,7 @@ class Trainer:
                     log.info("%s epoch %d/%d lr %.4g loss %.4f train %.2f test top1 %.2f top5 %.2f (%.1fs)",
                              spec.arch, epoch + 1, spec.recipe.epochs, row["lr"], row["train_loss"],
                              row["train_top1"], row["test_top1"], row["test_top5"], row["seconds"])
-            metrics = summarize(self.history, spec)
+            metrics = summarize(self.history, spec) | {"dataset": self.data.name}
             if not self.world.main:
                 return metrics
             export_model(self.out / "model.pt", self.distiller.student, arch=spec.arch,
