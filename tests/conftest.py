@@ -54,13 +54,13 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 @pytest.fixture
 def make_spec(tiny_cifar, tmp_path):
     """Build a RunSpec for a tiny run; keyword overrides go to the spec or its recipe."""
-    from tskd.config import DatasetCfg, RecipeCfg, TrainCfg
+    from tskd.config import Cifar100Data, RecipeCfg, TrainCfg
     from tskd.grid import RunSpec
 
     def make(out: str = "run", recipe: dict | None = None, **kw) -> RunSpec:
         r = {"epochs": 2, "batch_size": 50, "lr": 0.05, "milestones": [1]} | (recipe or {})
         fields = dict(preset="test", role="student", method="vanilla", arch="resnet8", seed=0,
-                      dataset=DatasetCfg(root=str(tiny_cifar)), recipe=RecipeCfg(**r),
+                      dataset=Cifar100Data(root=str(tiny_cifar)), recipe=RecipeCfg(**r),
                       train=TrainCfg(device="cpu", threads=1), out_dir=str(tmp_path / out),
                       experiment="tskd-test")
         return RunSpec(**(fields | kw))

@@ -234,7 +234,7 @@ def test_normalisation_constants(synth_root):
     assert np.allclose(mean, (0.4914, 0.4822, 0.4465), atol=3e-4) and np.allclose(std, (0.2470, 0.2435, 0.2616),
                                                                                    atol=2e-4)
     with pytest.raises(ValueError, match="normalization"):
-        cifar100_datasets(synth_root, download=False, normalization="imagenet")
+        cifar100_datasets(synth_root, download=False, normalization="svhn")
 
 
 # --- learnability ---------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def _own_data(root: Path, classes: int = 10, per_class: int = 4, label_shift: in
 
 def test_own_data_is_registered_with_one_command_and_keeps_its_name(tmp_path, make_spec):
     from tests.conftest import run_cli
-    from tskd.config import DatasetCfg
+    from tskd.config import Cifar100Data
     from tskd.engine.trainer import train
 
     root = _own_data(tmp_path / "digits")
@@ -305,7 +305,7 @@ def test_own_data_is_registered_with_one_command_and_keeps_its_name(tmp_path, ma
     splits = cifar100_datasets(root, download=False, normalization="cifar100")
     assert splits.num_classes == 10 and splits.name == "digits" and splits.verified_by == "manifest"
 
-    m = train(make_spec(dataset=DatasetCfg(root=str(root)), recipe={"epochs": 1, "milestones": [],
+    m = train(make_spec(dataset=Cifar100Data(root=str(root)), recipe={"epochs": 1, "milestones": [],
                                                                     "augment": ["crop"]}), track=False)
     assert m["dataset"] == "digits"
     before = splits.identity

@@ -135,7 +135,7 @@ def test_declared_defaults_are_what_snakemake_reruns_for(preset, monkeypatch):
     change. A default that the params file overrides for a job reruns neither."""
     from pydantic.fields import FieldInfo
 
-    from tskd.config import DatasetCfg, Preset, RecipeCfg, SyntheticCfg, TrainCfg
+    from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, Preset, RecipeCfg, TrainCfg
     from tskd.distill.registry import list_methods, method_class
     from tskd.dvc_pipeline import code_defaults
 
@@ -143,7 +143,8 @@ def test_declared_defaults_are_what_snakemake_reruns_for(preset, monkeypatch):
     p = parse_preset(raw)
     base = _snakemake_params(p)
     all_stages = stages(p, raw, f"params/{preset}.yaml")
-    models = {"recipe": RecipeCfg, "train": TrainCfg, "dataset": DatasetCfg, "synthetic": SyntheticCfg}
+    models = {"recipe": RecipeCfg, "train": TrainCfg, **{f"datasets.{f}": m for f, m in DATASET_MODELS.items()},
+              **{f"synthetic.{f}": m for f, m in SYNTHETIC_MODELS.items()}}
     models |= {f"methods.{m}": method_class(m).Params for m in list_methods()}
     checked = 0
     for section, model in models.items():
@@ -156,13 +157,13 @@ def test_declared_defaults_are_what_snakemake_reruns_for(preset, monkeypatch):
                 continue
             field = model.model_fields[key]
             monkeypatch.setitem(model.model_fields, key, FieldInfo.merge_field_infos(field, default=new[key]))
-            for m in (model, Preset):
+            for m in (model, *DATASET_MODELS.values(), Preset):
                 m.model_rebuild(force=True)
             try:
                 after = _snakemake_params(parse_preset(raw))
             finally:
                 monkeypatch.setitem(model.model_fields, key, field)
-                for m in (model, Preset):
+                for m in (model, *DATASET_MODELS.values(), Preset):
                     m.model_rebuild(force=True)
             # The report reruns after any job it reads in both; its own trigger is the preset as written.
             snakemake_reruns = {n for n in base if after[n] != base[n]} - {"report"}

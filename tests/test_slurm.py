@@ -162,11 +162,11 @@ def test_bad_cluster_values_fail_before_submission(slurm_cluster, make_spec, tmp
 
 
 def test_failing_job_names_job_and_log(slurm_cluster, make_spec, tmp_path):
-    from tskd.config import DatasetCfg
+    from tskd.config import Cifar100Data
 
     # Bad params that only the node can find out: the dataset directory is missing there.
     missing = tmp_path / "no-such-cifar"
-    spec = make_spec(dataset=DatasetCfg(root=str(missing)))
+    spec = make_spec(dataset=Cifar100Data(root=str(missing)))
     launch = _launch_file(tmp_path / "launch.yaml")
     r = run_cli("train", "--no-track", "--spec", spec.model_dump_json(), "--launch", str(launch), timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr

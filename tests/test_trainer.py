@@ -235,10 +235,10 @@ def test_teacher_file_of_another_architecture_is_refused(make_spec, tmp_path):
 
 
 def test_missing_dataset_directory_is_named(make_spec, tmp_path):
-    from tskd.config import DatasetCfg
+    from tskd.config import Cifar100Data
 
     missing = tmp_path / "no-such-cifar"
-    spec = make_spec(dataset=DatasetCfg(root=str(missing)))
+    spec = make_spec(dataset=Cifar100Data(root=str(missing)))
     r = run_cli("train", "--no-track", "--spec", spec.model_dump_json())
     assert r.returncode == 2
     assert str(missing) in r.stderr and "download" in r.stderr.lower(), r.stderr

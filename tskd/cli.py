@@ -96,10 +96,17 @@ def cmd_data_register(a) -> None:
 
 
 def cmd_data_prepare(a) -> None:
+    from pydantic import TypeAdapter
+
     from tskd.config import DatasetCfg
     from tskd.data.prepare import prepare_dataset
 
-    ds = _parse(DatasetCfg, _json(a.dataset, "--dataset").get("dataset"), "--dataset")
+    try:
+        ds = TypeAdapter(DatasetCfg).validate_python(_json(a.dataset, "--dataset").get("dataset"))
+    except ValidationError as e:
+        from tskd.config import ParamsError, format_validation_error
+
+        raise ParamsError(format_validation_error(e, "--dataset")) from None
     info = prepare_dataset(ds, Path(a.marker))
     print(f"dataset ready: {info}")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from tskd.errors import TskdError
 
@@ -24,7 +24,7 @@ class Strict(BaseModel):
 
 
 class SyntheticCfg(Strict):
-    """Tiny generated dataset written in the real on-disk format (no download needed)."""
+    """Tiny CIFAR-100 generated in the real on-disk format (no download needed)."""
 
     seed: int = 0
     train_per_class: int = Field(20, ge=1)
@@ -33,22 +33,70 @@ class SyntheticCfg(Strict):
                                   "noise...): < 1 is easier, for runs of a few epochs")
 
 
-class DatasetCfg(Strict):
-    name: Literal["cifar100"] = "cifar100"
-    root: str | None = Field(None, description="directory holding cifar-100-python/ (where to download it "
-                             "with download: true); synthetic data is written under results/<preset>/data")
-    download: bool = Field(False, description="download the official archive if missing (needs internet)")
-    synthetic: SyntheticCfg | None = Field(None, description="generate a synthetic dataset instead of "
-                                           "reading the real one")
+class ImageNetSyntheticCfg(Strict):
+    """Tiny ImageNet generated in the real prepared layout (wnid folders of JPEG files, meta.bin)."""
+
+    seed: int = 0
+    classes: int = Field(10, ge=2, le=1000, description="how many of ImageNet's classes (wnids)")
+    train_per_class: int = Field(8, ge=1)
+    val_per_class: int = Field(4, ge=1)
+    image_size: int = Field(64, ge=8, description="side of the square JPEG images, px")
+
+
+class _DatasetBase(Strict):
+    holds: ClassVar[str] = ""  # what `root` must hold, for messages
+    root: str | None = Field(None, description="the dataset's directory (see the family); synthetic data is "
+                             "written under results/<preset>/data")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held out of train for model selection")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
 
     @model_validator(mode="after")
     def _root_or_synthetic(self):
         if self.root is None and self.synthetic is None:
-            raise ValueError("dataset.root is required unless dataset.synthetic is set: give the directory "
-                             "that holds cifar-100-python/")
+            raise ValueError(f"dataset.root is required unless dataset.synthetic is set: give the directory "
+                             f"that holds {self.holds}")
         return self
+
+
+class Cifar100Data(_DatasetBase):
+    """CIFAR-100 (or your own data in its layout, see `tskd data register`)."""
+
+    holds: ClassVar[str] = "cifar-100-python/"
+    name: Literal["cifar100"] = "cifar100"
+    download: bool = Field(False, description="download the official archive if missing (needs internet)")
+    synthetic: SyntheticCfg | None = Field(None, description="generate a synthetic dataset instead of "
+                                           "reading the real one")
+
+
+class ImageNetData(_DatasetBase):
+    """ILSVRC2012 in torchvision's layout: the official archives, prepared once into train/, val/, meta.bin."""
+
+    holds: ClassVar[str] = "the ILSVRC2012 archives (or their prepared train/, val/ and meta.bin)"
+    name: Literal["imagenet"]
+    synthetic: ImageNetSyntheticCfg | None = Field(None, description="generate a tiny ImageNet instead of "
+                                                   "reading the real one")
+    crop: int = Field(224, ge=8, description="training RandomResizedCrop and evaluation CenterCrop size, px")
+    resize: int = Field(256, ge=8, description="evaluation Resize of the shorter side, px, before the crop")
+
+    @model_validator(mode="after")
+    def _crop_fits(self):
+        if self.crop > self.resize:
+            raise ValueError(f"dataset.crop {self.crop} is larger than dataset.resize {self.resize}")
+        return self
+
+
+def _family(raw: Any) -> str:
+    # A dataset without `name` is CIFAR-100, as before there were several families.
+    return raw.get("name", "cifar100") if isinstance(raw, dict) else getattr(raw, "name", "cifar100")
+
+
+# The dataset families, told apart by `name`: each has its own keys, so a CIFAR key in an ImageNet
+# preset is refused with the file and the key. A new family adds its model here and a module in
+# tskd/data/ that registers it (tskd.data.families).
+DatasetCfg = Annotated[Annotated[Cifar100Data, Tag("cifar100")] | Annotated[ImageNetData, Tag("imagenet")],
+                       Discriminator(_family)]
+DATASET_MODELS: dict[str, type[_DatasetBase]] = {"cifar100": Cifar100Data, "imagenet": ImageNetData}
+SYNTHETIC_MODELS: dict[str, type[Strict]] = {"cifar100": SyntheticCfg, "imagenet": ImageNetSyntheticCfg}
 
 
 class RecipeCfg(Strict):
@@ -67,8 +115,9 @@ class RecipeCfg(Strict):
         "at", description="'at': epoch m (0-based) is the first to train with the decayed lr (mdistiller, "
         "CRD); 'after': the lr decays once epoch m has finished, so epoch m+1 is the first (the ReviewKD and "
         "TSKD authors' code calls its lr_schedule at the end of each epoch)")
-    normalization: Literal["cifar100", "cifar10"] = Field(
-        "cifar100", description="mean/std: cifar100 (CRD/mdistiller) or cifar10 (ReviewKD/TSKD authors)")
+    normalization: Literal["cifar100", "cifar10", "imagenet"] = Field(
+        "cifar100", description="mean/std: cifar100 (CRD/mdistiller), cifar10 (ReviewKD/TSKD authors on CIFAR) or "
+        "imagenet (torchvision)")
     augment: tuple[Literal["crop", "flip"], ...] = Field(
         ("crop", "flip"), description="training augmentation, in this order: 'crop' = random crop (CIFAR: 32 px "
         "from the image padded by 4), 'flip' = horizontal flip (wrong for digits or text); [] = none")
@@ -195,7 +244,10 @@ class ParamsError(TskdError, ValueError):
 def format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid params"]
     for err in e.errors():
-        key = ".".join(map(str, err["loc"])) or "(top level)"
+        # A family's tag in a dataset's location (dataset.imagenet.download) is not a key of the file.
+        loc = [part for i, part in enumerate(err["loc"])
+               if not (part in DATASET_MODELS and i and err["loc"][i - 1] == "dataset")]
+        key = ".".join(map(str, loc)) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

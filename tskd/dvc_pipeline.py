@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from tskd import grid
-from tskd.config import DatasetCfg, ParamsError, Preset, RecipeCfg, SyntheticCfg, TrainCfg
+from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, ParamsError, Preset, RecipeCfg, TrainCfg
 from tskd.report import summary_files
 
 ROOT_PRESET = "smoke"  # the preset whose pipeline is the repository's top-level dvc.yaml
@@ -111,9 +111,12 @@ def _fields(section: str, model, *skip: str) -> list[str]:
 
 # Sections that may also hold keys outside a run's identity are always declared key by key.
 def _dataset_keys(p: Preset, raw: dict[str, Any]) -> list[tuple[list[str], list[str]]]:
-    parts = [_declare(raw, _fields("dataset", DatasetCfg, "synthetic"), ["dataset"], "dataset", whole=False)]
+    fam = p.dataset.name
+    parts = [_declare(raw, _fields("dataset", DATASET_MODELS[fam], "synthetic"), ["dataset"], f"datasets.{fam}",
+                      whole=False)]
     if p.dataset.synthetic is not None:
-        parts.append(_declare(raw, list(SyntheticCfg.model_fields), ["dataset.synthetic"], "synthetic"))
+        parts.append(_declare(raw, list(SYNTHETIC_MODELS[fam].model_fields), ["dataset.synthetic"],
+                              f"synthetic.{fam}"))
     return parts
 
 
@@ -140,7 +143,8 @@ def code_defaults() -> dict[str, Any]:
 
     return {"methods": {m: method_class(m).Params().model_dump(mode="json") for m in list_methods()},
             "recipe": defaults("recipe", RecipeCfg, "methods"), "train": defaults("train", TrainCfg),
-            "dataset": defaults("dataset", DatasetCfg, "synthetic"), "synthetic": defaults("synthetic", SyntheticCfg)}
+            "datasets": {fam: defaults("dataset", model, "synthetic") for fam, model in DATASET_MODELS.items()},
+            "synthetic": {fam: defaults("synthetic", model) for fam, model in SYNTHETIC_MODELS.items()}}
 
 
 def render_defaults() -> str:
@@ -149,10 +153,16 @@ def render_defaults() -> str:
     return head + yaml.safe_dump(code_defaults(), sort_keys=True, width=10_000, default_flow_style=False)
 
 
+def _real_data(p: Preset) -> list[str]:
+    from tskd.data.families import family
+
+    return family(p.dataset.name).versioned_inputs(p.dataset)
+
+
 def _data_deps(p: Preset) -> list[str]:
     if p.dataset.synthetic is not None:
         return [str(grid.data_dir(p))]  # the stage writes the whole directory
-    return [str(grid.data_marker(p)), str(p.dataset.root)]
+    return [str(grid.data_marker(p)), *_real_data(p)]
 
 
 def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
@@ -160,7 +170,7 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
     out: list[Stage] = []
     marker = str(grid.data_marker(p))
     data_outs = [str(grid.data_dir(p))] if p.dataset.synthetic is not None else [marker]
-    real_root = [] if p.dataset.synthetic is not None else [str(p.dataset.root)]  # synthetic: written here
+    real_root = [] if p.dataset.synthetic is not None else _real_data(p)  # synthetic: written here
     out.append(Stage("data", "data", [marker], [], deps=real_root, params=_keys(raw, "dataset"), outs=data_outs,
                      defaults=[k for _, defaults in _dataset_keys(p, raw) for k in defaults]))
     for arch, t in p.teachers.items():

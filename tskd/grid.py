@@ -66,7 +66,8 @@ class RunSpec(Strict):
             src, dst = d, out
             for part in parents:
                 src, dst = src[part], dst.setdefault(part, {})
-            dst[leaf] = src[leaf]
+            if leaf in src:  # not every dataset family has every field (ImageNet has no download)
+                dst[leaf] = src[leaf]
         return out
 
     @classmethod

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import pickle
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
@@ -35,10 +32,11 @@ from tskd.data.integrity import (
     verify_manifest,
     write_manifest,
 )
+from tskd.data.splits import NORMALIZATION, IndexedSplit, Splits, split_train, stratified_split
 
 __all__ = [
     "NORMALIZATION",
-    "Cifar100Splits",
+    "Splits",
     "DatasetError",
     "IndexedSplit",
     "VerifiedCIFAR100",
@@ -50,14 +48,7 @@ __all__ = [
     "verify_cifar100_dir",
 ]
 
-Normalization = Literal["cifar100", "cifar10"]
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    # CRD / mdistiller: CIFAR-100 training-set statistics.
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    # ReviewKD / TSKD authors: CIFAR-10 statistics, written exactly as their train.py does
-    # (x / 255 of 125.3, 123.0, 113.9 and 63.0, 62.1, 66.7; about 0.4914, 0.4824, 0.4467 / 0.2471, ...).
-    "cifar10": (tuple(x / 255.0 for x in (125.3, 123.0, 113.9)), tuple(x / 255.0 for x in (63.0, 62.1, 66.7))),
-}
+Normalization = str  # a name in tskd.data.splits.NORMALIZATION
 NUM_CLASSES = 100
 _OFFICIAL_MD5 = {name: md5 for name, md5 in CIFAR100.train_list + CIFAR100.test_list}
 _OFFICIAL_MD5[CIFAR100.meta["filename"]] = CIFAR100.meta["md5"]
@@ -184,57 +175,6 @@ class VerifiedCIFAR100(CIFAR100):
         self.class_to_idx = {name: i for i, name in enumerate(classes)}
 
 
-class IndexedSplit(Dataset):
-    """Rows of a CIFAR reader as items ``(image, label, index)``.
-
-    ``index`` is the item's position in this split (0..len-1), as memory-bank distillers
-    (CRD) need; ``labels[index]`` is its label.
-    """
-
-    def __init__(self, source: CIFAR100, rows: np.ndarray | None, transform: Any) -> None:
-        self.source = source
-        self.rows = np.arange(len(source)) if rows is None else np.asarray(rows, dtype=np.int64)
-        self.transform = transform
-        self.labels = torch.as_tensor(np.asarray(source.targets, dtype=np.int64)[self.rows])
-        self.classes = list(source.classes)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        image, _ = self.source[int(self.rows[index])]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index]), int(index)
-
-
-@dataclass(frozen=True)
-class Cifar100Splits:
-    """The splits of one run. ``val`` is held out of the official training set (or None)."""
-
-    train: IndexedSplit  # training transform (augmentation if asked)
-    val: IndexedSplit | None  # evaluation transform
-    test: IndexedSplit  # the official test set, evaluation transform
-    classes: tuple[str, ...]
-    verified_by: str  # "manifest" (tskd-written data) or "official md5"
-    identity: str  # what the data is (``cifar100_identity``): part of every run's identity
-    name: str  # the data's own name (``dataset_name``)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def train_labels(self) -> torch.Tensor:
-        """Labels of ``train`` (int64), indexed by the items' ``index``."""
-        return self.train.labels
-
-    @property
-    def eval_set(self) -> IndexedSplit:
-        """The split to select models on: ``val`` if held out, else ``test`` (the authors' protocol)."""
-        return self.val if self.val is not None else self.test
-
-
 def train_transform(normalization: Normalization, augment: tuple[str, ...] = ("crop", "flip")) -> T.Compose:
     """The ``augment`` parts (``crop``: random crop 32 with 4 px zero padding; ``flip``: horizontal
     flip, p 0.5), in that order, then ToTensor and Normalize."""
@@ -256,28 +196,9 @@ def _stats(normalization: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return NORMALIZATION[normalization]
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (keep, held_out) row indices: about ``fraction`` of each class held out, chosen by ``seed``.
-
-    Deterministic for (labels, fraction, seed); every class keeps at least one row.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise DatasetError(f"val_fraction must be in [0, 1), got {fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(labels):  # sorted, so the draws do not depend on row order
-        rows = np.flatnonzero(labels == c)
-        k = min(len(rows) - 1, int(np.floor(fraction * len(rows) + 0.5)))
-        held.append(rng.permutation(rows)[:k])
-    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    keep = np.setdiff1d(np.arange(len(labels)), held_out)
-    return keep, held_out
-
-
 def cifar100_datasets(root: str | Path, *, download: bool, normalization: Normalization,
                       augment: tuple[str, ...] = ("crop", "flip"),
-                      val_fraction: float = 0.0, val_seed: int = 0) -> Cifar100Splits:
+                      val_fraction: float = 0.0, val_seed: int = 0) -> Splits:
     """Load ``root/cifar-100-python`` (verified) into training, optional validation and test splits.
 
     ``download`` fetches the official archive with torchvision if the data is missing.
@@ -289,23 +210,40 @@ def cifar100_datasets(root: str | Path, *, download: bool, normalization: Normal
     eval_tf = eval_transform(normalization)
     train_source = VerifiedCIFAR100(root, train=True, download=download)
     test_source = VerifiedCIFAR100(root, train=False)
-    val = None
-    train_rows = None
-    if val_fraction > 0:
-        train_rows, val_rows = stratified_split(np.asarray(train_source.targets), val_fraction, val_seed)
-        if len(val_rows) == 0:
-            raise DatasetError(f"val_fraction {val_fraction} holds out no image of {len(train_source)} "
-                             "(too few per class)")
-        val = IndexedSplit(train_source, val_rows, eval_tf)
-    return Cifar100Splits(
-        train=IndexedSplit(train_source, train_rows, train_transform(normalization, augment)),
-        val=val,
-        test=IndexedSplit(test_source, None, eval_tf),
-        classes=tuple(train_source.classes),
-        verified_by=train_source.verified_by,
-        identity=cifar100_identity(Path(root) / VerifiedCIFAR100.base_folder, train_source.verified_by),
-        name=dataset_name(Path(root).expanduser() / VerifiedCIFAR100.base_folder, train_source.verified_by),
-    )
+    train, val = split_train(train_source, val_fraction, val_seed, train_transform(normalization, augment), eval_tf)
+    folder = Path(root).expanduser() / VerifiedCIFAR100.base_folder
+    return Splits(train=train, val=val, test=IndexedSplit(test_source, None, eval_tf),
+                  classes=tuple(train_source.classes), verified_by=train_source.verified_by,
+                  identity=cifar100_identity(folder, train_source.verified_by),
+                  name=dataset_name(folder, train_source.verified_by), image_size=(32, 32))
+
+
+def prepare(cfg) -> dict[str, Any]:
+    """The data stage: write the synthetic set (if asked), then read both splits as a run will."""
+    root = Path(cfg.root)
+    if cfg.synthetic is not None:
+        from tskd.data.synthetic import Nuisance, write_synthetic_cifar100
+
+        s = cfg.synthetic
+        write_synthetic_cifar100(root, seed=s.seed, train_per_class=s.train_per_class,
+                                 test_per_class=s.test_per_class, nuisance=Nuisance().scaled(s.nuisance_scale))
+    splits = cifar100_datasets(str(root), download=cfg.download, normalization="cifar100", augment=(),
+                               val_fraction=cfg.val_fraction, val_seed=0)
+    # The root as given, not resolved: the marker is a DVC output, identical in every clone.
+    return {"name": splits.name, "family": cfg.name, "root": str(root), "identity": splits.identity,
+            "synthetic": cfg.synthetic is not None, "num_classes": splits.num_classes,
+            "train": len(splits.train) + (len(splits.val) if splits.val else 0), "test": len(splits.test)}
+
+
+def versioned_inputs(cfg) -> list[str]:
+    """What DVC versions of the real data: the dataset directory."""
+    return [str(cfg.root)]
+
+
+def load_splits(cfg, recipe) -> Splits:
+    """The family's entry for the trainer (tskd.data.families)."""
+    return cifar100_datasets(cfg.root, download=cfg.download, normalization=recipe.normalization,
+                             augment=recipe.augment, val_fraction=cfg.val_fraction, val_seed=0)
 
 
 def register_cifar100_layout(root: str | Path, name: str) -> dict[str, Any]:

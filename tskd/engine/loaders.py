@@ -50,12 +50,12 @@ class RunData:
 
 
 def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
-    from tskd.data.cifar import NORMALIZATION, cifar100_datasets
+    """The run's data, from its dataset family (tskd.data.families)."""
+    from tskd.data.families import family
+    from tskd.data.splits import NORMALIZATION
 
-    # One validation split for every seed and method (val_seed fixed), so runs are comparable.
-    splits = cifar100_datasets(ds.root, download=ds.download, normalization=recipe.normalization,
-                               augment=recipe.augment, val_fraction=ds.val_fraction, val_seed=0)
+    splits = family(ds.name).load_splits(ds, recipe)
     mean, std = NORMALIZATION[recipe.normalization]
     return RunData(train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes,
-                   image_size=(32, 32), train_labels=splits.train_labels, identity=splits.identity, name=splits.name,
-                   normalization=recipe.normalization, mean=mean, std=std)
+                   image_size=splits.image_size, train_labels=splits.train_labels, identity=splits.identity,
+                   name=splits.name, normalization=recipe.normalization, mean=mean, std=std)

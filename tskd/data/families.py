@@ -1,0 +1,29 @@
+"""Dataset families by name: each is a module of tskd.data with two entries.
+
+* ``load_splits(cfg, recipe) -> Splits``: the splits a run trains and evaluates on, read with
+  the family's real reader, verified cheaply (no re-hash of a large tree per call);
+* ``prepare(cfg) -> dict``: the data stage: write the synthetic set, or check (and for ImageNet
+  prepare, once) the real one; returns what the stage's marker records;
+* ``versioned_inputs(cfg) -> list[str]``: the files of real data that DVC versions and the data
+  stage depends on (CIFAR: the directory; ImageNet: the three archives, not 1.28 M files).
+
+Its params are its own model in ``tskd.config`` (the ``DatasetCfg`` union, told apart by
+``dataset.name``). Adding a family: a params model there, a module here, one line below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+_MODULES = {"cifar100": "tskd.data.cifar", "imagenet": "tskd.data.imagenet"}
+
+
+def family(name: str) -> ModuleType:
+    """The module of dataset family ``name`` (imported on first use: torchvision is heavy)."""
+    try:
+        return importlib.import_module(_MODULES[name])
+    except KeyError:
+        from tskd.data.integrity import DatasetError
+
+        raise DatasetError(f"unknown dataset family {name!r}; known: {', '.join(sorted(_MODULES))}") from None
