@@ -13,7 +13,7 @@ from tskd.grid import student_jobs
 from tskd.schema import params_schema
 
 
-@pytest.mark.parametrize("name", ["smoke", "cifar100"])
+@pytest.mark.parametrize("name", ["smoke", "cifar100", "imagenet", "imagenet_smoke"])
 def test_presets_validate(repo_root, name):
     p = load_preset(repo_root / "params" / f"{name}.yaml")
     assert p.preset == name and student_jobs(p)
@@ -139,3 +139,24 @@ def test_bad_pair_override_is_named(tmp_path):
     with pytest.raises(ParamsError) as e:
         load_preset(path)
     assert "pairs.0.methods.kd.tau" in str(e.value)
+
+
+def test_recipe_values_per_method(repo_root, tmp_path):
+    """mdistiller's ImageNet recipe: KD, AT, DKD at batch 512 and lr 0.2, CRD and ReviewKD at 256 and 0.1."""
+    from tskd.grid import student_jobs, student_spec
+
+    p = load_preset(repo_root / "params/imagenet.yaml")
+    recipes = {(j.method, j.pair.student): student_spec(p, j).recipe for j in student_jobs(p)}
+    assert (recipes[("kd", "resnet18")].batch_size, recipes[("kd", "resnet18")].lr) == (512, 0.2)
+    assert (recipes[("crd", "resnet18")].batch_size, recipes[("crd", "resnet18")].lr) == (256, 0.1)
+    assert recipes[("crd", "MobileNetV1")].milestones == [30, 60, 90] and not recipes[("crd", "resnet18")].by_method
+    kd = next(student_spec(p, j) for j in student_jobs(p) if j.method == "kd")
+    assert (kd.method_params["T"], kd.method_params["ce_weight"], kd.method_params["kd_weight"]) == (1.0, 0.5, 0.5)
+
+    for bad, words in (({"crd": {"batch": 1}}, ["by_method.crd", "batch"]),
+                       ({"crd": {"lr": -1}}, ["by_method.crd.lr"]),
+                       ({"magic": {"lr": 0.1}}, ["recipes.student.by_method.magic"])):
+        path = _write(tmp_path, lambda r, bad=bad: r["recipes"]["student"].update(by_method=bad))
+        with pytest.raises(ParamsError) as e:
+            load_preset(path)
+        assert all(w in str(e.value) for w in words), str(e.value)

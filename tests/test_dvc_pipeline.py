@@ -94,7 +94,7 @@ def _snakemake_params(p) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("preset", ["smoke", "cifar100"])
+@pytest.mark.parametrize("preset", ["smoke", "cifar100", "imagenet", "imagenet_smoke"])
 def test_declared_params_are_exactly_what_snakemake_reruns_for(preset):
     """For every value in the params file: the stages DVC reruns (a declared key covers it) are
     the jobs whose Snakemake params change. Values that change the grid's shape are skipped:
@@ -128,7 +128,7 @@ def test_declared_params_are_exactly_what_snakemake_reruns_for(preset):
     assert checked > 20
 
 
-@pytest.mark.parametrize("preset", ["smoke", "cifar100"])
+@pytest.mark.parametrize("preset", ["smoke", "cifar100", "imagenet_smoke"])
 def test_declared_defaults_are_what_snakemake_reruns_for(preset, monkeypatch):
     """For every default the code fills in, changed in place (as a new version of tskd would): the
     stages that declare it in workflow/defaults.yaml are exactly the jobs whose Snakemake params

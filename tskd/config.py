@@ -129,6 +129,15 @@ class RecipeCfg(Strict):
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="method params of this recipe, over the preset's `methods` and "
         "under a pair's overrides (e.g. mdistiller's KD: {kd: {ce_weight: 0.1, kd_weight: 0.9}})")
+    by_method: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="values of this recipe that differ for some methods, e.g. mdistiller's "
+        "ImageNet recipe trains CRD and ReviewKD at {batch_size: 256, lr: 0.1}, the others at 512 and 0.2")
+
+    def for_method(self, method: str) -> RecipeCfg:
+        """The recipe a run of ``method`` trains with: ``by_method`` applied, method params left to the
+        run's spec (they are folded into its method_params)."""
+        values = self.model_dump() | self.by_method.get(method, {}) | {"methods": {}, "by_method": {}}
+        return RecipeCfg.model_validate(values)
 
     def lr_at(self, base_lr: float, epoch: int) -> float:
         """The step-decayed learning rate of 0-based ``epoch``."""
@@ -139,6 +148,16 @@ class RecipeCfg(Strict):
     def _milestones_sorted(self):
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be increasing, got {self.milestones}")
+        for method, values in self.by_method.items():
+            bad = sorted(set(values) - set(type(self).model_fields) | set(values) & {"methods", "by_method"})
+            if bad:
+                raise ValueError(f"by_method.{method}: {', '.join(bad)} cannot be set per method; allowed: the "
+                                 "recipe's own keys (epochs, batch_size, lr, ...)")
+            try:
+                RecipeCfg.model_validate(self.model_dump() | values | {"by_method": {}})
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ValueError(f"by_method.{method}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         return self
 
 
@@ -210,10 +229,11 @@ class Preset(Strict):
         if len(set(self.student_recipes)) != len(self.student_recipes):
             raise ValueError(f"student_recipes: duplicates in {self.student_recipes}")
         for name in self.student_recipes:
-            for m in self.recipes[name].methods:
-                if m not in self.methods:
-                    raise ValueError(f"recipes.{name}.methods.{m}: sets params of a method that is not in "
-                                     f"`methods` ({sorted(self.methods)})")
+            for key in ("methods", "by_method"):
+                for m in getattr(self.recipes[name], key):
+                    if m not in self.methods:
+                        raise ValueError(f"recipes.{name}.{key}.{m}: a method that is not in `methods` "
+                                         f"({sorted(self.methods)})")
         for i, p in enumerate(self.pairs):
             if p.teacher not in self.teachers:
                 raise ValueError(f"pairs.{i}.teacher: {p.teacher!r} is not a key of `teachers` "

@@ -125,8 +125,10 @@ def _run_keys(p: Preset, raw: dict[str, Any], recipe: str, method: str,
     """The params and defaults keys a training run's identity is built from (tskd.grid)."""
     from tskd.distill.registry import method_class
 
+    recipe_layers = [f"recipes.{recipe}", f"recipes.{recipe}.by_method.{method}"]
     parts = [*_dataset_keys(p, raw),
-             _declare(raw, _fields("recipe", RecipeCfg, "methods"), [f"recipes.{recipe}"], "recipe", whole=False),
+             _declare(raw, _fields("recipe", RecipeCfg, "methods", "by_method"), recipe_layers, "recipe",
+                      whole=False),
              _declare(raw, _fields("train", TrainCfg), ["train"], "train", whole=False),
              _declare(raw, list(method_class(method).Params.model_fields), method_layers, f"methods.{method}")]
     return [k for keys, _ in parts for k in keys], [k for _, defaults in parts for k in defaults]
@@ -142,7 +144,7 @@ def code_defaults() -> dict[str, Any]:
                 if not fields[k].is_required()}
 
     return {"methods": {m: method_class(m).Params().model_dump(mode="json") for m in list_methods()},
-            "recipe": defaults("recipe", RecipeCfg, "methods"), "train": defaults("train", TrainCfg),
+            "recipe": defaults("recipe", RecipeCfg, "methods", "by_method"), "train": defaults("train", TrainCfg),
             "datasets": {fam: defaults("dataset", model, "synthetic") for fam, model in DATASET_MODELS.items()},
             "synthetic": {fam: defaults("synthetic", model) for fam, model in SYNTHETIC_MODELS.items()}}
 

@@ -136,16 +136,12 @@ def experiment_name(p: Preset) -> str:
     return p.tracking.experiment or f"tskd-{p.preset}"
 
 
-def _run_recipe(p: Preset, name: str) -> RecipeCfg:
-    # The recipe's method params are folded into the spec's method_params (teachers do not use them).
-    return p.recipes[name].model_copy(update={"methods": {}})
-
-
 def teacher_spec(p: Preset, arch: str) -> RunSpec:
     t = p.teachers[arch]
     return RunSpec(preset=p.preset, role="teacher", method="vanilla",
                    method_params=effective_method_params("vanilla", {}), arch=arch, seed=t.seed,
-                   dataset=dataset_for_run(p), recipe=_run_recipe(p, t.recipe), recipe_name=t.recipe, train=p.train,
+                   dataset=dataset_for_run(p), recipe=p.recipes[t.recipe].for_method("vanilla"),
+                   recipe_name=t.recipe, train=p.train,
                    out_dir=str(teacher_dir(p, arch)), experiment=experiment_name(p))
 
 
@@ -156,7 +152,8 @@ def student_spec(p: Preset, job: StudentJob) -> RunSpec:
                    method_params=effective_method_params(job.method, p.method_params(job.method, job.pair, job.recipe)),
                    arch=job.pair.student, teacher_arch=None if alone else teacher,
                    teacher_path=None if alone else str(teacher_dir(p, teacher) / "model.pt"), seed=job.seed,
-                   dataset=dataset_for_run(p), recipe=_run_recipe(p, job.recipe), recipe_name=job.recipe, train=p.train,
+                   dataset=dataset_for_run(p), recipe=p.recipes[job.recipe].for_method(job.method),
+                   recipe_name=job.recipe, train=p.train,
                    out_dir=str(student_dir(p, job)), experiment=experiment_name(p))
 
 
