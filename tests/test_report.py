@@ -88,3 +88,22 @@ def test_selected_epoch_is_reported_with_a_validation_split(tmp_path):
     assert "| resnet20-resnet8 | kd | 2 | 21.50 ± 0.71 | 16.50 ± 0.71 | 41.50 ± 0.71 | 51.50 ± 0.71 | 16.50 ± 0.71 |" \
         in md
     assert summaries(p, [])["kd"] == {}
+
+
+def test_published_numbers_beside_ours_only_on_the_official_data(tmp_path):
+    from tskd.report import collect_rows, format_markdown
+
+    raw = yaml.safe_load((REPO / "params/cifar100.yaml").read_text())
+    raw.update(results_dir=str(tmp_path / "results"), seeds=[0], student_recipes=["mdistiller"],
+               methods={"vanilla": {}, "kd": {}, "dkd": {}})
+    raw["pairs"] = [raw["pairs"][2]]  # resnet32x4 -> resnet8x4
+    p = parse_preset(raw)
+    _write_runs(p, val=False)
+    rows = collect_rows(p)
+    md = format_markdown(p, rows, "cifar100")
+    assert "| resnet32x4 | vanilla | teacher | 0 | 70.00 | 65.00 | 79.42 (last; RepDistiller (CRD) table) |" in md
+    assert ("| resnet32x4-resnet8x4 | kd | 1 | 21.00 | 16.00 | 41.00 | 51.00 | "
+            "73.33 (last; RepDistiller (CRD) table) |") in md
+    assert ("| resnet32x4-resnet8x4 | dkd | 1 | 20.00 | 15.00 | 40.00 | 50.00 | "
+            "76.32 (best; mdistiller (DKD paper)) |") in md
+    assert "published" not in format_markdown(p, rows, "synthetic-cifar100")

@@ -13,6 +13,7 @@ from tskd.config import Preset
 from tskd.errors import TskdError
 from tskd.grid import student_dir, student_jobs, teacher_dir
 from tskd.io import atomic_write_text
+from tskd.reference_numbers import published
 
 
 class ReportError(TskdError):
@@ -65,30 +66,44 @@ def _present(rows: list[dict[str, Any]], key: str) -> bool:
     return any(r[key] != "" for r in rows)
 
 
+def _published_cell(dataset: str | None, pair: str, method: str) -> str:
+    ref = published(dataset, pair, method) if dataset else None
+    return f"{ref.top1:.2f} ({ref.figure}; {ref.source})" if ref else ""
+
+
 def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None = None) -> str:
+    # Published figures are comparable only on the official data (not synthetic or registered data).
+    official = dataset if dataset in ("cifar100", "imagenet") else None
     out = [f"# Results: preset `{p.preset}`" + (f", dataset `{dataset}`" if dataset else ""), "",
            "Test accuracy (%). **best**: the epoch of highest test top-1 (mdistiller / TSKD authors' figure), "
            "its top-1 and top-5; **last**: the final epoch (RepDistiller's figure); **selected**: the epoch of "
-           "highest validation top-1 (with a validation split). Each cell is the mean ± sample std over n seeds.",
-           ""]
+           "highest validation top-1 (with a validation split). Each cell is the mean ± sample std over n seeds."
+           + (" **published**: the figure a paper or code base reports, which figure it is, and its source."
+              if official else ""), ""]
+    pub = " published |" if official else ""
     teachers = [r for r in rows if r["pair"] == "teacher"]
     if teachers:
-        out += ["## Teachers", "", "| teacher | source | recipe | seed | best top-1 | last top-1 |",
-                "|---|---|---|---|---|---|"]
-        out += [f"| {r['student']} | {r['method']} | {r['recipe']} | {r['seed']} | {r['best_top1']:.2f} | "
-                f"{r['last_top1']:.2f} |" for r in teachers]
+        out += ["## Teachers", "", "| teacher | source | recipe | seed | best top-1 | last top-1 |" + pub,
+                "|---|---|---|---|---|---|" + ("---|" if official else "")]
+        for r in teachers:
+            pairs = [q.name for q in p.pairs if q.teacher == r["student"]]
+            cell = next((c for c in (_published_cell(official, q, "teacher") for q in pairs) if c), "")
+            out.append(f"| {r['student']} | {r['method']} | {r['recipe']} | {r['seed']} | {r['best_top1']:.2f} | "
+                       f"{r['last_top1']:.2f} |" + (f" {cell} |" if official else ""))
         out.append("")
     students = [r for r in rows if r["pair"] != "teacher"]
     figures = [k for k in FIGURES if _present(students, k)]
     for recipe in p.student_recipes:
         out += [f"## Students, recipe `{recipe}`", "",
-                "| pair | method | n | " + " | ".join(FIGURES[k] for k in figures) + " |",
-                "|---|---|---|" + "---|" * len(figures)]
+                "| pair | method | n | " + " | ".join(FIGURES[k] for k in figures) + " |" + pub,
+                "|---|---|---|" + "---|" * (len(figures) + bool(official))]
         for pair in p.pairs:
             for method in p.methods:
                 sel = [r for r in students if (r["recipe"], r["pair"], r["method"]) == (recipe, pair.name, method)]
                 if sel:
                     cells = [_mean_std([r[k] for r in sel]) for k in figures]
+                    if official:
+                        cells.append(_published_cell(official, pair.name, method))
                     out.append(f"| {pair.name} | {method} | {len(sel)} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
