@@ -424,3 +424,31 @@ def test_one_training_step(method, t_name, s_name):
     opt.step()
     t_after = t.state_dict()
     assert all(torch.equal(v, t_after[k]) for k, v in t_before.items())  # teacher BN stats too
+
+
+def test_crd_other_class_negatives_with_replacement_need_no_batch_by_dataset_mask(monkeypatch):
+    """mdistiller's ImageNet sampler (replace=True) at ImageNet's size: uniform over the other
+    classes' samples, drawn by position in the class-sorted set (no (B x N) mask, no multinomial)."""
+    n = 1_281_167
+    labels = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(0))
+    big = DistillContext(num_classes=1000, image_size=(32, 32), epochs=1, num_train=n, train_labels=labels)
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("sampled through a (batch x N) mask")
+
+    monkeypatch.setattr(torch, "multinomial", no_mask)
+    d = build_distiller("crd", student("resnet8"), teacher("resnet8"), {"replacement": "always"}, big)
+    rows = torch.randint(0, n, (64,))
+    idx = d.sample_indices(rows)
+    assert idx.shape == (64, 1 + 16384) and torch.equal(idx[:, 0], rows)
+    assert (labels[idx[:, 1:]] != labels[rows][:, None]).all() and 0 <= idx.min() and idx.max() < n
+
+    small = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2])  # uneven classes: each other sample equally likely
+    ctx_small = DistillContext(num_classes=3, image_size=(32, 32), epochs=1, num_train=10, train_labels=small)
+    d = build_distiller("crd", student("resnet8"), teacher("resnet8"), {"replacement": "always", "nce_k": 9},
+                        ctx_small)
+    torch.manual_seed(0)
+    neg = d.sample_indices(torch.zeros(4000, dtype=torch.long))[:, 1:]  # rows of class 0
+    counts = torch.bincount(neg.flatten(), minlength=10).float()
+    assert counts[:2].sum() == 0  # never its own class
+    assert (counts[2:] / counts[2:].mean() - 1).abs().max() < 0.05  # 36 000 draws over 8 samples

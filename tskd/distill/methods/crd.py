@@ -34,6 +34,11 @@ class CRDParams(MethodParams):
     negatives: Literal["other_class", "uniform"] = Field(
         "other_class", description="other_class: negatives from samples of other classes (CRD's 'exact' mode, "
         "its CIFAR default; needs the training labels); uniform: from all samples")
+    replacement: Literal["if_needed", "always"] = Field(
+        "if_needed", description="other-class negatives drawn without replacement unless a class has fewer than "
+        "nce_k others (CRD's CIFAR sampler), or always with replacement (mdistiller's ImageNet sampler: "
+        "np.random.choice(..., replace=True)); 'always' needs no batch x training-set mask, which at ImageNet's "
+        "1.28 M samples would be 1.3 GB per batch of 256")
 
 
 class Embed(nn.Module):
@@ -81,17 +86,39 @@ class CRD(Distiller):
             if labels.unique().numel() < 2:
                 raise ParamsError("method 'crd': negatives='other_class' needs at least two classes")
         self.register_buffer("train_labels", labels, persistent=False)  # derived from the data set
+        # The training set sorted by class, and where each class's block starts (CSR-like): other-class
+        # negatives drawn by position, with no (batch x N) mask. Derived from the data set, not saved.
+        order = starts = None
+        if labels is not None:
+            order = torch.argsort(labels, stable=True)
+            counts = torch.bincount(labels)
+            starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.register_buffer("by_class", order, persistent=False)
+        self.register_buffer("class_starts", starts, persistent=False)
 
     def sample_indices(self, indices: Tensor) -> Tensor:
         """(B, 1 + K) bank rows: the sample itself, then K negatives."""
         n, k = self.memory_s.shape[0], self.num_k
         if self.train_labels is None:
             neg = torch.randint(0, n, (indices.shape[0], k), device=indices.device)
+        elif self.params.replacement == "always":
+            neg = self._other_class_with_replacement(indices, k)
         else:
             allowed = (self.train_labels[None, :] != self.train_labels[indices][:, None]).float()
             # Without replacement when every row has enough negatives (CRD's rule), else with.
             neg = torch.multinomial(allowed, k, replacement=bool(allowed.sum(1).min() < k))
         return torch.cat([indices[:, None], neg], dim=1)
+
+    def _other_class_with_replacement(self, indices: Tensor, k: int) -> Tensor:
+        """k uniform draws per row among the rows of other classes, in O(batch x k) memory: a position
+        in the class-sorted order with the row's own class block cut out."""
+        c = self.train_labels[indices]
+        start, end = self.class_starts[c], self.class_starts[c + 1]
+        others = (self.by_class.shape[0] - (end - start)).to(torch.float64)
+        u = torch.rand(indices.shape[0], k, device=indices.device, dtype=torch.float64)
+        pos = torch.minimum((u * others[:, None]).long(), (others - 1).long()[:, None])
+        pos = pos + (pos >= start[:, None]) * (end - start)[:, None]
+        return self.by_class[pos]
 
     def contrast(self, v_s: Tensor, v_t: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Scores exp(<v, m>/T)/Z of each embedding against the other network's bank rows ``idx``."""
