@@ -441,7 +441,7 @@ def test_crd_other_class_negatives_with_replacement_need_no_batch_by_dataset_mas
     rows = torch.randint(0, n, (64,))
     idx = d.sample_indices(rows)
     assert idx.shape == (64, 1 + 16384) and torch.equal(idx[:, 0], rows)
-    assert (labels[idx[:, 1:]] != labels[rows][:, None]).all() and 0 <= idx.min() and idx.max() < n
+    assert (labels[idx[:, 1:]] != labels[rows][:, None]).all() and idx.min() >= 0 and idx.max() < n
 
     small = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 2])  # uneven classes: each other sample equally likely
     ctx_small = DistillContext(num_classes=3, image_size=(32, 32), epochs=1, num_train=10, train_labels=small)
