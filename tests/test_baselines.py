@@ -452,3 +452,23 @@ def test_crd_other_class_negatives_with_replacement_need_no_batch_by_dataset_mas
     counts = torch.bincount(neg.flatten(), minlength=10).float()
     assert counts[:2].sum() == 0  # never its own class
     assert (counts[2:] / counts[2:].mean() - 1).abs().max() < 0.05  # 36 000 draws over 8 samples
+
+
+def test_at_pairs_stages_and_can_pair_them_as_mdistiller_does_for_r50_mv1():
+    """Default: stage with stage (R50 layer i with MobileNetV1 stage i, the same size). mdistiller's
+    R50 -> MV1 pairing (MV1 stages 2-4 with R50 layers 1-3, pooled) is a param."""
+    from tskd.models import create_model
+
+    ctx64 = DistillContext(num_classes=10, image_size=(64, 64), epochs=1, num_train=4)
+    s, t = create_model("MobileNetV1", num_classes=10), create_model("resnet50", num_classes=10)
+    aligned = build_distiller("at", s, t, {}, ctx64)
+    assert aligned.pairs == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    theirs = build_distiller("at", s, t, {"student_taps": [2, 3, 4], "teacher_taps": [1, 2, 3]}, ctx64)
+    x = torch.randn(2, 3, 64, 64)
+    _, s_taps = s(x)
+    _, t_taps = t(x)
+    want = sum(at_loss(s_taps["feats"][i], t_taps["feats"][i - 1], 2.0) for i in (2, 3, 4))
+    got = theirs.forward_train(x, torch.tensor([1, 2]), epoch=0)[1]["at"]
+    torch.testing.assert_close(got, 1000.0 * want)
+    with pytest.raises(ValueError, match="same length"):
+        parse_method_params("at", {"student_taps": [2, 3], "teacher_taps": [1]})
