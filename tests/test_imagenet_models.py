@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,24 @@ def test_imagenet_models_are_listed_with_imagenet_heads():
     assert set(rows) == {"resnet18", "resnet34", "resnet50", "MobileNetV1"}
     assert rows["resnet50"]["params"] == 25_557_032  # torchvision's figure for ResNet-50
     assert isinstance(create_model("resnet18").fc, nn.Linear)
+
+
+def test_torchvision_weights_resolve_to_torchs_hub_cache_and_their_hash_is_checked(tmp_path, monkeypatch):
+    from tskd.data.integrity import sha256_file
+    from tskd.models.published import check_torchvision_hash, resolve_checkpoint
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = resolve_checkpoint("resnet34", "torchvision:IMAGENET1K_V1")
+    assert path == tmp_path / "torch" / "hub" / "checkpoints" / "resnet34-b627a593.pth"
+    assert resolve_checkpoint("resnet50", "torchvision:IMAGENET1K_V1").name == "resnet50-0676ba61.pth"  # V1, not V2
+    with pytest.raises(ModelFileError, match="torchvision has no weights 'IMAGENET1K_V9' for 'resnet34'"):
+        resolve_checkpoint("resnet34", "torchvision:IMAGENET1K_V9")
+    assert resolve_checkpoint("resnet34", "~/teachers/r34.pth") == Path("~/teachers/r34.pth").expanduser()
+
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet34().state_dict(), path)  # another file under torchvision's name
+    with pytest.raises(ModelFileError, match=f"{path}: its sha256 does not start with b627a593"):
+        check_torchvision_hash(path)
+    named = path.with_name(f"resnet34-{sha256_file(path)[:8]}.pth")
+    path.rename(named)
+    check_torchvision_hash(named)  # its own hash: accepted

@@ -178,7 +178,8 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
     for arch, t in p.teachers.items():
         d = grid.teacher_dir(p, arch)
         files = [str(d / "model.pt"), str(d / "metrics.json")]
-        deps = _data_deps(p) + ([t.checkpoint] if t.checkpoint else [])
+        published = grid.published_teacher(p, arch)
+        deps = _data_deps(p) + ([str(published)] if published else [])
         keys, defaults = _run_keys(p, raw, t.recipe, "vanilla", [])  # teachers: vanilla at its defaults
         out.append(Stage(f"teacher-{arch}-seed{t.seed}", "teacher", files, [marker], deps=deps,
                          params=[*keys, *_keys(raw, f"teachers.{arch}")], outs=files, persist=True,

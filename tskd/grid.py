@@ -116,6 +116,16 @@ def dataset_for_run(p: Preset) -> DatasetCfg:
     return p.dataset
 
 
+def published_teacher(p: Preset, arch: str) -> Path | None:
+    """The file a teacher is imported from (``teachers.<arch>.checkpoint`` resolved), or None."""
+    value = p.teachers[arch].checkpoint
+    if value is None:
+        return None
+    from tskd.models.published import resolve_checkpoint
+
+    return resolve_checkpoint(arch, value)
+
+
 def teacher_dir(p: Preset, arch: str) -> Path:
     return p.out / "teachers" / arch / f"seed{p.teachers[arch].seed}"
 

@@ -14,7 +14,7 @@ from tskd.engine.loaders import RunData, build_run_data
 from tskd.engine.runtime import select_runtime
 from tskd.grid import RunSpec
 from tskd.io import atomic_write_json
-from tskd.models.published import load_published_checkpoint
+from tskd.models.published import check_torchvision_hash, load_published_checkpoint
 
 
 def _test_accuracy(spec: RunSpec, data: RunData, model: torch.nn.Module) -> dict[str, Any]:
@@ -36,6 +36,7 @@ def evaluate_model_file(spec: RunSpec, model_path: Path, out: Path) -> dict[str,
 
 def import_teacher(spec: RunSpec, checkpoint: Path) -> dict[str, Any]:
     """Load a published teacher file strictly, evaluate it, write model.pt + metrics.json."""
+    check_torchvision_hash(checkpoint)
     data = build_run_data(spec.dataset, spec.recipe)
     model = load_published_checkpoint(checkpoint, spec.arch, num_classes=data.num_classes)
     res = _test_accuracy(spec, data, model)

@@ -25,6 +25,40 @@ class ModelFileError(TskdError, ValueError):
     """A model file that is missing, unreadable, or not of the expected architecture."""
 
 
+TORCHVISION = "torchvision:"  # teachers.<arch>.checkpoint: torchvision:IMAGENET1K_V1
+
+
+def resolve_checkpoint(arch: str, value: str) -> Path:
+    """The file a ``teachers.<arch>.checkpoint`` value names: a path, or ``torchvision:<weights>`` (e.g.
+    ``torchvision:IMAGENET1K_V1``), the file torchvision's weights of ``arch`` have in torch's hub cache
+    (``$TORCH_HOME/hub/checkpoints``, where torchvision downloads them)."""
+    if not value.startswith(TORCHVISION):
+        return Path(value).expanduser()
+    import torch
+    from torchvision.models import get_model_weights
+
+    name = value.removeprefix(TORCHVISION)
+    try:
+        weights = get_model_weights(arch)[name]
+    except (KeyError, ValueError):
+        raise ModelFileError(f"teachers.{arch}.checkpoint: {value!r}: torchvision has no weights {name!r} for "
+                             f"{arch!r}") from None
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def check_torchvision_hash(path: Path) -> None:
+    """torchvision's file names end in the first hex digits of the file's sha256 (``resnet34-b627a593.pth``):
+    check them, as torch.hub does on download. Files named otherwise are not checked."""
+    import re
+
+    from tskd.data.integrity import sha256_file
+
+    m = re.search(r"-([a-f0-9]{8,})\.", path.name)
+    if m and not sha256_file(path).startswith(m.group(1)):
+        raise ModelFileError(f"{path}: its sha256 does not start with {m.group(1)}, as its torchvision name says: "
+                             "the download is damaged or another file; download it again")
+
+
 def load_published_checkpoint(path: str | Path, arch: str, num_classes: int | None = None) -> nn.Module:
     """Build ``arch`` with ``num_classes`` outputs (default: its family's) and load the weights in
     ``path`` with strict=True.

@@ -10,6 +10,7 @@ from snakemake.utils import validate
 from tskd.config import ParamsError, canonical_json, parse_preset
 from tskd import grid
 from tskd.data.integrity import sha256_file
+from tskd.errors import TskdError
 from tskd.dvc_sync import sync_for_snakemake
 from tskd.dvc_pipeline import check_from_dvc_env
 from tskd.report import summary_files
@@ -28,10 +29,16 @@ try:
 except ParamsError as e:
     sys.exit(f"error: {e}")
 # Published teacher files are inputs: a missing one stops the DAG here, before any job runs.
+PUBLISHED = {}
 for _arch, _t in P.teachers.items():
-    if _t.checkpoint and not Path(_t.checkpoint).is_file():
-        sys.exit(f"error: {_SOURCE}: teachers.{_arch}.checkpoint: {_t.checkpoint} is not a file (a published "
-                 "teacher to import: give its path, or null to train this teacher)")
+    try:
+        PUBLISHED[_arch] = grid.published_teacher(P, _arch)
+    except TskdError as e:
+        sys.exit(f"error: {_SOURCE}: {e}")
+    if PUBLISHED[_arch] is not None and not PUBLISHED[_arch].is_file():
+        sys.exit(f"error: {_SOURCE}: teachers.{_arch}.checkpoint: {PUBLISHED[_arch]} is not a file (a published "
+                 "teacher to import: give its path, torchvision:<weights> for torchvision's file in torch's hub "
+                 "cache, or null to train this teacher)")
 # After `dvc pull`/`checkout`: restored files carry checkout-time mtimes; fix those dvc.lock vouches for.
 sync_for_snakemake(P, config, _SOURCE)
 
@@ -81,8 +88,8 @@ def placement(spec):
 
 def _published(wc):
     """The published file a teacher is imported from ([] when the teacher is trained)."""
-    path = P.teachers[wc.arch].checkpoint
-    return [path] if path else []
+    path = PUBLISHED[wc.arch]
+    return [str(path)] if path else []
 
 
 @functools.cache
