@@ -14,6 +14,10 @@ memory epoch. The whole-run projection uses the default 240-epoch schedule (192 
 
     .venv/bin/python benchmarks/bench_methods.py [--batch 128] [--steps 10] [--warmup 2]
     .venv/bin/python benchmarks/bench_methods.py --device cuda --bf16 --channels-last --steps 50
+    # ImageNet: R34 -> R18 at 224 px, TSKD as params/imagenet.yaml runs it
+    .venv/bin/python benchmarks/bench_methods.py --teacher resnet34 --student resnet18 --size 224 \
+        --classes 1000 --train-size 1281167 --epochs 100 --batch 64 --methods kd tskd \
+        --tskd '{"delta": 2, "k": 3, "taps": [1, 2, 3], "T": 1.0}'
 """
 
 from __future__ import annotations
@@ -33,8 +37,6 @@ from tskd.distill import DistillContext, build_distiller, list_methods
 from tskd.distill.tskd.schedule import node_at, summarize_schedule
 from tskd.models import create_model
 
-EPOCHS, TRAIN_SIZE, CLASSES = 240, 50_000, 100
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -49,6 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--methods", nargs="*", help="default: every registered method")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--size", type=int, default=32, help="input side, px")
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--train-size", type=int, default=50_000, help="training images (steps per epoch, CRD bank)")
+    ap.add_argument("--epochs", type=int, default=240, help="run length of the whole-run projection")
+    ap.add_argument("--tskd", default="{}", help="TSKD params (JSON) for every TSKD case, e.g. delta, k, taps")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # "<method>:<case>": one peak-memory run
     return ap.parse_args(argv)
 
@@ -59,19 +66,21 @@ class Bench:
     def __init__(self, method: str, args: argparse.Namespace, params: dict | None = None):
         self.args, self.device = args, torch.device(args.device)
         torch.manual_seed(0)
-        ctx = DistillContext(num_classes=CLASSES, image_size=(32, 32), epochs=EPOCHS, num_train=TRAIN_SIZE,
-                             train_labels=torch.randint(0, CLASSES, (TRAIN_SIZE,)))
-        student, teacher = create_model(args.student, CLASSES), create_model(args.teacher, CLASSES)
-        self.d = build_distiller(method, student, teacher, params or {}, ctx).to(self.device)
+        n, classes, size = args.train_size, args.classes, args.size
+        ctx = DistillContext(num_classes=classes, image_size=(size, size), epochs=args.epochs, num_train=n,
+                             train_labels=torch.randint(0, classes, (n,)))
+        student, teacher = create_model(args.student, classes), create_model(args.teacher, classes)
+        params = (json.loads(args.tskd) if method == "tskd" else {}) | (params or {})
+        self.d = build_distiller(method, student, teacher, params, ctx).to(self.device)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         self.d.to(memory_format=fmt)
         for t in self.d._teacher:
             t.to(memory_format=fmt)
         self.d.train()
         self.opt = torch.optim.SGD(list(self.d.trainable_parameters()), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        self.x = torch.randn(args.batch, 3, 32, 32, device=self.device).contiguous(memory_format=fmt)
-        self.y = torch.randint(0, CLASSES, (args.batch,), device=self.device)
-        self.idx = torch.randint(0, TRAIN_SIZE, (args.batch,), device=self.device)
+        self.x = torch.randn(args.batch, 3, size, size, device=self.device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, classes, (args.batch,), device=self.device)
+        self.idx = torch.randint(0, n, (args.batch,), device=self.device)
 
     def autocast(self):
         if self.args.bf16:
@@ -106,7 +115,8 @@ class Bench:
 
 def first_review_epoch(d) -> int:
     p = d.params
-    return next(e for e in range(EPOCHS) if node_at(e, EPOCHS, p.delta, p.k).kind == "review")
+    epochs = d.ctx.epochs
+    return next(e for e in range(epochs) if node_at(e, epochs, p.delta, p.k).kind == "review")
 
 
 def time_all(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -205,15 +215,17 @@ def main(argv=None) -> None:
     for c in sorted(paired):
         print(f"{c:<36}{fastest[c]:>10.3f}{fastest[c] / fastest['kd']:>8.2f}{paired[c]:>24.2f}")
     if "tskd:review" in times:
-        counts = summarize_schedule(EPOCHS, 5, 3).counts
-        steps = -(-TRAIN_SIZE // args.batch)
-        snapshot = counts["memory"] * fastest["tskd:snapshot"] / (EPOCHS * steps * fastest["kd"])
+        tskd = {"delta": 5, "k": 3} | json.loads(args.tskd)
+        epochs = args.epochs
+        counts = summarize_schedule(epochs, tskd["delta"], tskd["k"]).counts
+        steps = -(-args.train_size // args.batch)
+        snapshot = counts["memory"] * fastest["tskd:snapshot"] / (epochs * steps * fastest["kd"])
 
         def whole_run(general: float, review: float) -> float:
-            return ((counts["general"] + counts["memory"]) * general + counts["review"] * review) / EPOCHS + snapshot
+            return ((counts["general"] + counts["memory"]) * general + counts["review"] * review) / epochs + snapshot
 
         print(f"{'tskd:snapshot':<36}{fastest['tskd:snapshot']:>10.4f}   (once per memory epoch, per slot)")
-        print(f"\nwhole run, {EPOCHS} epochs ({counts['general']} general, {counts['memory']} memory, "
+        print(f"\nwhole run, {epochs} epochs ({counts['general']} general, {counts['memory']} memory, "
               f"{counts['review']} review, {steps} steps/epoch), TSKD ÷ KD:")
         for review in ("tskd:review", "tskd:review[compile=true]"):
             if review not in times:
