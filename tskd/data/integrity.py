@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "file_record",
+    "holds_current",
+    "install_dir",
     "read_manifest",
     "sha256_file",
     "verify_manifest",
@@ -120,3 +125,37 @@ def verify_manifest(directory: str | Path, *, required: Iterable[str] = ()) -> d
         if sha256_file(path) != want.get("sha256"):
             raise IntegrityError(f"{path}: sha256 does not match {MANIFEST_NAME} (file modified or corrupted)")
     return manifest
+
+
+def holds_current(target: Path, params: Mapping[str, Any], *, required: Iterable[str] = (), what: str) -> bool:
+    """Whether ``target`` holds intact tskd-written data made with ``params`` (then it is kept as is).
+
+    False when it is missing, from other params, or damaged (then it is written again). Raises
+    DatasetError when it holds data tskd did not write (no manifest): ``what`` names what that
+    data probably is, and nothing overwrites it.
+    """
+    if not target.exists() or not any(target.iterdir()):
+        return False
+    if not (target / MANIFEST_NAME).is_file():
+        raise DatasetError(f"refusing to overwrite {target}: it has no {MANIFEST_NAME}, so it was not written "
+                           f"by tskd ({what}?). Use another root or remove it.")
+    try:
+        manifest = read_manifest(target)
+        if manifest is None or manifest.get("params") != params:
+            return False
+        verify_manifest(target, required=required)
+    except IntegrityError:
+        return False  # ours but damaged: write it again
+    return True
+
+
+def install_dir(tmp: Path, target: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``target``, moving an older ``target`` aside first
+    (a non-empty directory cannot be replaced in one rename), so ``target`` is never half-written."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rename(target, old / target.name)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -35,14 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tskd.data.integrity import (
-    MANIFEST_NAME,
-    DatasetError,
-    IntegrityError,
-    read_manifest,
-    verify_manifest,
-    write_manifest,
-)
+from tskd.data.integrity import DatasetError, holds_current, install_dir, write_manifest
 
 BASE_FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
@@ -278,7 +271,7 @@ def write_synthetic_cifar100(root: str | Path, *, seed: int, train_per_class: in
               "train_per_class": train_per_class, "test_per_class": test_per_class, "nuisance": asdict(nz)}
     root = Path(root)
     target = root / BASE_FOLDER
-    if target.exists() and _is_current(target, params):
+    if holds_current(target, params, required=FILES, what="real CIFAR-100"):
         return target
 
     root.mkdir(parents=True, exist_ok=True)
@@ -293,41 +286,14 @@ def write_synthetic_cifar100(root: str | Path, *, seed: int, train_per_class: in
         _write_file(tmp / "meta", pickle.dumps(meta, protocol=PICKLE_PROTOCOL))
         write_manifest(tmp, FILES, params=params)
         try:
-            _install(tmp, target)
+            install_dir(tmp, target)
         except OSError:
             # A concurrent writer installed its copy between our check and our rename: keep
             # theirs if it is the same data.
-            if not (target.exists() and _is_current(target, params)):
+            if not holds_current(target, params, required=FILES, what="real CIFAR-100"):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _is_current(target: Path, params: dict) -> bool:
-    """True if ``target`` holds intact data from ``params``; raises if it is not ours to replace."""
-    if not (target / MANIFEST_NAME).exists():
-        raise DatasetError(f"refusing to overwrite {target}: it has no {MANIFEST_NAME}, so it was not written "
-                           "by tskd (real CIFAR-100?). Use another root or remove it.")
-    try:
-        manifest = read_manifest(target)
-        if manifest is None or manifest.get("params") != params:
-            return False
-        verify_manifest(target, required=FILES)
-    except IntegrityError:
-        return False  # ours but damaged: rewrite it
-    return True
-
-
-def _install(tmp: Path, target: Path) -> None:
-    """Rename the finished ``tmp`` to ``target``, moving an older ``target`` aside first."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    # A non-empty directory cannot be replaced in one rename: move the old one aside, then delete it.
-    old = Path(tempfile.mkdtemp(prefix=f".{BASE_FOLDER}.old-", dir=target.parent))
-    os.rename(target, old / BASE_FOLDER)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)

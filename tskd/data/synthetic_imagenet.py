@@ -11,20 +11,14 @@ parameters; equal parameters give equal bytes, and the directory is written atom
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from tskd.data.integrity import (
-    MANIFEST_NAME,
-    DatasetError,
-    IntegrityError,
-    read_manifest,
-    verify_manifest,
-    write_manifest,
-)
+from tskd.data.integrity import DatasetError, holds_current, install_dir, write_manifest
 
 GENERATOR_VERSION = 1
 META_FILE = "meta.bin"
@@ -63,12 +57,13 @@ def write_synthetic_imagenet(root: str | Path, *, seed: int, classes: int, train
               "classes": classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
               "image_size": image_size}
     root = Path(root)
-    if _is_current(root, params):
+    if holds_current(root, params, required=(META_FILE,), what="a real ImageNet"):
         return root
     arrays = synthetic_cifar100_arrays(seed=seed, train_per_class=train_per_class, test_per_class=val_per_class)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is meant to be shared
         files = []
         val_wnids = []
         for split, (labels, data) in (("train", arrays["train"]), ("val", arrays["test"])):
@@ -93,27 +88,8 @@ def write_synthetic_imagenet(root: str | Path, *, seed: int, classes: int, train
         torch.save((wnid_to_classes, [w for _, w in sorted(val_wnids)]), tmp / META_FILE)
         files.append(META_FILE)
         write_manifest(tmp, files, params=params)
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
+        install_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
-
-
-def _is_current(root: Path, params: dict) -> bool:
-    """Whether ``root`` holds intact data of ``params``; raises if it holds data tskd did not write."""
-    if not root.exists() or not any(root.iterdir()):
-        return False
-    if not (root / MANIFEST_NAME).is_file():
-        raise DatasetError(f"refusing to overwrite {root}: it has no {MANIFEST_NAME}, so tskd did not write it "
-                           "(a real ImageNet?). Use another root for synthetic data, or remove it.")
-    try:
-        manifest = read_manifest(root)
-        if manifest is None or manifest.get("params") != params:
-            return False
-        verify_manifest(root)
-    except IntegrityError:
-        return False  # ours but damaged: write it again
-    return True
