@@ -154,7 +154,7 @@ def test_torchvision_weights_resolve_to_torchs_hub_cache_and_their_hash_is_check
     path.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet34().state_dict(), path)  # another file under torchvision's name
     with pytest.raises(ModelFileError, match=f"{path}: its sha256 does not start with b627a593"):
-        check_torchvision_hash(path)
+        check_torchvision_hash(path, sha256_file(path))
     named = path.with_name(f"resnet34-{sha256_file(path)[:8]}.pth")
     path.rename(named)
-    check_torchvision_hash(named)  # its own hash: accepted
+    check_torchvision_hash(named, sha256_file(named))  # its own hash: accepted

@@ -70,11 +70,6 @@ class RunSpec(Strict):
                 dst[leaf] = src[leaf]
         return out
 
-    @classmethod
-    def from_parts(cls, identity: dict[str, Any], placement: dict[str, Any] | None) -> RunSpec:
-        """The spec whose ``identity()`` and ``placement()`` these are."""
-        return cls.model_validate(merge_parts(identity, placement or {}))
-
 
 def merge_parts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """``a`` with ``b``'s values, nested mappings merged key by key."""

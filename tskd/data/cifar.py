@@ -169,8 +169,11 @@ class VerifiedCIFAR100(CIFAR100):
         except _READ_ERRORS as e:
             raise DatasetError(f"cannot read {path} as CIFAR-100 meta ({type(e).__name__}: {e})") from e
         # The official release has 100 classes; data registered in its layout may have any number.
-        if len(classes) != NUM_CLASSES and self.verified_by != "manifest" or len(classes) < 2:
-            raise DatasetError(f"{path}: {len(classes)} fine label names, expected {NUM_CLASSES}")
+        if len(classes) != NUM_CLASSES and self.verified_by != "manifest":
+            raise DatasetError(f"{path}: {len(classes)} fine label names, expected {NUM_CLASSES} (the official "
+                               "release)")
+        if len(classes) < 2:
+            raise DatasetError(f"{path}: {len(classes)} fine label names; a classification dataset needs at least 2")
         self.classes = classes
         self.class_to_idx = {name: i for i, name in enumerate(classes)}
 

@@ -36,7 +36,8 @@ def evaluate_model_file(spec: RunSpec, model_path: Path, out: Path) -> dict[str,
 
 def import_teacher(spec: RunSpec, checkpoint: Path) -> dict[str, Any]:
     """Load a published teacher file strictly, evaluate it, write model.pt + metrics.json."""
-    check_torchvision_hash(checkpoint)
+    digest = sha256_file(checkpoint)  # hashed once: checked against a torchvision name, and recorded
+    check_torchvision_hash(checkpoint, digest)
     data = build_run_data(spec.dataset, spec.recipe)
     model = load_published_checkpoint(checkpoint, spec.arch, num_classes=data.num_classes)
     res = _test_accuracy(spec, data, model)
@@ -46,7 +47,7 @@ def import_teacher(spec: RunSpec, checkpoint: Path) -> dict[str, Any]:
                  epoch=0, accuracy=res["top1"], method="imported", input_spec=data.input_spec)
     metrics = {"preset": spec.preset, "dataset": data.name, "role": "teacher", "method": "imported",
                "student": spec.arch, "teacher": None, "recipe": spec.recipe_name, "seed": spec.seed,
-               "source": str(checkpoint), "source_sha256": sha256_file(checkpoint), "epochs": 0,
+               "source": str(checkpoint), "source_sha256": digest, "epochs": 0,
                "best_top1": res["top1"], "best_top5": res["top5"], "best_epoch": None,
                "last_top1": res["top1"], "last_top5": res["top5"], "history": []}
     atomic_write_json(out / "metrics.json", metrics)
