@@ -1,4 +1,8 @@
-"""The results table of a preset: report.csv (one row per run) and report.md (mean ± std)."""
+"""The results table of a preset: report.csv (one row per run) and report.md (mean ± std).
+
+Its figures are the task's (``tskd.tasks``): classification reports top-1 and top-5 and picks
+the best epoch on top-1; another task brings its own columns.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +18,31 @@ from tskd.errors import TskdError
 from tskd.grid import student_dir, student_jobs, teacher_dir
 from tskd.io import atomic_write_text
 from tskd.reference_numbers import published
+from tskd.tasks import Task, task_of
 
 
 class ReportError(TskdError):
     """A result file the report needs is missing or unreadable."""
 
 
-COLUMNS = ["recipe", "pair", "teacher", "student", "method", "seed", "best_top1", "best_top5", "best_epoch",
-           "last_top1", "last_top5", "selected_top1", "selected_epoch", "eval_top1"]
-# The figures of a row that are averaged over seeds (selected_*: only with a validation split).
-FIGURES = {"best_top1": "best top-1", "last_top1": "last top-1", "best_top5": "best top-5",
-           "last_top5": "last top-5", "selected_top1": "selected top-1"}
+RUN_COLUMNS = ["recipe", "pair", "teacher", "student", "method", "seed"]
+
+
+def figure_columns(task: Task) -> list[str]:
+    """A row's result columns: the best epoch's figures and which epoch, the last epoch's, the
+    validation-selected epoch's main figure (empty without a validation split) and the separate
+    evaluation of the exported model (students)."""
+    return [*(f"best_{f}" for f in task.figures), "best_epoch", *(f"last_{f}" for f in task.figures),
+            f"selected_{task.best}", "selected_epoch", f"eval_{task.best}"]
+
+
+def averaged(task: Task) -> dict[str, str]:
+    """The figures of a row that are averaged over seeds, with their table headings, in table order
+    (best and last of the main figure first)."""
+    order = [(w, task.best) for w in ("best", "last")]
+    order += [(w, f) for f in task.figures if f != task.best for w in ("best", "last")]
+    out = {f"{w}_{f}": f"{w} {task.labels[f]}" for w, f in order}
+    return out | {f"selected_{task.best}": f"selected {task.labels[task.best]}"}
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -34,17 +52,17 @@ def _read(path: Path) -> dict[str, Any]:
         raise ReportError(f"{path}: cannot read results ({e}); rerun the stage that writes it") from None
 
 
-def _figures(m: dict[str, Any]) -> dict[str, Any]:
-    return {k: m.get(k, "") for k in ("best_top1", "best_top5", "best_epoch", "last_top1", "last_top5",
-                                      "selected_top1", "selected_epoch")}
+def _figures(m: dict[str, Any], task: Task) -> dict[str, Any]:
+    return {k: m.get(k, "") for k in figure_columns(task)[:-1]}
 
 
 def collect_rows(p: Preset) -> list[dict[str, Any]]:
+    task = task_of(p.dataset.name)
     rows = []
     for arch, t in p.teachers.items():
         m = _read(teacher_dir(p, arch) / "metrics.json")
         rows.append({"recipe": t.recipe, "pair": "teacher", "teacher": "", "student": arch, "method": m["method"],
-                     "seed": m["seed"], **_figures(m), "eval_top1": ""})
+                     "seed": m["seed"], **_figures(m, task), f"eval_{task.best}": ""})
     for job in student_jobs(p):
         d = student_dir(p, job)
         m, e = _read(d / "metrics.json"), _read(d / "eval.json")
@@ -52,7 +70,8 @@ def collect_rows(p: Preset) -> list[dict[str, Any]]:
         pairs = [q for q in p.pairs if q.student == job.pair.student] if job.method == "vanilla" else [job.pair]
         for q in pairs:
             rows.append({"recipe": job.recipe, "pair": q.name, "teacher": q.teacher, "student": q.student,
-                         "method": job.method, "seed": job.seed, **_figures(m), "eval_top1": e["top1"]})
+                         "method": job.method, "seed": job.seed, **_figures(m, task),
+                         f"eval_{task.best}": e[task.best]})
     return rows
 
 
@@ -74,28 +93,32 @@ def _published_cell(dataset: str | None, pair: str, method: str) -> str:
 def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None = None) -> str:
     # Published figures are comparable only on the official data (not synthetic or registered data).
     official = dataset if dataset in ("cifar100", "imagenet") else None
+    task = task_of(p.dataset.name)
+    main, shown = task.labels[task.best], " and ".join(task.labels[f] for f in task.figures)
     out = [f"# Results: preset `{p.preset}`" + (f", dataset `{dataset}`" if dataset else ""), "",
-           "Test accuracy (%). **best**: the epoch of highest test top-1 (mdistiller / TSKD authors' figure), "
-           "its top-1 and top-5; **last**: the final epoch (RepDistiller's figure); **selected**: the epoch of "
-           "highest validation top-1 (with a validation split). Each cell is the mean ± sample std over n seeds."
+           f"{task.title}. **best**: the epoch of highest test {main} (mdistiller / TSKD authors' figure), "
+           f"its {shown}; **last**: the final epoch (RepDistiller's figure); **selected**: the epoch of "
+           f"highest validation {main} (with a validation split). Each cell is the mean ± sample std over n seeds."
            + (" **published**: the figure a paper or code base reports, which figure it is, and its source."
               if official else ""), ""]
     pub = " published |" if official else ""
     teachers = [r for r in rows if r["pair"] == "teacher"]
     if teachers:
-        out += ["## Teachers", "", "| teacher | source | recipe | seed | best top-1 | last top-1 |" + pub,
+        out += ["## Teachers", "", f"| teacher | source | recipe | seed | best {main} | last {main} |" + pub,
                 "|---|---|---|---|---|---|" + ("---|" if official else "")]
         for r in teachers:
             pairs = [q.name for q in p.pairs if q.teacher == r["student"]]
             cell = next((c for c in (_published_cell(official, q, "teacher") for q in pairs) if c), "")
-            out.append(f"| {r['student']} | {r['method']} | {r['recipe']} | {r['seed']} | {r['best_top1']:.2f} | "
-                       f"{r['last_top1']:.2f} |" + (f" {cell} |" if official else ""))
+            out.append(f"| {r['student']} | {r['method']} | {r['recipe']} | {r['seed']} | "
+                       f"{r[f'best_{task.best}']:.2f} | {r[f'last_{task.best}']:.2f} |"
+                       + (f" {cell} |" if official else ""))
         out.append("")
     students = [r for r in rows if r["pair"] != "teacher"]
-    figures = [k for k in FIGURES if _present(students, k)]
+    headings = averaged(task)
+    figures = [k for k in headings if _present(students, k)]
     for recipe in p.student_recipes:
         out += [f"## Students, recipe `{recipe}`", "",
-                "| pair | method | n | " + " | ".join(FIGURES[k] for k in figures) + " |" + pub,
+                "| pair | method | n | " + " | ".join(headings[k] for k in figures) + " |" + pub,
                 "|---|---|---|" + "---|" * (len(figures) + bool(official))]
         for pair in p.pairs:
             for method in p.methods:
@@ -119,19 +142,20 @@ def summaries(p: Preset, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]
     ``dvc metrics show`` prints one row per file, so methods become rows and recipe/pair columns,
     as in the paper's tables.
     """
+    best, last = (f"{w}_{task_of(p.dataset.name).best}" for w in ("best", "last"))
     out: dict[str, dict[str, Any]] = {"teachers": {}}
     for r in rows:
         if r["pair"] == "teacher":
-            out["teachers"][r["student"]] = {"best": r["best_top1"], "last": r["last_top1"]}
+            out["teachers"][r["student"]] = {"best": r[best], "last": r[last]}
     for method in p.methods:
         out[method] = {}
         for recipe in p.student_recipes:
             for pair in p.pairs:
                 sel = [r for r in rows if (r["recipe"], r["pair"], r["method"]) == (recipe, pair.name, method)]
                 if sel:
-                    best, last = _stats([r["best_top1"] for r in sel]), _stats([r["last_top1"] for r in sel])
+                    b, la = _stats([r[best] for r in sel]), _stats([r[last] for r in sel])
                     out[method].setdefault(recipe, {})[pair.name] = {
-                        "best": best["mean"], "best_std": best["std"], "last": last["mean"], "last_std": last["std"],
+                        "best": b["mean"], "best_std": b["std"], "last": la["mean"], "last_std": la["std"],
                         "n": len(sel)}
     return out
 
@@ -145,7 +169,7 @@ def write_report(p: Preset) -> Path:
     rows = collect_rows(p)
     names = {_read(teacher_dir(p, arch) / "metrics.json").get("dataset") for arch in p.teachers} - {None}
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=RUN_COLUMNS + figure_columns(task_of(p.dataset.name)), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(p.out / "report.csv", buf.getvalue())

@@ -8,7 +8,8 @@
   stage depends on (CIFAR: the directory; ImageNet: the three archives, not 1.28 M files).
 
 Its params are its own model in ``tskd.config`` (the ``DatasetCfg`` union, told apart by
-``dataset.name``). Adding a family: a params model there, a module here, one line below.
+``dataset.name``). Each family poses one task (``tskd.tasks``: what the run learns, how it is
+scored). Adding a family: a params model there, a module here, a line in each table below.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import importlib
 from types import ModuleType
 
 _MODULES = {"cifar100": "tskd.data.cifar", "imagenet": "tskd.data.imagenet"}
+TASK_OF = {"cifar100": "classification", "imagenet": "classification"}
 
 
 def family(name: str) -> ModuleType:

@@ -21,13 +21,13 @@ from tskd.distill.registry import parse_method_params
 from tskd.engine import distributed
 from tskd.engine.checkpoint import export_model, load_latest_checkpoint, remove_checkpoints, save_checkpoint
 from tskd.engine.distributed import SINGLE, World
-from tskd.engine.evaluate import evaluate
 from tskd.engine.loaders import build_run_data
 from tskd.engine.runtime import Runtime, seed_epoch, select_runtime, uses_cuda
 from tskd.errors import TskdError
 from tskd.grid import RunSpec
 from tskd.io import atomic_write_json
 from tskd.models import create_model, model_entry
+from tskd.tasks import Task, task_of
 
 log = logging.getLogger("tskd.train")
 
@@ -101,6 +101,7 @@ class Trainer:
         self.world = world
         self.rt: Runtime = select_runtime(spec.train)
         torch.use_deterministic_algorithms(spec.train.deterministic and self.rt.device.type == "cpu")
+        self.task = task_of(spec.dataset.name)  # what is learnt and how it is scored
         self.data = build_run_data(spec.dataset, spec.recipe)
         torch.manual_seed(spec.seed)  # model initialisation
         student = create_model(spec.arch, num_classes=self.data.num_classes)
@@ -187,20 +188,20 @@ class Trainer:
             group["lr"] = lr
         world, batch_size = self.world, spec.recipe.batch_size
         gen = seed_epoch(spec.seed, epoch, world.rank)
-        loader = self.data.train_loader(batch_size, gen, spec.dataset.num_workers, world)
+        loader = self.data.train_loader(batch_size, gen, spec.dataset.num_workers, world, self.rt.device)
         params = self.params
         d.train()
         d.on_epoch_start(epoch)
         # Running totals stay on the device: converting each term per step would add a host
         # sync per loss term; only the total is read per step (for the NaN check).
         sums: dict[str, torch.Tensor] = {}
-        n, correct, total = 0, torch.zeros((), dtype=torch.long, device=dev), 0.0
+        n, meter, total = 0, self.task.train_meter(dev), 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.recipe.epochs}", leave=False,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
-        for step, (images, labels, indices) in enumerate(bar):
-            images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        for step, batch in enumerate(bar):
+            inputs, targets, indices = self.task.to_device(batch, dev)
             with self.rt.autocast():
-                logits, losses = d.forward_train(images, labels, epoch, indices=indices.to(dev))
+                outputs, losses = d.forward_train(inputs, targets, epoch, indices=indices)
             loss = sum(losses.values())
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -208,7 +209,7 @@ class Trainer:
                 raise TrainingError(f"{self.out}: loss is {value} at epoch {epoch} step {step} "
                                     f"(method {spec.method}, lr {lr:g}; terms: {terms}). "
                                     "Lower the learning rate or check the inputs.")
-            b = labels.shape[0]
+            b = self.task.count(targets)
             self.optimizer.zero_grad(set_to_none=not self.keep_zeroed)
             if world.distributed:
                 # This part's share of the global batch: the gradients summed over ranks are then
@@ -220,19 +221,19 @@ class Trainer:
                 loss.backward()
             self.optimizer.step()
             n += b
-            correct += (logits.detach().argmax(1) == labels).sum()
+            meter.update(outputs, targets)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().double() * b
             total += value * b
             bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         d.on_epoch_end(epoch)
         sums = {k: float(v) for k, v in sums.items()} | {"loss": total}
-        correct = int(correct)
+        kept = meter.totals()
         if world.distributed:  # epoch figures over the global batch, identical on every rank
             keys = sorted(sums)
-            n, correct, *totals = distributed.sum_values([n, correct, *(sums[k] for k in keys)])
-            n, correct, sums = int(n), int(correct), dict(zip(keys, totals, strict=True))
-        return {"lr": lr, "train_top1": 100.0 * correct / max(n, 1),
+            n, *totals = distributed.sum_values([n, *kept, *(sums[k] for k in keys)])
+            n, kept, sums = int(n), totals[:len(kept)], dict(zip(keys, totals[len(kept):], strict=True))
+        return {"lr": lr, **{f"train_{k}": v for k, v in meter.result(kept, n).items()},
                 **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
 
     def _evaluate(self) -> dict[str, float]:
@@ -242,7 +243,7 @@ class Trainer:
         splits = {"test": self.data.test} | ({"val": self.data.val} if self.data.val is not None else {})
         for name, ds in splits.items():
             loader = self.data.eval_loader(ds, spec.train.eval_batch_size, spec.dataset.num_workers)
-            res = evaluate(self.distiller, loader, self.rt.device, self.rt.autocast)
+            res = self.task.evaluate(self.distiller, loader, self.rt.device, self.rt.autocast)
             out.update({f"{name}_{k}": v for k, v in res.items()})
         return out
 
@@ -279,22 +280,22 @@ class Trainer:
                     tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
                 self._save(epoch + 1)
                 if self.world.main:
-                    log.info("%s epoch %d/%d lr %.4g loss %.4f train %.2f test top1 %.2f top5 %.2f (%.1fs)",
-                             spec.arch, epoch + 1, spec.recipe.epochs, row["lr"], row["train_loss"],
-                             row["train_top1"], row["test_top1"], row["test_top5"], row["seconds"])
-            metrics = summarize(self.history, spec) | {"dataset": self.data.name}
+                    test = " ".join(f"{f} {row[f'test_{f}']:.2f}" for f in self.task.figures)
+                    log.info("%s epoch %d/%d lr %.4g loss %.4f test %s (%.1fs)", spec.arch, epoch + 1,
+                             spec.recipe.epochs, row["lr"], row["train_loss"], test, row["seconds"])
+            metrics = summarize(self.history, spec, self.task) | {"dataset": self.data.name}
             if not self.world.main:
                 return metrics
             export_model(self.out / "model.pt", self.distiller.student, arch=spec.arch,
                          num_classes=self.data.num_classes, epoch=spec.recipe.epochs,
-                         accuracy=metrics["last_top1"], method=spec.method, input_spec=self.input_spec)
+                         accuracy=metrics[f"last_{self.task.best}"], method=spec.method, input_spec=self.input_spec)
             atomic_write_json(self.out / "metrics.json", metrics)
             # The run is complete: its checkpoint must never stand in for a later run asked of this
             # directory (forced, or with other inputs), which trains from the start instead.
             remove_checkpoints(self.ckpt_path)
             if tracker:
-                tracker.log_metrics({k: metrics[k] for k in ("best_top1", "last_top1", "best_top5", "last_top5")},
-                                    step=spec.recipe.epochs)
+                tracker.log_metrics({f"{w}_{f}": metrics[f"{w}_{f}"] for w in ("best", "last")
+                                     for f in self.task.figures}, step=spec.recipe.epochs)
                 tracker.log_artifact(self.out / "metrics.json")
                 tracker.log_artifact(self.out / "model.pt")
                 tracker.finish("FINISHED")
@@ -305,27 +306,13 @@ class Trainer:
             raise
 
 
-def summarize(history: list[dict[str, Any]], spec: RunSpec) -> dict[str, Any]:
-    """metrics.json: best and last epoch figures, labelled, plus the per-epoch history.
-
-    ``best_*`` are the figures of the best epoch, the one of highest test top-1 (the first of
-    equals): the mdistiller / TSKD authors' figure; ``best_top5`` is that epoch's top-5, not the
-    highest top-5 of any epoch. ``last_*`` are the final epoch's (RepDistiller's figure). With a
-    validation split, ``selected_*`` are the test figures of the epoch of highest validation top-1.
-    """
-    best = max(history, key=lambda r: r["test_top1"])
-    last = history[-1]
-    m: dict[str, Any] = {
-        "preset": spec.preset, "role": spec.role, "method": spec.method, "student": spec.arch,
-        "teacher": spec.teacher_arch, "recipe": spec.recipe_name, "seed": spec.seed, "epochs": spec.recipe.epochs,
-        "best_top1": best["test_top1"], "best_top5": best["test_top5"],
-        "best_epoch": best["epoch"], "last_top1": last["test_top1"], "last_top5": last["test_top5"],
-        "history": history,
-    }
-    if "val_top1" in last:
-        sel = max(history, key=lambda r: r["val_top1"])
-        m.update(selected_epoch=sel["epoch"], selected_top1=sel["test_top1"], selected_top5=sel["test_top5"])
-    return m
+def summarize(history: list[dict[str, Any]], spec: RunSpec, task: Task | None = None) -> dict[str, Any]:
+    """metrics.json: what the run is, its task's best / last (/ selected) figures
+    (``tskd.tasks.base.summarize_epochs``), and the per-epoch history."""
+    task = task or task_of(spec.dataset.name)
+    return {"preset": spec.preset, "role": spec.role, "method": spec.method, "student": spec.arch,
+            "teacher": spec.teacher_arch, "recipe": spec.recipe_name, "seed": spec.seed,
+            "epochs": spec.recipe.epochs, "task": task.name, **task.summarize(history), "history": history}
 
 
 def train(spec: RunSpec, *, track: bool = True) -> dict[str, Any]:
