@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,17 @@ def prepare(cfg) -> dict[str, Any]:
         how = "official md5"
         identity = "imagenet official archives md5:" + ",".join(md5 for _, md5 in ARCHIVE_META.values())
     elif _layout_problem(root) is None:
-        how, identity = "prepared layout", f"imagenet tree sha256:{_tree_fingerprint(root)}"
+        unfinished = [str(root / split) for split in SPLITS if _marker(root, split).exists()]
+        if unfinished:
+            raise DatasetError(f"{', '.join(unfinished)}: its extraction from the archives was interrupted and "
+                               f"the archives are no longer in {root}; put them back to extract it again")
+        earlier = _earlier_record(root)
+        if earlier and earlier.get("verified_by") == "official md5":
+            # Prepared from the official archives, which were then removed (150 GB): still the same data,
+            # so the same identity; re-keying every run on the tree would retrain them all.
+            how, identity = earlier["verified_by"], earlier["identity"]
+        else:
+            how, identity = "prepared layout", f"imagenet tree sha256:{_tree_fingerprint(root)}"
     else:
         raise DatasetError(f"ImageNet not found at {root}: put the official archives there "
                            f"({', '.join(ARCHIVES.values())}) or torchvision's prepared layout (train/, val/, "
@@ -111,15 +122,40 @@ def prepare(cfg) -> dict[str, Any]:
             "test": counts["val"]}
 
 
+def _marker(root: Path, split: str) -> Path:
+    return root / f".{split}.tskd-extracting"
+
+
+def _earlier_record(root: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((root / PREPARED).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _prepare_archives(root: Path) -> None:
-    """torchvision's own preparation of whatever split is not prepared yet (md5-checked, once)."""
+    """torchvision's own preparation of whatever split is not prepared yet (md5-checked, once).
+
+    A split folder is extracted under a marker, removed once it is complete: torchvision takes any
+    existing folder as prepared, so one left by an interrupted extraction is removed and extracted again.
+    """
     for split in SPLITS:
-        if (root / split).is_dir() and (root / META_FILE).is_file():
+        marker = _marker(root, split)
+        if marker.exists():
+            shutil.rmtree(root / split, ignore_errors=True)
+        elif (root / split).is_dir() and (root / META_FILE).is_file():
             continue
+        if not (root / split).exists():  # torchvision extracts it; never a folder tskd did not start
+            marker.touch()
         try:
             ImageNet(str(root), split=split)
         except RuntimeError as e:  # torchvision's message: the archive is missing or corrupted
-            raise DatasetError(f"{root}: preparing the {split} split from the archives failed: {e}") from None
+            if not (root / split).exists():  # refused before extracting
+                marker.unlink(missing_ok=True)
+            named = [str(root / name) for name in ARCHIVES.values() if name in str(e)]
+            raise DatasetError(f"{', '.join(named) or root}: preparing the {split} split from the archives "
+                               f"failed: {e}") from None
+        marker.unlink(missing_ok=True)
 
 
 def _name(verified_by: str) -> str:
