@@ -461,10 +461,10 @@ def _strip(m):
 def _kill_at(monkeypatch, trainer_mod, kill_epoch, run):
     real = trainer_mod.Trainer._train_epoch
 
-    def killed(self, epoch):
+    def killed(self, epoch, partial=None):
         if epoch == kill_epoch:
             raise KeyboardInterrupt("killed")
-        return real(self, epoch)
+        return real(self, epoch, partial)
 
     monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", killed)
     with pytest.raises(KeyboardInterrupt):

@@ -66,6 +66,12 @@ class Cifar100Data(_DatasetBase):
     download: bool = Field(False, description="download the official archive if missing (needs internet)")
     synthetic: SyntheticCfg | None = Field(None, description="generate a synthetic dataset instead of "
                                            "reading the real one")
+    loader: Literal["dataloader", "device"] = Field(
+        "dataloader", description="how training batches are made: 'dataloader' = a torch DataLoader over PIL "
+        "images with torchvision's RandomCrop(32, padding=4) and RandomHorizontalFlip (the reference code's "
+        "behaviour; num_workers applies); 'device' = the whole uint8 training set held on the run's device, "
+        "crop, flip and normalisation as batched tensor ops there (no workers; keeps a GPU busy; also runs on "
+        "CPU). Same image order and augmentation distribution, other random draws: part of the run's identity")
 
 
 class ImageNetData(_DatasetBase):
@@ -126,6 +132,11 @@ class RecipeCfg(Strict):
         "tensor as it is (the TSKD authors, mdistiller), also when the teacher was trained with other "
         "normalisation statistics (logged and recorded in MLflow); 'renormalize' = the same images "
         "normalised with the teacher's own training statistics (read from its model.pt)")
+    batchnorm: Literal["global", "per_rank"] = Field(
+        "global", description="BatchNorm statistics of a data-parallel run (several tasks): 'global' = over "
+        "the global batch (SyncBatchNorm), so N ranks train as one process would; 'per_rank' = each rank's "
+        "own part, as the published multi-GPU ImageNet recipes (DataParallel / per-GPU BN). One process: "
+        "no difference")
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="method params of this recipe, over the preset's `methods` and "
         "under a pair's overrides (e.g. mdistiller's KD: {kd: {ce_weight: 0.1, kd_weight: 0.9}})")
@@ -162,14 +173,26 @@ class RecipeCfg(Strict):
 
 
 class TrainCfg(Strict):
-    """Where and how the loop runs; decided once, in the trainer. Only ``eval_batch_size`` leaves
-    the results unchanged; the rest is part of a run's identity."""
+    """Where and how the loop runs; decided once, in the trainer. ``RESULT_NEUTRAL`` fields leave the
+    results unchanged; the rest is part of a run's identity."""
+
+    RESULT_NEUTRAL: ClassVar[tuple[str, ...]] = ("eval_batch_size", "checkpoint_minutes", "check_finite_every")
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast applies on CUDA only")
+    tf32: bool = Field(True, description="TF32 matmuls and convolutions on CUDA (Ampere or newer) in fp32 parts; "
+                       "on is the authors' torch 1.9 default; off: IEEE fp32 as on a CPU")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
     deterministic: bool = True
     eval_batch_size: int = Field(256, ge=1)
+    checkpoint_minutes: float | None = Field(
+        20.0, gt=0, description="also checkpoint inside an epoch every this many minutes (data position, "
+        "random state and the epoch's sums included), so that a job whose time limit is shorter than an "
+        "epoch still progresses; null: at epoch ends only. Resuming gives the same numbers either way")
+    check_finite_every: int = Field(
+        20, ge=1, description="read the loss's finiteness every this many steps (agreed over ranks); on a GPU "
+        "each read waits for the device. A NaN costs at most this many steps' compute: checkpoints are only "
+        "written right after a passing check")
 
 
 class TeacherCfg(Strict):

@@ -16,7 +16,7 @@ from tskd.config import DatasetCfg, PairCfg, Preset, RecipeCfg, Strict, TrainCfg
 # The fields of a RunSpec that say where a run's files go and how it is labelled, not what it
 # computes. Everything else is the run's identity (``RunSpec.identity``).
 PLACEMENT = ("preset", "recipe_name", "teacher_path", "out_dir", "experiment",
-             "dataset.root", "dataset.download", "train.eval_batch_size")
+             "dataset.root", "dataset.download", *(f"train.{f}" for f in TrainCfg.RESULT_NEUTRAL))
 
 
 class RunSpec(Strict):
@@ -134,7 +134,7 @@ def student_dir(p: Preset, job: StudentJob) -> Path:
 def report_identity(p: Preset) -> dict[str, Any]:
     """What the report reads of a preset, less what cannot change a table (the MLflow experiment,
     the evaluation batch size): the report job's rerun trigger."""
-    return p.model_dump(mode="json", exclude={"tracking": True, "train": {"eval_batch_size"}})
+    return p.model_dump(mode="json", exclude={"tracking": True, "train": set(TrainCfg.RESULT_NEUTRAL)})
 
 
 def experiment_name(p: Preset) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
@@ -44,6 +45,8 @@ __all__ = [
     "cifar100_identity",
     "eval_transform",
     "stratified_split",
+    "train_batches",
+    "train_images",
     "train_transform",
     "verify_cifar100_dir",
 ]
@@ -247,6 +250,26 @@ def load_splits(cfg, recipe) -> Splits:
     """The family's entry for the trainer (tskd.data.families)."""
     return cifar100_datasets(cfg.root, download=cfg.download, normalization=recipe.normalization,
                              augment=recipe.augment, val_fraction=cfg.val_fraction, val_seed=0)
+
+
+def train_images(split: IndexedSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """``split``'s images as one uint8 tensor N×3×H×W and its labels (int64), position i being the
+    item of index i: its rows of the reader in its order (what ``val_fraction`` left for training)."""
+    data = np.asarray(split.source.data)[split.rows]  # the reader's N×H×W×3, as PIL would see it
+    return torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2))), split.labels.clone()
+
+
+def train_batches(cfg, recipe, splits: Splits):
+    """The family's optional entry for the trainer: with ``loader: device``, a function
+    ``(batch_size, generator, world, device) -> batches`` that replaces the DataLoader over
+    ``splits.train`` (tskd.data.device_loader); None keeps the DataLoader."""
+    if getattr(cfg, "loader", "dataloader") != "device":
+        return None
+    from tskd.data.device_loader import DeviceTrainSet
+
+    images, labels = train_images(splits.train)
+    mean, std = _stats(recipe.normalization)
+    return DeviceTrainSet(images, labels, mean, std, augment=tuple(recipe.augment)).epoch
 
 
 def register_cifar100_layout(root: str | Path, name: str) -> dict[str, Any]:

@@ -92,6 +92,10 @@ class Distiller(nn.Module):
     def teacher_train_mode(self) -> bool:
         return False
 
+    # Whether every trainable parameter gets a gradient in every step; a method whose modules sit out
+    # some steps says False (data-parallel training then looks for unused parameters each step).
+    every_parameter_every_step: ClassVar[bool] = True
+
     def keep_zeroed_grads(self) -> bool:
         """Whether the optimizer's ``zero_grad`` fills gradients with zeros instead of clearing them.
 

@@ -6,14 +6,21 @@ A run whose environment says ``WORLD_SIZE > 1`` (exported by ``tskd.launch`` fro
 * every rank builds the same model (same seed) and draws the same epoch permutation; each
   global batch is cut into contiguous per-rank parts (``RankBatches``), so the union of the
   parts is exactly the single-process batch;
-* each rank's mean loss is weighted by its share of the global batch and the gradients are
-  summed over ranks (one flat all-reduce): the update is the single-process update;
-* BatchNorm normalises with the statistics of the global batch: torch's ``SyncBatchNorm`` on
-  CUDA, ``GlobalBatchNorm`` (below) on CPU, where torch's refuses to run;
-* only rank 0 writes files and MLflow records.
+* the training step runs in torch's DistributedDataParallel (``train_step``); each rank's mean
+  loss is weighted by its share of the global batch (``loss_scale``), so the update is the
+  single-process update;
+* BatchNorm normalises with the statistics of the global batch (``recipes.<r>.batchnorm:
+  global``, the default): torch's ``SyncBatchNorm`` on CUDA, ``GlobalBatchNorm`` (below) on CPU,
+  where torch's refuses to run; ``per_rank`` keeps each rank's own statistics, as the published
+  multi-GPU ImageNet recipes do;
+* only rank 0 writes files and MLflow records;
+* what a method keeps across steps is updated from the global batch (CRD's memory banks and
+  normalising constants: ``gather_rows``, ``global_mean``), so every rank holds the same state.
 
 Results then match a single process with the same global batch up to float rounding (the
-reductions add in another order). Random augmentation differs: each rank draws its own.
+reductions add in another order). Each image's augmentation is drawn from (epoch, image), so
+the ranks crop and flip as one process would; what methods draw per step (CRD's negatives)
+is each rank's own.
 """
 
 from __future__ import annotations
@@ -109,24 +116,85 @@ def global_batch_size(step: int, batch_size: int, num_items: int) -> int:
     return min(batch_size, num_items - step * batch_size)
 
 
-def sum_gradients(params: Sequence[nn.Parameter]) -> None:
-    """Sum the gradients over ranks in place, in one flat all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+class TrainStep(nn.Module):
+    """A method's training forward (``forward_train``) as a module's ``forward``: what torch's
+    DistributedDataParallel wraps (a distiller's own ``forward`` is the student's inference)."""
+
+    def __init__(self, distiller: nn.Module):
+        super().__init__()
+        self.distiller = distiller
+
+    def forward(self, inputs, targets, epoch: int, indices=None):
+        return self.distiller.forward_train(inputs, targets, epoch, indices=indices)
 
 
-def sum_values(values: Sequence[float]) -> list[float]:
-    """Sum a few numbers (epoch totals) over ranks."""
-    t = torch.tensor(list(values), dtype=torch.float64)
+def train_step(distiller: nn.Module, world: World, device: torch.device, *, every_parameter_every_step: bool
+               ) -> nn.Module:
+    """The module the loop calls for a training step: ``TrainStep``, in torch's
+    DistributedDataParallel when there are several ranks. DDP all-reduces the gradients in
+    buckets while the backward still runs, and averages them over ranks (``loss_scale`` makes that
+    the global batch's mean).
+
+    ``broadcast_buffers`` is off: BatchNorm statistics are global or deliberately per rank (the
+    recipe's ``batchnorm``), and a method's buffers are kept identical by the method (CRD's banks:
+    broadcasting 2 x 1.28 M x 128 floats per step would cost more than the step). A method whose
+    modules sit out some steps (TSKD's forecasters outside review epochs) makes DDP look for
+    unused parameters after each forward.
+    """
+    step = TrainStep(distiller)
+    if not world.distributed:
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=not every_parameter_every_step)
+
+
+def loss_scale(world: World, part: int, global_batch: int) -> float:
+    """The factor on a rank's mean loss that makes DDP's averaged gradient the gradient of the global
+    batch's mean loss: this rank's share of the batch, times the number of ranks DDP divides by."""
+    return world.size * part / global_batch
+
+
+def sum_values(values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
+    """Sum a few numbers (epoch totals) over ranks. The tensor lives on the run's device: NCCL, the
+    backend of CUDA runs, reduces CUDA tensors only."""
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def active() -> bool:
+    """Whether this process is one of several ranks (a method asks, to gather what one process sees)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``t``, concatenated in rank order: the global batch's, when each rank holds
+    its contiguous part. Parts may differ in length (the last batch of an epoch)."""
+    size = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes))
+    padded = t.new_zeros((longest, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)])
+
+
+def global_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t``'s elements over every rank's ``t`` (float64 sums)."""
+    totals = torch.stack([t.double().sum(), torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device)])
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1]).to(t.dtype)
+
+
+def any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """Whether ``flag`` (a bool tensor on the run's device) is true on any rank."""
+    t = flag.to(torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.bool()
 
 
 class _SumOverRanks(torch.autograd.Function):

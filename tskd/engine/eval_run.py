@@ -19,9 +19,9 @@ from tskd.tasks import task_of
 
 def _test_figures(spec: RunSpec, data: RunData, model: torch.nn.Module) -> dict[str, Any]:
     rt = select_runtime(spec.train)
-    model.to(rt.device).eval()
+    rt.place(model).eval()
     loader = data.eval_loader(data.test, spec.train.eval_batch_size, spec.dataset.num_workers)
-    return task_of(spec.dataset.name).evaluate(lambda x: model(x)[0], loader, rt.device, rt.autocast)
+    return task_of(spec.dataset.name).evaluate(lambda x: model(x)[0], loader, rt)
 
 
 def evaluate_model_file(spec: RunSpec, model_path: Path, out: Path) -> dict[str, Any]:

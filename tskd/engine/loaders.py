@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from tskd.config import DatasetCfg, RecipeCfg
-from tskd.engine.distributed import SINGLE, RankBatches, World
+from tskd.data.splits import IndexedSplit
+from tskd.engine.distributed import SINGLE, RankBatches, World, part_bounds
 
 
 @dataclass
@@ -24,6 +26,11 @@ class RunData:
     normalization: str  # the normalisation the loaders apply: its name, mean and std
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # ``(batch_size, generator, world, device, start=0) -> batches`` in place of the DataLoader over ``train``,
+    # when the dataset asks for it (CIFAR's ``loader: device``, tskd.data.device_loader); None: DataLoader.
+    train_batches: Callable[[int, torch.Generator, World, torch.device], Iterable] | None = None
+    _train_dl: DataLoader | None = field(default=None, init=False, repr=False)
+    _epoch_batches: _EpochBatches | None = field(default=None, init=False, repr=False)
 
     @property
     def input_spec(self) -> dict:
@@ -32,21 +39,58 @@ class RunData:
                 "image_size": list(self.image_size)}
 
     def train_loader(self, batch_size: int, generator: torch.Generator, num_workers: int,
-                     world: World = SINGLE) -> DataLoader:
-        """Shuffled batches in the order ``generator`` draws; in a data-parallel run, this rank's
-        part of each of the very same batches (``batch_size`` is the global batch)."""
-        if not world.distributed:
-            return DataLoader(self.train, batch_size=batch_size, shuffle=True, generator=generator,
-                              num_workers=num_workers, drop_last=False,
-                              persistent_workers=False, pin_memory=torch.cuda.is_available())
-        # What shuffle=True builds, cut per rank: same permutation, same batches.
-        batches = BatchSampler(RandomSampler(self.train, generator=generator), batch_size, drop_last=False)
-        return DataLoader(self.train, batch_sampler=RankBatches(batches, world), generator=generator,
-                          num_workers=num_workers, persistent_workers=False,
+                     world: World = SINGLE, device: torch.device | str | None = None, start: int = 0) -> Iterable:
+        """Shuffled batches ``(images, labels, indices)`` in the order ``generator`` draws; in a
+        data-parallel run, this rank's part of each of the very same batches (``batch_size`` is the
+        global batch). A DataLoader, or the dataset's own batches made on ``device`` (default CPU).
+
+        ``start``: the first batch to yield (a run resumed inside the epoch); the batches before it
+        are skipped without being read, and the ones after are those of the whole epoch.
+        """
+        if self.train_batches is not None:
+            return self.train_batches(batch_size, generator, world, torch.device(device or "cpu"), start=start)
+        # Drawn as a DataLoader with shuffle=True draws them (its iterator's base seed, then the
+        # permutation), so the order is the same whether an epoch runs whole or from ``start``.
+        draw_seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+        perm = torch.randperm(len(self.train), generator=generator).tolist()
+        batches: list[list[int]] = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+        if world.distributed:
+            batches = list(RankBatches(batches, world))
+        if isinstance(self.train, IndexedSplit):  # each image's augmentation from (draw_seed, its index)
+            batches = [[(i, draw_seed) for i in b] for b in batches]
+        if self._train_dl is None or self._train_dl.num_workers != num_workers:
+            self._epoch_batches = _EpochBatches()
+            # One DataLoader for the whole run: its worker processes persist across epochs (each new
+            # epoch would otherwise start them again, seconds for ImageNet's readers), the batches
+            # go to pinned memory for asynchronous copies to the GPU. It has a generator of its own:
+            # without one, it would draw its workers' seed from torch's global stream, which the
+            # methods draw from too (a resumed epoch would be one draw off).
+            self._train_dl = DataLoader(self.train, batch_sampler=self._epoch_batches, num_workers=num_workers,
+                                        generator=torch.Generator().manual_seed(0),
+                                        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+        self._epoch_batches.batches = batches[start:]
+        return self._train_dl
+
+    def eval_loader(self, ds: Dataset, batch_size: int, num_workers: int, world: World = SINGLE) -> DataLoader:
+        """``ds`` in order; in a data-parallel run, this rank's contiguous shard of it (the task
+        reduces the shards' figures)."""
+        if world.distributed:
+            ds = Subset(ds, range(*part_bounds(len(ds), world.rank, world.size)))
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                           pin_memory=torch.cuda.is_available())
 
-    def eval_loader(self, ds: Dataset, batch_size: int, num_workers: int) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+class _EpochBatches:
+    """The batch sampler of a run's one training DataLoader, set to each epoch's batches."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list]:
+        return iter(self.batches)
 
 
 def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
@@ -54,8 +98,12 @@ def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
     from tskd.data.families import family
     from tskd.data.splits import NORMALIZATION
 
-    splits = family(ds.name).load_splits(ds, recipe)
+    fam = family(ds.name)
+    splits = fam.load_splits(ds, recipe)
     mean, std = NORMALIZATION[recipe.normalization]
+    # An optional family entry (CIFAR has it): its own training batches, or None for the DataLoader.
+    own_batches = getattr(fam, "train_batches", None)
     return RunData(train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes,
                    image_size=splits.image_size, train_labels=splits.train_labels, identity=splits.identity,
-                   name=splits.name, normalization=recipe.normalization, mean=mean, std=std)
+                   name=splits.name, normalization=recipe.normalization, mean=mean, std=std,
+                   train_batches=own_batches(ds, recipe, splits) if own_batches else None)

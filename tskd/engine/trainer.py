@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from tskd.distill.registry import parse_method_params
 from tskd.engine import distributed
 from tskd.engine.checkpoint import export_model, load_latest_checkpoint, remove_checkpoints, save_checkpoint
 from tskd.engine.distributed import SINGLE, World
+from tskd.engine.epoch_state import EpochTotals, restore_rng
 from tskd.engine.loaders import build_run_data
 from tskd.engine.runtime import Runtime, seed_epoch, select_runtime, uses_cuda
 from tskd.errors import TskdError
@@ -104,8 +106,16 @@ class Trainer:
         self.task = task_of(spec.dataset.name)  # what is learnt and how it is scored
         self.data = build_run_data(spec.dataset, spec.recipe)
         torch.manual_seed(spec.seed)  # model initialisation
-        student = create_model(spec.arch, num_classes=self.data.num_classes)
+        # Global-batch BatchNorm statistics, so that N ranks train as one process would. The networks
+        # are converted before the method is built on them: a method may keep its own references to
+        # their layers (TSKD's snapshot forwards), and a teacher in train-mode BN needs it too.
+        cuda = self.rt.device.type == "cuda"
+        bn_world = world if spec.recipe.batchnorm == "global" else SINGLE  # SINGLE: nothing converted
+        student = distributed.sync_batchnorm(create_model(spec.arch, num_classes=self.data.num_classes), bn_world,
+                                             cuda)
         teacher = _load_teacher(spec, self.data.num_classes)
+        if teacher is not None:
+            teacher = dataclasses.replace(teacher, model=distributed.sync_batchnorm(teacher.model, bn_world, cuda))
         ctx = DistillContext(num_classes=self.data.num_classes, image_size=self.data.image_size,
                              epochs=spec.recipe.epochs, num_train=len(self.data.train),
                              train_labels=self.data.train_labels)
@@ -113,9 +123,11 @@ class Trainer:
         distiller = build_distiller(spec.method, student, teacher and teacher.model, method_params, ctx)
         self.input_spec = self.data.input_spec
         self.tags = self._feed_teacher(distiller, teacher) | {"dataset": self.data.name}
-        # Global-batch BatchNorm statistics, so that N ranks train as one process would.
-        self.distiller = distributed.sync_batchnorm(distiller, world, self.rt.device.type == "cuda")
-        self.distiller.to(self.rt.device)
+        self.distiller = distributed.sync_batchnorm(distiller, bn_world, cuda)  # the method's own layers
+        self.rt.place(self.distiller)
+        self.step_module = distributed.train_step(
+            self.distiller, world, self.rt.device,
+            every_parameter_every_step=self.distiller.every_parameter_every_step)
         self.base_lr = _base_lr(spec)
         r = spec.recipe
         self.params = list(self.distiller.trainable_parameters())
@@ -126,6 +138,7 @@ class Trainer:
         self.key = fingerprint(self.identity)
         self.keep_zeroed = self.distiller.keep_zeroed_grads()
         self.start_epoch = 0
+        self.partial: dict[str, Any] | None = None  # how far into start_epoch a checkpoint got
         self.history: list[dict[str, Any]] = []
         self.run_id: str | None = None
         self._orphans: list[str | None] = []  # MLflow runs of attempts that will not be continued
@@ -167,74 +180,92 @@ class Trainer:
         for i in state.get("zeroed_grads", []):  # as the uninterrupted run has them (keep_zeroed_grads)
             self.params[i].grad = torch.zeros_like(self.params[i])
         self.start_epoch = state["epoch"]
+        self.partial = state.get("partial")
         self.history = state["history"]
         self.run_id = state.get("mlflow_run_id")
-        log.info("resuming %s at epoch %d", self.out, self.start_epoch)
+        log.info("resuming %s at epoch %d%s", self.out, self.start_epoch,
+                 f" step {self.partial['step']}" if self.partial else "")
 
-    def _save(self, epoch_done: int) -> None:
+    def _save(self, epochs_done: int, partial: dict[str, Any] | None = None) -> None:
+        """Checkpoint after ``epochs_done`` whole epochs, and with ``partial`` (EpochTotals.state) that
+        far into the next one."""
         if not self.world.main:
             return
         zeroed = [i for i, p in enumerate(self.params) if p.grad is not None] if self.keep_zeroed else []
-        save_checkpoint(self.ckpt_path, {"key": self.key, "epoch": epoch_done, "history": self.history,
-                                         "distiller": self.distiller.state_dict(),
+        save_checkpoint(self.ckpt_path, {"key": self.key, "epoch": epochs_done, "partial": partial,
+                                         "history": self.history, "distiller": self.distiller.state_dict(),
                                          "optimizer": self.optimizer.state_dict(), "zeroed_grads": zeroed,
                                          "mlflow_run_id": self.run_id, "spec": self.spec.model_dump(mode="json")})
 
     # -- one epoch ----------------------------------------------------------------------------
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
+    def _train_epoch(self, epoch: int, partial: dict[str, Any] | None = None) -> dict[str, float]:
+        """Train one epoch; with ``partial`` (a mid-epoch checkpoint's), continue it from its step."""
         spec, d, dev = self.spec, self.distiller, self.rt.device
         lr = spec.recipe.lr_at(self.base_lr, epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        world, batch_size = self.world, spec.recipe.batch_size
+        world, batch_size, every = self.world, spec.recipe.batch_size, spec.train.check_finite_every
         gen = seed_epoch(spec.seed, epoch, world.rank)
-        loader = self.data.train_loader(batch_size, gen, spec.dataset.num_workers, world, self.rt.device)
-        params = self.params
+        start = partial["step"] if partial else 0
+        totals = EpochTotals(self.task.train_meter(dev), dev)
+        if partial:
+            totals.load(partial)
+            restore_rng(partial["rng"], spec.seed, epoch, start, world.rank)
+        loader = self.data.train_loader(batch_size, gen, spec.dataset.num_workers, world, dev, start=start)
+        steps = start + len(loader)
         d.train()
         d.on_epoch_start(epoch)
-        # Running totals stay on the device: converting each term per step would add a host
-        # sync per loss term; only the total is read per step (for the NaN check).
-        sums: dict[str, torch.Tensor] = {}
-        n, meter, total = 0, self.task.train_meter(dev), 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.recipe.epochs}", leave=False,
-                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
-        for step, batch in enumerate(bar):
-            inputs, targets, indices = self.task.to_device(batch, dev)
-            with self.rt.autocast():
-                outputs, losses = d.forward_train(inputs, targets, epoch, indices=indices)
-            loss = sum(losses.values())
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-                raise TrainingError(f"{self.out}: loss is {value} at epoch {epoch} step {step} "
-                                    f"(method {spec.method}, lr {lr:g}; terms: {terms}). "
-                                    "Lower the learning rate or check the inputs.")
-            b = self.task.count(targets)
+        # Whether any loss since the last check was not finite, kept on the device: reading it every
+        # step would make the host wait for the GPU every step (see TrainCfg.check_finite_every).
+        bad = torch.zeros((), dtype=torch.bool, device=dev)
+        saved_at = time.monotonic()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.recipe.epochs}", leave=False, initial=start,
+                   total=steps, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        for step, batch in enumerate(bar, start=start):
+            inputs, targets, indices = self.task.to_device(batch, self.rt)
             self.optimizer.zero_grad(set_to_none=not self.keep_zeroed)
+            with self.rt.autocast():
+                outputs, losses = self.step_module(inputs, targets, epoch, indices)
+            loss = sum(losses.values())
+            bad |= ~torch.isfinite(loss.detach())
+            b = self.task.count(targets)
             if world.distributed:
-                # This part's share of the global batch: the gradients summed over ranks are then
-                # those of the global batch's mean loss, as in a single process.
-                share = b / distributed.global_batch_size(step, batch_size, len(self.data.train))
-                (loss * share).backward()
-                distributed.sum_gradients(params)
+                # DDP averages the ranks' gradients while the backward runs; scaled so, the average is
+                # the gradient of the global batch's mean loss, as in a single process.
+                global_batch = distributed.global_batch_size(step, batch_size, len(self.data.train))
+                (loss * distributed.loss_scale(world, b, global_batch)).backward()
             else:
                 loss.backward()
             self.optimizer.step()
-            n += b
-            meter.update(outputs, targets)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().double() * b
-            total += value * b
-            bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+            totals.add(losses, loss, b, outputs, targets)
+            if (step + 1) % every == 0 or step + 1 == steps:
+                self._check_finite(bad, epoch, step, losses, lr)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+                # Only right after a passing check: a checkpoint never holds the weights of a NaN step.
+                minutes = spec.train.checkpoint_minutes
+                if minutes and step + 1 < steps and time.monotonic() - saved_at >= 60 * minutes:
+                    self._save(epoch, partial=totals.state(step + 1))
+                    saved_at = time.monotonic()
         d.on_epoch_end(epoch)
-        sums = {k: float(v) for k, v in sums.items()} | {"loss": total}
-        kept = meter.totals()
-        if world.distributed:  # epoch figures over the global batch, identical on every rank
-            keys = sorted(sums)
-            n, *totals = distributed.sum_values([n, *kept, *(sums[k] for k in keys)])
-            n, kept, sums = int(n), totals[:len(kept)], dict(zip(keys, totals[len(kept):], strict=True))
-        return {"lr": lr, **{f"train_{k}": v for k, v in meter.result(kept, n).items()},
+        n, kept, sums = totals.result(world)
+        return {"lr": lr, **{f"train_{k}": v for k, v in totals.meter.result(kept, n).items()},
                 **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
+
+    def _check_finite(self, bad: torch.Tensor, epoch: int, step: int, losses: dict[str, torch.Tensor],
+                      lr: float) -> None:
+        """Raise if a loss since the last check was not finite, on any rank: every rank reaches the
+        same verdict, so none is left waiting in a collective for one that stopped."""
+        if self.world.distributed:
+            bad = distributed.any_rank(bad)
+        if bool(bad):
+            every = self.spec.train.check_finite_every
+            now = float(sum(losses.values()).detach())
+            what = f"loss is {now}" if not math.isfinite(now) else "a loss was not finite"
+            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            where = f"step {step}" if every == 1 else f"one of steps {max(0, step + 1 - every)}-{step}"
+            ranks = f" on one of {self.world.size} ranks" if self.world.distributed else ""
+            raise TrainingError(f"{self.out}: {what} at epoch {epoch} {where}{ranks} (method {self.spec.method}, "
+                                f"lr {lr:g}; terms now: {terms}). Lower the learning rate or check the inputs.")
 
     def _evaluate(self) -> dict[str, float]:
         spec = self.spec
@@ -242,8 +273,8 @@ class Trainer:
         out = {}
         splits = {"test": self.data.test} | ({"val": self.data.val} if self.data.val is not None else {})
         for name, ds in splits.items():
-            loader = self.data.eval_loader(ds, spec.train.eval_batch_size, spec.dataset.num_workers)
-            res = self.task.evaluate(self.distiller, loader, self.rt.device, self.rt.autocast)
+            loader = self.data.eval_loader(ds, spec.train.eval_batch_size, spec.dataset.num_workers, self.world)
+            res = self.task.evaluate(self.distiller, loader, self.rt, self.world)
             out.update({f"{name}_{k}": v for k, v in res.items()})
         return out
 
@@ -271,7 +302,8 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, spec.recipe.epochs):
                 t0 = time.perf_counter()
-                row = {"epoch": epoch, **self._train_epoch(epoch), **self._evaluate()}
+                partial, self.partial = (self.partial if epoch == self.start_epoch else None), None
+                row = {"epoch": epoch, **self._train_epoch(epoch, partial), **self._evaluate()}
                 row["seconds"] = time.perf_counter() - t0
                 self.history.append(row)
                 # Logged before the checkpoint: a kill in between replays this epoch and logs

@@ -2,11 +2,13 @@
 
 The trainer never assumes classification. It asks the run's task (``task_of(dataset family)``):
 
-* ``to_device(batch, device)``: a loader's batch as ``(inputs, targets, indices)`` on the device;
+* ``to_device(batch, rt)``: a loader's batch as ``(inputs, targets, indices)`` on the run's
+  device, laid out as its runtime says (``tskd.engine.runtime.Runtime.place_batch``);
 * ``count(targets)``: how many samples a batch holds (loss weighting, epoch means);
 * ``train_meter(device)``: what the training epoch accumulates from the student's outputs
   (classification: train top-1), kept on the device so that no step syncs with the host;
-* ``evaluate(forward, loader, device, autocast)``: the figures of one evaluation split;
+* ``evaluate(forward, loader, rt, world)``: the figures of one evaluation split (in a
+  data-parallel run, of every rank's shard together);
 * ``best``: the figure that picks the best epoch (higher is better), and ``figures``: the ones a
   report shows for the best and the last epoch; ``summarize(history)`` turns the per-epoch rows
   into metrics.json's ``best_*`` / ``last_*`` / ``selected_*`` figures.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import torch
@@ -28,14 +27,16 @@ class Task(Protocol):
     figures: tuple[str, ...]  # the figures reported for the best and the last epoch, ``best`` first
     labels: dict[str, str]  # how a report names each figure
 
-    def to_device(self, batch: Any, device: torch.device) -> tuple[Any, Any, torch.Tensor]: ...
+    def to_device(self, batch: Any, rt: Any) -> tuple[Any, Any, torch.Tensor]:
+        """The batch on the run's device, laid out as the runtime says (``Runtime.place_batch``)."""
 
     def count(self, targets: Any) -> int: ...
 
     def train_meter(self, device: torch.device) -> TrainMeter: ...
 
-    def evaluate(self, forward: Callable[[Any], Any], loader: Any, device: torch.device,
-                 autocast: Callable[[], AbstractContextManager]) -> dict[str, float]: ...
+    def evaluate(self, forward: Callable[[Any], Any], loader: Any, rt: Any, world: Any = ...) -> dict[str, float]:
+        """The figures of one split; in a data-parallel run ``loader`` is this rank's shard and the
+        result is the whole split's, the same on every rank."""
 
     def summarize(self, history: list[dict[str, Any]]) -> dict[str, Any]: ...
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tskd.engine import distributed
+from tskd.engine.distributed import SINGLE, World
+from tskd.engine.runtime import Runtime
 from tskd.tasks.base import summarize_epochs
 
 
@@ -46,10 +48,9 @@ class Classification:
     figures: tuple[str, ...] = ("top1", "top5")
     labels: dict[str, str] = field(default_factory=lambda: {"top1": "top-1", "top5": "top-5"})
 
-    def to_device(self, batch: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def to_device(self, batch: Any, rt: Runtime) -> tuple[Tensor, Tensor, Tensor]:
         images, labels, indices = batch
-        return (images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
-                indices.to(device, non_blocking=True))
+        return rt.place_batch(images), rt.place_batch(labels), rt.place_batch(indices)
 
     def count(self, targets: Tensor) -> int:
         return int(targets.shape[0])
@@ -58,21 +59,24 @@ class Classification:
         return _TrainTop1(device)
 
     @torch.no_grad()
-    def evaluate(self, forward: Callable[[Tensor], Tensor], loader, device: torch.device,
-                 autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
-        """Accuracy (percent) and mean cross-entropy of ``forward`` over ``loader``."""
+    def evaluate(self, forward: Callable[[Tensor], Tensor], loader, rt: Runtime, world: World = SINGLE
+                 ) -> dict[str, float]:
+        """Accuracy (percent) and mean cross-entropy of ``forward`` over ``loader``; in a
+        data-parallel run, over every rank's shard (counts summed over ranks)."""
         from tskd.data.integrity import DatasetError
 
         n = c1 = c5 = 0
         loss = 0.0
         for batch in loader:
-            images, labels = batch[0].to(device), batch[1].to(device)
-            with autocast():
+            images, labels = rt.place_batch(batch[0]), rt.place_batch(batch[1])
+            with rt.autocast():
                 logits = forward(images)
             logits = logits.float()
             loss += float(F.cross_entropy(logits, labels, reduction="sum"))
             a, b = topk_correct(logits, labels)
             c1, c5, n = c1 + a, c5 + b, n + labels.shape[0]
+        if world.distributed:
+            c1, c5, loss, n = distributed.sum_values([c1, c5, loss, n], rt.device)
         if n == 0:
             raise DatasetError("the evaluation set is empty")
         return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n}

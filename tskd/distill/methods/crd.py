@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.registry import register_method
+from tskd.engine import distributed
 from tskd.models.taps import probe_taps
 
 
@@ -77,6 +78,7 @@ class CRD(Distiller):
         self.register_buffer("memory_s", torch.rand(ctx.num_train, params.feat_dim) * 2 * stdv - stdv)
         self.register_buffer("memory_t", torch.rand(ctx.num_train, params.feat_dim) * 2 * stdv - stdv)
         self.register_buffer("z_norm", torch.full((2,), -1.0))  # (Z_s, Z_t); set from the first batch
+        self._z_fixed = False
         labels = None
         if params.negatives == "other_class":
             if ctx.train_labels is None or len(ctx.train_labels) != ctx.num_train:
@@ -125,14 +127,27 @@ class CRD(Distiller):
         t = self.params.nce_t
         out_s = torch.exp(torch.bmm(self.memory_t[idx], v_s[:, :, None]).squeeze(2) / t)
         out_t = torch.exp(torch.bmm(self.memory_s[idx], v_t[:, :, None]).squeeze(2) / t)
-        with torch.no_grad():
-            for i, out in enumerate((out_s, out_t)):
-                if self.z_norm[i] < 0:  # CRD fixes Z from the first batch: mean score x bank size
-                    self.z_norm[i] = out.mean() * self.memory_s.shape[0]
+        if not self._z_fixed:
+            # Read from the device once, not per step (each read waits for the GPU).
+            with torch.no_grad():
+                for i, out in enumerate((out_s, out_t)):
+                    if self.z_norm[i] < 0:  # CRD fixes Z from the first batch: mean score x bank size
+                        # The global batch's mean in a data-parallel run: the same Z on every rank.
+                        mean = distributed.global_mean(out) if distributed.active() else out.mean()
+                        self.z_norm[i] = mean * self.memory_s.shape[0]
+            self._z_fixed = True
         return out_s / self.z_norm[0], out_t / self.z_norm[1]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._z_fixed = False  # the loaded z_norm may be unset
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def update_memory(self, v_s: Tensor, v_t: Tensor, indices: Tensor) -> None:
+        if distributed.active():
+            # Every rank updates the banks with the whole global batch, as one process does; from
+            # its own part alone, the ranks' banks would drift apart.
+            v_s, v_t, indices = (distributed.gather_rows(x) for x in (v_s, v_t, indices))
         m = self.params.nce_momentum
         for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
             bank.index_copy_(0, indices, F.normalize(bank[indices] * m + v.to(bank.dtype) * (1 - m), dim=1))

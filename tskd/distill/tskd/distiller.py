@@ -135,6 +135,8 @@ class TSKD(Distiller):
         if problem:
             raise ParamsError(problem)
 
+    every_parameter_every_step = False  # the forecasters train in review epochs only
+
     def teacher_train_mode(self) -> bool:
         return self.params.teacher_bn == "train"
 
