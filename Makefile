@@ -4,6 +4,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tskd-installed
 CORES  ?= 2
 PRESET ?= smoke
+# A GPU workstation: GPUS=8 runs at most 8 x JOBS_PER_GPU training jobs at once, each on a GPU of
+# its own (tskd/launch/gpus.py); JOBS_PER_GPU=2 lets two small CIFAR jobs share one.
+GPUS   ?=
+JOBS_PER_GPU ?= 1
 
 .PHONY: demo test lint venv cxx clean
 
@@ -21,7 +25,8 @@ $(STAMP): pyproject.toml
 
 # The whole DAG on the smoke preset: synthetic data -> teacher -> students -> evaluation -> report.
 demo: $(STAMP)
-	$(VENV)/bin/snakemake --cores $(CORES) --configfile params/$(PRESET).yaml
+	TSKD_JOBS_PER_GPU=$(JOBS_PER_GPU) $(VENV)/bin/snakemake --cores $(CORES) \
+	  $(if $(GPUS),--resources gpus=$$(( $(GPUS) * $(JOBS_PER_GPU) ))) --configfile params/$(PRESET).yaml
 	@cat results/$(PRESET)/report.md
 
 # A C++ compiler: torch.compile builds TSKD's CPU kernels with it (`methods.tskd.compile: true`,

@@ -78,7 +78,10 @@ def launch(spec: RunSpec, settings: LaunchSettings | None = None, verb: str = "t
     ParamsError / LaunchError before submitting anything when the settings cannot work.
     """
     if settings is None or settings.backend == "inline":
-        return run_verb(verb, spec, options)
+        from tskd.launch.gpus import claim_gpu_for_this_process
+
+        with claim_gpu_for_this_process():  # one GPU per in-process job on a multi-GPU workstation
+            return run_verb(verb, spec, options)
     r = settings.resources
     # Only training runs as several ranks; importing a teacher file is one process's work.
     tasks = r.tasks_per_node if verb == "train" else 1
