@@ -72,6 +72,19 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_bits(make_spec, tiny_cifar, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_loader_workers_change_nothing(make_spec, tiny_cifar):
+    """Each image's crop and flip come from (epoch seed, image index), whichever process reads it:
+    2 persistent worker processes give the bits of the main process, so num_workers is no part of a
+    run's identity."""
+    from tskd.config import Cifar100Data
+
+    runs = [train(make_spec(out=f"w{w}", dataset=Cifar100Data(root=str(tiny_cifar), num_workers=w),
+                            recipe={"epochs": 2, "milestones": []}), track=False) for w in (0, 2)]
+    assert _history(runs[0]) == _history(runs[1])
+    assert make_spec(dataset=Cifar100Data(root=str(tiny_cifar), num_workers=0)).identity() == \
+        make_spec(dataset=Cifar100Data(root=str(tiny_cifar), num_workers=3)).identity()
+
+
 def test_checkpoint_settings_do_not_change_a_runs_identity(make_spec):
     a = make_spec(train=TrainCfg(device="cpu", checkpoint_minutes=1.0, check_finite_every=1))
     b = make_spec(train=TrainCfg(device="cpu", checkpoint_minutes=None, check_finite_every=50))

@@ -58,3 +58,26 @@ def test_no_compiler_fails_before_training_naming_the_param(tmp_path, repo_root)
     err = res.stderr[-3000:]
     assert "methods.tskd.compile: true" in err and "methods.tskd.compile: false" in err, err
     assert "no error" not in res.stdout
+
+
+def test_train_compile_trains_the_same_network(make_spec):
+    """``train.compile``: the compiled student and teacher train to what eager ones do (to float
+    rounding) and the exported model has the architecture's own state_dict keys."""
+    from pathlib import Path
+
+    from tskd.config import TrainCfg
+    from tskd.engine.trainer import train
+
+    teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
+    train(teacher, track=False)
+    runs = {}
+    for compiled in (False, True):
+        spec = make_spec(out=f"kd-{compiled}", method="kd", teacher_arch="resnet8",
+                         teacher_path=str(Path(teacher.out_dir) / "model.pt"),
+                         recipe={"epochs": 1, "milestones": [], "augment": []},
+                         train=TrainCfg(device="cpu", threads=1, compile=compiled))
+        runs[compiled] = (train(spec, track=False), torch.load(Path(spec.out_dir) / "model.pt", weights_only=True))
+    (eager, eager_file), (comp, comp_file) = runs[False], runs[True]
+    assert comp_file["model"].keys() == eager_file["model"].keys()
+    for key in ("train_loss", "test_loss"):
+        assert comp["history"][0][key] == pytest.approx(eager["history"][0][key], rel=1e-4), key

@@ -146,7 +146,9 @@ def train_step(distiller: nn.Module, world: World, device: torch.device, *, ever
         return step
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None,
+    # process_group() made this rank's GPU the current one; the run's device is plain "cuda".
+    gpu = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return DistributedDataParallel(step, device_ids=gpu,
                                    broadcast_buffers=False, find_unused_parameters=not every_parameter_every_step)
 
 

@@ -62,6 +62,11 @@ def nce_loss(scores: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
     return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
 
 
+def fewest_negatives(labels: Tensor) -> int:
+    """The fewest other-class rows any training row has."""
+    return len(labels) - int(torch.bincount(labels).max())
+
+
 @register_method("crd")
 class CRD(Distiller):
     Params = CRDParams
@@ -95,6 +100,8 @@ class CRD(Distiller):
             order = torch.argsort(labels, stable=True)
             counts = torch.bincount(labels)
             starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        # Whether even the largest class leaves k negatives: then no batch ever needs replacement.
+        self._always_enough = labels is not None and fewest_negatives(labels) >= self.num_k
         self.register_buffer("by_class", order, persistent=False)
         self.register_buffer("class_starts", starts, persistent=False)
 
@@ -107,8 +114,11 @@ class CRD(Distiller):
             neg = self._other_class_with_replacement(indices, k)
         else:
             allowed = (self.train_labels[None, :] != self.train_labels[indices][:, None]).float()
-            # Without replacement when every row has enough negatives (CRD's rule), else with.
-            neg = torch.multinomial(allowed, k, replacement=bool(allowed.sum(1).min() < k))
+            # Without replacement when every row has enough negatives (CRD's rule), else with. When
+            # every class has enough (always, on the full datasets), that needs no look at the batch,
+            # which would wait for the GPU every step.
+            short = not self._always_enough and bool(allowed.sum(1).min() < k)
+            neg = torch.multinomial(allowed, k, replacement=short)
         return torch.cat([indices[:, None], neg], dim=1)
 
     def _other_class_with_replacement(self, indices: Tensor, k: int) -> Tensor:

@@ -34,15 +34,19 @@ def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, T:
     """(TCKD, NCKD), each ``KL(teacher || student) * T^2`` averaged over the batch."""
     log_p_s = F.log_softmax(student_logits / T, dim=1)
     log_p_t = F.log_softmax(teacher_logits / T, dim=1)
-    target = F.one_hot(labels, student_logits.shape[1]).bool()
+    c = student_logits.shape[1]
+    target = F.one_hot(labels, c).bool()
+    # Gathers, not boolean-mask indexing: a mask's output size depends on the data, so indexing
+    # with it waits for the GPU every step. Column j of ``others`` is the j-th non-target class.
+    cols = torch.arange(c - 1, device=labels.device)
+    others = cols + (cols[None, :] >= labels[:, None])
 
     def binary(log_p: Tensor) -> Tensor:  # log [p_target, 1 - p_target], computed stably
         log_other = torch.logsumexp(log_p.masked_fill(target, float("-inf")), dim=1)
-        return torch.stack([log_p[target], log_other], dim=1)
+        return torch.stack([log_p.gather(1, labels[:, None]).squeeze(1), log_other], dim=1)
 
     def non_target(logits: Tensor) -> Tensor:  # log-softmax over the C-1 non-target classes only
-        rest = logits[~target].view(logits.shape[0], -1)
-        return F.log_softmax(rest / T, dim=1)
+        return F.log_softmax(logits.gather(1, others) / T, dim=1)
 
     def kl(log_q_s: Tensor, log_q_t: Tensor) -> Tensor:
         return F.kl_div(log_q_s, log_q_t, reduction="none", log_target=True).sum(dim=1).mean() * T**2

@@ -27,24 +27,24 @@ class Compiled:
     """``torch.compile(fn)``; a backend that cannot build here (no C++ compiler, which CPU kernels
     and Triton's CUDA launchers both need; no Triton) raises an error naming the param."""
 
-    def __init__(self, fn: Callable, what: str, **options):
-        self._fn, self._what = torch.compile(fn, **options), what
+    def __init__(self, fn: Callable, what: str, param: str = PARAM, **options):
+        self._fn, self._what, self._param = torch.compile(fn, **options), what, param
 
     def __call__(self, *args):
         try:
             return self._fn(*args)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             reason = str(e).strip().splitlines()[0]
-            raise CompileUnavailable(f"{PARAM}: true, but torch.compile cannot build {self._what} on this machine "
-                               f"({reason}). Install a C++ compiler (g++; on CUDA also Triton), or set "
-                               f"{PARAM}: false") from e
+            raise CompileUnavailable(f"{self._param}: true, but torch.compile cannot build {self._what} on this "
+                                     f"machine ({reason}). Install a C++ compiler (g++; on CUDA also Triton), or set "
+                                     f"{self._param}: false") from e
 
 
 def maybe_compiled(fn: Callable, enabled: bool, what: str, **options) -> Callable:
     return Compiled(fn, what, **options) if enabled else fn
 
 
-def check_compiles(device: torch.device) -> None:
+def check_compiles(device: torch.device, param: str = PARAM) -> None:
     """Build and run a tiny kernel on ``device`` now, so that a machine where compiling cannot
     work fails before training rather than at the first review epoch."""
-    Compiled(lambda x: torch.sigmoid(x) * x, "a test kernel", dynamic=False)(torch.ones(2, device=device))
+    Compiled(lambda x: torch.sigmoid(x) * x, "a test kernel", param, dynamic=False)(torch.ones(2, device=device))
