@@ -160,3 +160,12 @@ def test_recipe_values_per_method(repo_root, tmp_path):
         with pytest.raises(ParamsError) as e:
             load_preset(path)
         assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_linear_warmup_factor_per_step():
+    from tskd.config import RecipeCfg
+
+    r = RecipeCfg(epochs=2, batch_size=2, lr=0.02, warmup_iters=1000)
+    assert r.warmup_at(0) == pytest.approx(0.001) and r.warmup_at(500) == pytest.approx(0.5005)
+    assert r.warmup_at(1000) == 1.0 and r.warmup_at(5000) == 1.0
+    assert RecipeCfg(epochs=2, batch_size=2, lr=0.02).warmup_at(0) == 1.0  # none by default

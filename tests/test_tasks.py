@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_family_poses_a_known_task():
     assert set(families.TASK_OF) == set(families._MODULES)
     assert task_of("cifar100") is CLASSIFICATION and task_of("imagenet") is CLASSIFICATION
-    with pytest.raises(Exception, match="unknown dataset family 'coco2'; known: cifar100, imagenet"):
+    assert task_of("coco").name == "detection"
+    with pytest.raises(Exception, match="unknown dataset family 'coco2'; known: cifar100, coco, imagenet"):
         task_of("coco2")
 
 
@@ -39,9 +40,8 @@ def test_the_best_epoch_is_the_tasks_choice_and_every_figure_is_that_epochs():
 @pytest.fixture
 def top5_task(monkeypatch):
     """A classification task that picks the best epoch on top-5: what another task would change."""
-    task = dataclasses.replace(CLASSIFICATION, name="top5-first", best="top5", figures=("top5", "top1"))
+    task = dataclasses.replace(CLASSIFICATION, best="top5", figures=("top5", "top1"))  # the same methods
     monkeypatch.setitem(TASKS, task.name, task)
-    monkeypatch.setitem(families.TASK_OF, "cifar100", task.name)
     return task
 
 
@@ -53,7 +53,7 @@ def test_the_loop_and_the_report_follow_the_task(top5_task, make_spec, tmp_path)
 
     m = train(make_spec(recipe={"epochs": 3, "milestones": [], "lr": 0.2}), track=False)
     h = m["history"]
-    assert m["task"] == "top5-first"
+    assert m["task"] == "classification"
     best = max(h, key=lambda r: r["test_top5"])
     assert (m["best_epoch"], m["best_top5"], m["best_top1"]) == (best["epoch"], best["test_top5"], best["test_top1"])
     assert "train_top1" in h[0] and "train_kd" not in h[0]

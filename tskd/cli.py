@@ -59,16 +59,20 @@ def cmd_train(a) -> None:
     from tskd.launch import launch
 
     spec = _spec(a)
+    from tskd.tasks import task_of
+
     m = launch(spec, _launch_settings(a, spec), "train", track=not a.no_track)
-    print(f"{m['method']} {m['student']}: best top-1 {m['best_top1']:.2f} (epoch {m['best_epoch'] + 1}), "
-          f"last {m['last_top1']:.2f}")
+    task = task_of(spec.dataset.name)
+    main = task.labels[task.best]
+    print(f"{m['method']} {m['student']}: best {main} {m[f'best_{task.best}']:.2f} (epoch {m['best_epoch'] + 1}), "
+          f"last {m[f'last_{task.best}']:.2f}")
 
 
 def cmd_evaluate(a) -> None:
     from tskd.engine.eval_run import evaluate_model_file
 
     res = evaluate_model_file(_spec(a), Path(a.model), Path(a.out))
-    print(f"{a.model}: top-1 {res['top1']:.2f} top-5 {res['top5']:.2f}")
+    print(f"{a.model}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)))
 
 
 def cmd_import_teacher(a) -> None:
@@ -76,7 +80,10 @@ def cmd_import_teacher(a) -> None:
 
     spec = _spec(a)
     res = launch(spec, _launch_settings(a, spec), "import-teacher", checkpoint=str(Path(a.checkpoint)))
-    print(f"imported {a.checkpoint} as {res['student']}: top-1 {res['last_top1']:.2f}")
+    from tskd.tasks import task_of
+
+    task = task_of(spec.dataset.name)
+    print(f"imported {a.checkpoint} as {res['student']}: {task.labels[task.best]} {res[f'last_{task.best}']:.2f}")
 
 
 def cmd_data_synth(a) -> None:
@@ -130,10 +137,15 @@ def cmd_models(a) -> None:
 
 def cmd_methods(a) -> None:
     from tskd.distill import list_methods, method_class
+    from tskd.tasks import TASKS
 
-    for name in list_methods():
-        fields = method_class(name).Params.model_fields
-        print(f"{name:10s} " + ", ".join(f"{k}={v.default!r}" for k, v in fields.items()))
+    for task in TASKS:
+        names = list_methods(task)
+        if names:
+            print(f"# {task}")
+        for name in names:
+            fields = method_class(name, task).Params.model_fields
+            print(f"{name:10s} " + ", ".join(f"{k}={v.default!r}" for k, v in fields.items()))
 
 
 def cmd_check(a) -> None:

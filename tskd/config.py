@@ -43,12 +43,36 @@ class ImageNetSyntheticCfg(Strict):
     image_size: int = Field(64, ge=8, description="side of the square JPEG images, px")
 
 
+class CocoSyntheticCfg(Strict):
+    """Tiny COCO generated in the real layout (train2017/, val2017/ JPEG files, annotations/instances_*.json):
+    filled shapes, one kind and colour per category, on textured noise; with crowd, degenerate and tiny
+    boxes and images without objects, as the real set has."""
+
+    seed: int = 0
+    train_images: int = Field(48, ge=8, description="images in train2017/ (a few have no object, a few only "
+                              "crowd or degenerate boxes: those are not trained on)")
+    val_images: int = Field(16, ge=8, description="images in val2017/ (all evaluated)")
+    min_image_size: int = Field(96, ge=48, description="smallest width or height of an image, px (each side "
+                                "is drawn in [min_image_size, max_image_size])")
+    max_image_size: int = Field(160, ge=48, description="largest width or height of an image, px")
+    categories: int = Field(5, ge=1, le=8, description="how many categories, taken in order from COCO ids 1, 3, "
+                            "7, 18, 44, 62, 85, 90 (not contiguous, as COCO's are)")
+
+    @model_validator(mode="after")
+    def _size_range(self):
+        if self.min_image_size > self.max_image_size:
+            raise ValueError(f"min_image_size {self.min_image_size} is larger than max_image_size "
+                             f"{self.max_image_size}")
+        return self
+
+
 class _DatasetBase(Strict):
     holds: ClassVar[str] = ""  # what `root` must hold, for messages
     root: str | None = Field(None, description="the dataset's directory (see the family); synthetic data is "
                              "written under results/<preset>/data")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held out of train for model selection")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (persistent over the run); "
+                             "results do not depend on it: each image's augmentation is drawn from (epoch, image)")
 
     @model_validator(mode="after")
     def _root_or_synthetic(self):
@@ -91,6 +115,34 @@ class ImageNetData(_DatasetBase):
         return self
 
 
+class CocoData(_DatasetBase):
+    """COCO 2017 detection in its official layout: train2017/, val2017/ and annotations/instances_*2017.json,
+    or the three official zips, extracted once by the data stage. Labels are COCO's category ids."""
+
+    holds: ClassVar[str] = ("the COCO 2017 zips (train2017.zip, val2017.zip, annotations_trainval2017.zip) or "
+                            "their extracted train2017/, val2017/ and annotations/")
+    name: Literal["coco"]
+    synthetic: CocoSyntheticCfg | None = Field(None, description="generate a tiny COCO instead of reading the "
+                                               "real one")
+    # The sizes torchvision's GeneralizedRCNNTransform resizes to (inside the model, not in the reader):
+    # a run's input, so part of its identity; smaller values make a smoke run cheap.
+    min_size: int = Field(800, ge=8, description="shorter image side the detector resizes to, px "
+                          "(torchvision's GeneralizedRCNNTransform min_size)")
+    max_size: int = Field(1333, ge=8, description="cap on the longer side after that resize, px "
+                          "(GeneralizedRCNNTransform max_size)")
+
+    @model_validator(mode="after")
+    def _coco_sizes(self):
+        if self.min_size > self.max_size:
+            raise ValueError(f"dataset.min_size {self.min_size} is larger than dataset.max_size {self.max_size}")
+        # Models are selected on val2017, as torchvision's and detectron2's recipes do; holding images out
+        # of train2017 is not implemented, and silently ignoring the key would mislabel the runs.
+        if self.val_fraction > 0:
+            raise ValueError(f"dataset.val_fraction {self.val_fraction}: not supported for coco (no validation "
+                             "split is held out of train2017; models are evaluated on val2017); set it to 0")
+        return self
+
+
 def _family(raw: Any) -> str:
     # A dataset without `name` is CIFAR-100, as before there were several families.
     return raw.get("name", "cifar100") if isinstance(raw, dict) else getattr(raw, "name", "cifar100")
@@ -99,10 +151,12 @@ def _family(raw: Any) -> str:
 # The dataset families, told apart by `name`: each has its own keys, so a CIFAR key in an ImageNet
 # preset is refused with the file and the key. A new family adds its model here and a module in
 # tskd/data/ that registers it (tskd.data.families).
-DatasetCfg = Annotated[Annotated[Cifar100Data, Tag("cifar100")] | Annotated[ImageNetData, Tag("imagenet")],
-                       Discriminator(_family)]
-DATASET_MODELS: dict[str, type[_DatasetBase]] = {"cifar100": Cifar100Data, "imagenet": ImageNetData}
-SYNTHETIC_MODELS: dict[str, type[Strict]] = {"cifar100": SyntheticCfg, "imagenet": ImageNetSyntheticCfg}
+DatasetCfg = Annotated[Annotated[Cifar100Data, Tag("cifar100")] | Annotated[ImageNetData, Tag("imagenet")]
+                       | Annotated[CocoData, Tag("coco")], Discriminator(_family)]
+DATASET_MODELS: dict[str, type[_DatasetBase]] = {"cifar100": Cifar100Data, "imagenet": ImageNetData,
+                                                 "coco": CocoData}
+SYNTHETIC_MODELS: dict[str, type[Strict]] = {"cifar100": SyntheticCfg, "imagenet": ImageNetSyntheticCfg,
+                                             "coco": CocoSyntheticCfg}
 
 
 class RecipeCfg(Strict):
@@ -132,6 +186,13 @@ class RecipeCfg(Strict):
         "tensor as it is (the TSKD authors, mdistiller), also when the teacher was trained with other "
         "normalisation statistics (logged and recorded in MLflow); 'renormalize' = the same images "
         "normalised with the teacher's own training statistics (read from its model.pt)")
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip the gradients' global L2 norm to this "
+                                         "before each step; null = no clipping (every reference recipe here)")
+    warmup_iters: int = Field(0, ge=0, description="linear learning-rate warm-up over the first this many steps "
+                              "(torchvision's detection reference: 1000, capped at the first epoch's steps); 0 = none "
+                              "(the classification recipes)")
+    warmup_factor: float = Field(0.001, gt=0, le=1, description="the warm-up's starting factor on the lr "
+                                 "(torchvision's detection reference: 1/1000)")
     batchnorm: Literal["global", "per_rank"] = Field(
         "global", description="BatchNorm statistics of a data-parallel run (several tasks): 'global' = over "
         "the global batch (SyncBatchNorm), so N ranks train as one process would; 'per_rank' = each rank's "
@@ -154,6 +215,14 @@ class RecipeCfg(Strict):
         """The step-decayed learning rate of 0-based ``epoch``."""
         shift = 1 if self.milestone_mode == "after" else 0
         return base_lr * self.gamma ** sum(epoch >= m + shift for m in self.milestones)
+
+    def warmup_at(self, iteration: int) -> float:
+        """The factor on the learning rate at 0-based training ``iteration`` (step, counted over epochs):
+        linear from ``warmup_factor`` to 1 over the first ``warmup_iters`` steps, then 1."""
+        if iteration >= self.warmup_iters:
+            return 1.0
+        alpha = iteration / self.warmup_iters
+        return self.warmup_factor * (1 - alpha) + alpha
 
     @model_validator(mode="after")
     def _milestones_sorted(self):
@@ -180,6 +249,8 @@ class TrainCfg(Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast applies on CUDA only")
+    compile: bool = Field(False, description="torch.compile the student's and the teacher's forwards (inductor; "
+                          "state_dict keys unchanged). Pays on CUDA; benchmarks/gpu_check.py measures it")
     tf32: bool = Field(True, description="TF32 matmuls and convolutions on CUDA (Ampere or newer) in fp32 parts; "
                        "on is the authors' torch 1.9 default; off: IEEE fp32 as on a CPU")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default)")
@@ -314,8 +385,11 @@ def parse_preset(raw: dict[str, Any], source: str = "<params>") -> Preset:
 
 def _check_registered(preset: Preset, source: str) -> None:
     # Imported here: registries import torch, which the schema generator does not need.
+    from tskd.data.families import TASK_OF
     from tskd.distill.registry import list_methods, method_class, parse_method_params
     from tskd.models.registry import list_models
+
+    task = TASK_OF.get(preset.dataset.name, "classification")
 
     known_models = set(list_models())
     archs = [(f"teachers.{k}", k) for k in preset.teachers]
@@ -325,8 +399,9 @@ def _check_registered(preset: Preset, source: str) -> None:
             raise ParamsError(f"{source}: {key}: unknown architecture {arch!r}; "
                               f"registered: {', '.join(sorted(known_models))}")
     for name in preset.methods:
-        if name not in list_methods():
-            raise ParamsError(f"{source}: methods.{name}: unknown method; allowed: {', '.join(list_methods())}")
+        if name not in list_methods(task):
+            raise ParamsError(f"{source}: methods.{name}: unknown method for {task}; allowed: "
+                              f"{', '.join(list_methods(task))}")
     for recipe in preset.student_recipes:
         epochs = preset.recipes[recipe].epochs
         for i, pair in enumerate(preset.pairs):
@@ -334,8 +409,9 @@ def _check_registered(preset: Preset, source: str) -> None:
                 where = (f"pairs.{i}.methods" if name in pair.methods else
                          f"recipes.{recipe}.methods" if name in preset.recipes[recipe].methods else "methods")
                 try:
-                    params = parse_method_params(name, preset.method_params(name, pair, recipe), where=where)
-                    method_class(name).check_schedule(params, epochs=epochs)
+                    params = parse_method_params(name, preset.method_params(name, pair, recipe), where=where,
+                                                 task=task)
+                    method_class(name, task).check_schedule(params, epochs=epochs)
                 except ValueError as e:
                     raise ParamsError(f"{source}: {e}") from None
         _check_student_alone(preset, recipe, source)

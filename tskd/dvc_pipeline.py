@@ -123,15 +123,22 @@ def _dataset_keys(p: Preset, raw: dict[str, Any]) -> list[tuple[list[str], list[
 def _run_keys(p: Preset, raw: dict[str, Any], recipe: str, method: str,
               method_layers: list[str]) -> tuple[list[str], list[str]]:
     """The params and defaults keys a training run's identity is built from (tskd.grid)."""
+    from tskd.data.families import TASK_OF
     from tskd.distill.registry import method_class
 
+    task = TASK_OF[p.dataset.name]
     recipe_layers = [f"recipes.{recipe}", f"recipes.{recipe}.by_method.{method}"]
     parts = [*_dataset_keys(p, raw),
              _declare(raw, _fields("recipe", RecipeCfg, "methods", "by_method"), recipe_layers, "recipe",
                       whole=False),
              _declare(raw, _fields("train", TrainCfg), ["train"], "train", whole=False),
-             _declare(raw, list(method_class(method).Params.model_fields), method_layers, f"methods.{method}")]
+             _declare(raw, list(method_class(method, task).Params.model_fields), method_layers,
+                      f"{METHOD_DEFAULTS[task]}.{method}")]
     return [k for keys, _ in parts for k in keys], [k for _, defaults in parts for k in defaults]
+
+
+# The defaults file's section of each task's method defaults (a name like `kd` exists for both).
+METHOD_DEFAULTS = {"classification": "methods", "detection": "detection_methods"}
 
 
 def code_defaults() -> dict[str, Any]:
@@ -143,7 +150,8 @@ def code_defaults() -> dict[str, Any]:
         return {k: fields[k].get_default(call_default_factory=True) for k in _fields(section, model, *skip)
                 if not fields[k].is_required()}
 
-    return {"methods": {m: method_class(m).Params().model_dump(mode="json") for m in list_methods()},
+    return {**{section: {m: method_class(m, task).Params().model_dump(mode="json") for m in list_methods(task)}
+               for task, section in METHOD_DEFAULTS.items() if list_methods(task)},
             "recipe": defaults("recipe", RecipeCfg, "methods", "by_method"), "train": defaults("train", TrainCfg),
             "datasets": {fam: defaults("dataset", model, "synthetic") for fam, model in DATASET_MODELS.items()},
             "synthetic": {fam: defaults("synthetic", model) for fam, model in SYNTHETIC_MODELS.items()}}

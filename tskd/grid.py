@@ -16,7 +16,8 @@ from tskd.config import DatasetCfg, PairCfg, Preset, RecipeCfg, Strict, TrainCfg
 # The fields of a RunSpec that say where a run's files go and how it is labelled, not what it
 # computes. Everything else is the run's identity (``RunSpec.identity``).
 PLACEMENT = ("preset", "recipe_name", "teacher_path", "out_dir", "experiment",
-             "dataset.root", "dataset.download", *(f"train.{f}" for f in TrainCfg.RESULT_NEUTRAL))
+             "dataset.root", "dataset.download", "dataset.num_workers",
+             *(f"train.{f}" for f in TrainCfg.RESULT_NEUTRAL))
 
 
 class RunSpec(Strict):
@@ -88,11 +89,13 @@ class StudentJob(NamedTuple):
     seed: int
 
 
-def effective_method_params(method: str, raw: dict[str, Any] | None) -> dict[str, Any]:
-    """Every param the method reads, defaults filled in: a changed default changes the run's identity."""
+def effective_method_params(method: str, raw: dict[str, Any] | None, dataset: str = "cifar100") -> dict[str, Any]:
+    """Every param the method reads (its implementation for ``dataset``'s task), defaults filled in:
+    a changed default changes the run's identity."""
+    from tskd.data.families import TASK_OF
     from tskd.distill.registry import parse_method_params  # imports torch: only where params are made
 
-    return parse_method_params(method, raw).model_dump(mode="json")
+    return parse_method_params(method, raw, task=TASK_OF[dataset]).model_dump(mode="json")
 
 
 def data_dir(p: Preset) -> Path:
@@ -144,7 +147,7 @@ def experiment_name(p: Preset) -> str:
 def teacher_spec(p: Preset, arch: str) -> RunSpec:
     t = p.teachers[arch]
     return RunSpec(preset=p.preset, role="teacher", method="vanilla",
-                   method_params=effective_method_params("vanilla", {}), arch=arch, seed=t.seed,
+                   method_params=effective_method_params("vanilla", {}, p.dataset.name), arch=arch, seed=t.seed,
                    dataset=dataset_for_run(p), recipe=p.recipes[t.recipe].for_method("vanilla"),
                    recipe_name=t.recipe, train=p.train,
                    out_dir=str(teacher_dir(p, arch)), experiment=experiment_name(p))
@@ -154,7 +157,8 @@ def student_spec(p: Preset, job: StudentJob) -> RunSpec:
     alone = job.method == "vanilla"
     teacher = job.pair.teacher
     return RunSpec(preset=p.preset, role="student", method=job.method,
-                   method_params=effective_method_params(job.method, p.method_params(job.method, job.pair, job.recipe)),
+                   method_params=effective_method_params(job.method, p.method_params(job.method, job.pair, job.recipe),
+                                                         p.dataset.name),
                    arch=job.pair.student, teacher_arch=None if alone else teacher,
                    teacher_path=None if alone else str(teacher_dir(p, teacher) / "model.pt"), seed=job.seed,
                    dataset=dataset_for_run(p), recipe=p.recipes[job.recipe].for_method(job.method),

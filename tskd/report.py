@@ -87,14 +87,15 @@ def _present(rows: list[dict[str, Any]], key: str) -> bool:
 
 def _published_cell(dataset: str | None, pair: str, method: str) -> str:
     ref = published(dataset, pair, method) if dataset else None
-    return f"{ref.top1:.2f} ({ref.figure}; {ref.source})" if ref else ""
+    return f"{ref.value:.2f} ({ref.figure}; {ref.source})" if ref else ""
 
 
 def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None = None) -> str:
     # Published figures are comparable only on the official data (not synthetic or registered data).
-    official = dataset if dataset in ("cifar100", "imagenet") else None
+    official = dataset if dataset in ("cifar100", "imagenet", "coco") else None
     task = task_of(p.dataset.name)
-    main, shown = task.labels[task.best], " and ".join(task.labels[f] for f in task.figures)
+    names = [task.labels[f] for f in task.figures]
+    main, shown = task.labels[task.best], (", ".join(names[:-1]) + " and " + names[-1]) if len(names) > 1 else names[0]
     out = [f"# Results: preset `{p.preset}`" + (f", dataset `{dataset}`" if dataset else ""), "",
            f"{task.title}. **best**: the epoch of highest test {main} (mdistiller / TSKD authors' figure), "
            f"its {shown}; **last**: the final epoch (RepDistiller's figure); **selected**: the epoch of "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,19 +49,26 @@ class IndexedSplit(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, int]:
         index, draw_seed = key if isinstance(key, tuple) else (key, None)
         image, _ = self.source[int(self.rows[index])]
-        if self.transform is not None and draw_seed is not None:
-            # torchvision's transforms draw from torch's global CPU stream: seed it for this item, then
-            # put back the state it had (by hand: fork_rng costs ~100 us an image, this ~2 us).
-            gen = torch.default_generator
-            state = gen.get_state()
-            gen.manual_seed((draw_seed * 1_000_003 + int(index)) % 2**63)
-            try:
-                image = self.transform(image)
-            finally:
-                gen.set_state(state)
-        elif self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index]), int(index)
+        return self._transformed(image, index, draw_seed), int(self.labels[index]), int(index)
+
+    def _transformed(self, sample: Any, index: int, draw_seed: int | None) -> Any:
+        """``self.transform(sample)``, its random draws from (draw_seed, index) when a seed is given.
+
+        ``sample`` is whatever the transform takes (an image; a detection split's (image, target)).
+        """
+        if self.transform is None:
+            return sample
+        if draw_seed is None:
+            return self.transform(sample)
+        # torchvision's transforms draw from torch's global CPU stream: seed it for this item, then
+        # put back the state it had (by hand: fork_rng costs ~100 us an image, this ~2 us).
+        gen = torch.default_generator
+        state = gen.get_state()
+        gen.manual_seed((draw_seed * 1_000_003 + int(index)) % 2**63)
+        try:
+            return self.transform(sample)
+        finally:
+            gen.set_state(state)
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,10 @@ class Splits:
     verified_by: str  # how the files were checked: "manifest", "official md5", ...
     identity: str  # what the data is, cheaply: part of every run's identity
     name: str  # the data's own name (tags, metrics, the report)
-    image_size: tuple[int, int]  # (H, W) of a training image after its transform
+    image_size: tuple[int, int]  # (H, W) of a training image after its transform; detection: (min_size, max_size)
+    # How a loader batches items: None = torch's default collate (stacked tensors); detection items
+    # differ in size, so that family gives its own (lists of images and targets).
+    collate: Callable[[list[Any]], Any] | None = None
 
     @property
     def num_classes(self) -> int:

@@ -38,6 +38,7 @@ class Distiller(nn.Module):
 
     Params: ClassVar[type[MethodParams]] = MethodParams
     needs_teacher: ClassVar[bool] = True
+    task: ClassVar[str] = "classification"  # set by register_method
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, params: MethodParams,
                  ctx: DistillContext):

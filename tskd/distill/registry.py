@@ -10,42 +10,48 @@ from torch import nn
 from tskd.config import ParamsError
 from tskd.distill.base import DistillContext, Distiller, MethodParams
 
-_METHODS: dict[str, type[Distiller]] = {}
+# Methods by (task, name): a method name means the same idea on every task (``kd`` distils the
+# classifier's logits; on detection, the RoI head's), with the task's own implementation and params.
+_METHODS: dict[tuple[str, str], type[Distiller]] = {}
+DEFAULT_TASK = "classification"
 
 
-def register_method(name: str):
-    """Class decorator: make a ``Distiller`` subclass available as ``name`` in params."""
+def register_method(name: str, task: str = DEFAULT_TASK):
+    """Class decorator: make a ``Distiller`` subclass available as ``name`` in params of ``task``."""
 
     def wrap(cls: type[Distiller]) -> type[Distiller]:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} is registered twice")
+        if (task, name) in _METHODS:
+            raise ValueError(f"method {name!r} is registered twice for {task}")
         cls.method_name = name
-        _METHODS[name] = cls
+        cls.task = task
+        _METHODS[(task, name)] = cls
         return cls
 
     return wrap
 
 
 def _load_builtin() -> None:
-    import tskd.distill.methods  # noqa: F401  (registers the built-in methods)
+    import tskd.distill.detection  # noqa: F401  (registers the built-in methods)
+    import tskd.distill.methods  # noqa: F401
 
 
-def list_methods() -> list[str]:
+def list_methods(task: str = DEFAULT_TASK) -> list[str]:
     _load_builtin()
-    return sorted(_METHODS)
+    return sorted(n for t, n in _METHODS if t == task)
 
 
-def method_class(name: str) -> type[Distiller]:
+def method_class(name: str, task: str = DEFAULT_TASK) -> type[Distiller]:
     _load_builtin()
     try:
-        return _METHODS[name]
+        return _METHODS[(task, name)]
     except KeyError:
-        raise ParamsError(f"unknown method {name!r}; allowed: {', '.join(sorted(_METHODS))}") from None
+        raise ParamsError(f"unknown method {name!r} for {task}; allowed: {', '.join(list_methods(task))}") from None
 
 
-def parse_method_params(name: str, raw: dict[str, Any] | None, where: str = "methods") -> MethodParams:
+def parse_method_params(name: str, raw: dict[str, Any] | None, where: str = "methods",
+                        task: str = DEFAULT_TASK) -> MethodParams:
     """Validate ``raw`` against the method's typed params; errors name ``where.name.key``."""
-    cls = method_class(name)
+    cls = method_class(name, task)
     try:
         return cls.Params.model_validate(raw or {})
     except ValidationError as e:
@@ -59,9 +65,9 @@ def parse_method_params(name: str, raw: dict[str, Any] | None, where: str = "met
 
 
 def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None,
-                    raw_params: dict[str, Any] | None, ctx: DistillContext) -> Distiller:
-    cls = method_class(name)
-    params = parse_method_params(name, raw_params)
+                    raw_params: dict[str, Any] | None, ctx: DistillContext, task: str = DEFAULT_TASK) -> Distiller:
+    cls = method_class(name, task)
+    params = parse_method_params(name, raw_params, task=task)
     if cls.needs_teacher and teacher is None:
         raise ParamsError(f"method {name!r} needs a teacher, but none was given")
     return cls(student, teacher if cls.needs_teacher else None, params, ctx)

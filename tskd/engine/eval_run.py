@@ -21,13 +21,14 @@ def _test_figures(spec: RunSpec, data: RunData, model: torch.nn.Module) -> dict[
     rt = select_runtime(spec.train)
     rt.place(model).eval()
     loader = data.eval_loader(data.test, spec.train.eval_batch_size, spec.dataset.num_workers)
-    return task_of(spec.dataset.name).evaluate(lambda x: model(x)[0], loader, rt)
+    task = task_of(spec.dataset.name)
+    return task.evaluate(task.inference(model), loader, rt)
 
 
 def evaluate_model_file(spec: RunSpec, model_path: Path, out: Path) -> dict[str, Any]:
     """Test accuracy of ``model_path`` (an exported student of ``spec.arch``), written to ``out``."""
     data = build_run_data(spec.dataset, spec.recipe)
-    model = load_published_checkpoint(model_path, spec.arch, num_classes=data.num_classes)
+    model = load_published_checkpoint(model_path, spec.arch, num_classes=data.num_classes, **data.model_kwargs)
     res = _test_figures(spec, data, model)
     atomic_write_json(out, {"model": str(model_path), "arch": spec.arch, "method": spec.method,
                             "seed": spec.seed, "num_classes": data.num_classes, **res})
@@ -39,7 +40,7 @@ def import_teacher(spec: RunSpec, checkpoint: Path) -> dict[str, Any]:
     digest = sha256_file(checkpoint)  # hashed once: checked against a torchvision name, and recorded
     check_torchvision_hash(checkpoint, digest)
     data = build_run_data(spec.dataset, spec.recipe)
-    model = load_published_checkpoint(checkpoint, spec.arch, num_classes=data.num_classes)
+    model = load_published_checkpoint(checkpoint, spec.arch, num_classes=data.num_classes, **data.model_kwargs)
     res = _test_figures(spec, data, model)
     task = task_of(spec.dataset.name)
     out = Path(spec.out_dir)

@@ -20,7 +20,7 @@ class RunData:
     test: Dataset
     num_classes: int
     image_size: tuple[int, int]
-    train_labels: torch.Tensor
+    train_labels: torch.Tensor | None  # per-sample labels (classification)
     identity: str  # what the data is (official checksums or manifest hash), part of a run's identity
     name: str  # the data's own name (tags, metrics, the report): the family's, or the one it was registered under
     normalization: str  # the normalisation the loaders apply: its name, mean and std
@@ -29,6 +29,11 @@ class RunData:
     # ``(batch_size, generator, world, device, start=0) -> batches`` in place of the DataLoader over ``train``,
     # when the dataset asks for it (CIFAR's ``loader: device``, tskd.data.device_loader); None: DataLoader.
     train_batches: Callable[[int, torch.Generator, World, torch.device], Iterable] | None = None
+    # How a batch's items are put together (detection: lists of images and targets of different
+    # sizes); None: torch's default, stacking.
+    collate: Callable | None = None
+    # Keyword arguments the family's models are built with (detection: the transform's sizes).
+    model_kwargs: dict = field(default_factory=dict)
     _train_dl: DataLoader | None = field(default=None, init=False, repr=False)
     _epoch_batches: _EpochBatches | None = field(default=None, init=False, repr=False)
 
@@ -56,7 +61,8 @@ class RunData:
         batches: list[list[int]] = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
         if world.distributed:
             batches = list(RankBatches(batches, world))
-        if isinstance(self.train, IndexedSplit):  # each image's augmentation from (draw_seed, its index)
+        if isinstance(self.train, IndexedSplit) or getattr(self.train, "takes_draw_seed", False):
+            # each image's augmentation from (draw_seed, its index): see IndexedSplit
             batches = [[(i, draw_seed) for i in b] for b in batches]
         if self._train_dl is None or self._train_dl.num_workers != num_workers:
             self._epoch_batches = _EpochBatches()
@@ -66,7 +72,7 @@ class RunData:
             # without one, it would draw its workers' seed from torch's global stream, which the
             # methods draw from too (a resumed epoch would be one draw off).
             self._train_dl = DataLoader(self.train, batch_sampler=self._epoch_batches, num_workers=num_workers,
-                                        generator=torch.Generator().manual_seed(0),
+                                        generator=torch.Generator().manual_seed(0), collate_fn=self.collate,
                                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
         self._epoch_batches.batches = batches[start:]
         return self._train_dl
@@ -76,7 +82,7 @@ class RunData:
         reduces the shards' figures)."""
         if world.distributed:
             ds = Subset(ds, range(*part_bounds(len(ds), world.rank, world.size)))
-        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=self.collate,
                           pin_memory=torch.cuda.is_available())
 
 
@@ -101,9 +107,14 @@ def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
     fam = family(ds.name)
     splits = fam.load_splits(ds, recipe)
     mean, std = NORMALIZATION[recipe.normalization]
-    # An optional family entry (CIFAR has it): its own training batches, or None for the DataLoader.
+    # Optional family entries: CIFAR's own training batches (None: the DataLoader); the keyword
+    # arguments its models are built with (detection: the transform's image sizes).
     own_batches = getattr(fam, "train_batches", None)
+    model_kwargs = getattr(fam, "model_kwargs", None)
+    # Per-sample labels exist for classification (CRD's class-aware negatives); not for detection.
+    labels = getattr(splits.train, "labels", None)
     return RunData(train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes,
-                   image_size=splits.image_size, train_labels=splits.train_labels, identity=splits.identity,
+                   image_size=splits.image_size, train_labels=labels, identity=splits.identity,
                    name=splits.name, normalization=recipe.normalization, mean=mean, std=std,
-                   train_batches=own_batches(ds, recipe, splits) if own_batches else None)
+                   train_batches=own_batches(ds, recipe, splits) if own_batches else None,
+                   collate=getattr(splits, "collate", None), model_kwargs=model_kwargs(ds) if model_kwargs else {})

@@ -52,14 +52,14 @@ class TeacherFile:
     input_spec: dict[str, Any] | None  # what it was trained on (our exports record it)
 
 
-def _load_teacher(spec: RunSpec, num_classes: int) -> TeacherFile | None:
+def _load_teacher(spec: RunSpec, num_classes: int, model_kwargs: dict[str, Any]) -> TeacherFile | None:
     if spec.teacher_path is None:
         return None
     from tskd.data.integrity import sha256_file
     from tskd.models.published import load_model_file
 
     path = Path(spec.teacher_path)
-    model, input_spec = load_model_file(path, spec.teacher_arch, num_classes=num_classes)
+    model, input_spec = load_model_file(path, spec.teacher_arch, num_classes=num_classes, **model_kwargs)
     return TeacherFile(model, sha256_file(path), input_spec)
 
 
@@ -111,20 +111,24 @@ class Trainer:
         # their layers (TSKD's snapshot forwards), and a teacher in train-mode BN needs it too.
         cuda = self.rt.device.type == "cuda"
         bn_world = world if spec.recipe.batchnorm == "global" else SINGLE  # SINGLE: nothing converted
-        student = distributed.sync_batchnorm(create_model(spec.arch, num_classes=self.data.num_classes), bn_world,
-                                             cuda)
-        teacher = _load_teacher(spec, self.data.num_classes)
+        kw = self.data.model_kwargs
+        student = distributed.sync_batchnorm(create_model(spec.arch, num_classes=self.data.num_classes, **kw),
+                                             bn_world, cuda)
+        teacher = _load_teacher(spec, self.data.num_classes, kw)
         if teacher is not None:
             teacher = dataclasses.replace(teacher, model=distributed.sync_batchnorm(teacher.model, bn_world, cuda))
         ctx = DistillContext(num_classes=self.data.num_classes, image_size=self.data.image_size,
                              epochs=spec.recipe.epochs, num_train=len(self.data.train),
                              train_labels=self.data.train_labels)
-        method_params = parse_method_params(spec.method, spec.method_params).model_dump(mode="json")
-        distiller = build_distiller(spec.method, student, teacher and teacher.model, method_params, ctx)
+        task = self.task.name
+        method_params = parse_method_params(spec.method, spec.method_params, task=task).model_dump(mode="json")
+        distiller = build_distiller(spec.method, student, teacher and teacher.model, method_params, ctx, task=task)
         self.input_spec = self.data.input_spec
         self.tags = self._feed_teacher(distiller, teacher) | {"dataset": self.data.name}
         self.distiller = distributed.sync_batchnorm(distiller, bn_world, cuda)  # the method's own layers
         self.rt.place(self.distiller)
+        if spec.train.compile:
+            self._compile_networks()
         self.step_module = distributed.train_step(
             self.distiller, world, self.rt.device,
             every_parameter_every_step=self.distiller.every_parameter_every_step)
@@ -143,6 +147,17 @@ class Trainer:
         self.run_id: str | None = None
         self._orphans: list[str | None] = []  # MLflow runs of attempts that will not be continued
         self._resume()
+
+    def _compile_networks(self) -> None:
+        """torch.compile the student's and the teacher's forwards, in place (``Module.compile``: the
+        state_dict keys stay the architecture's). Checked on a tiny kernel first, so a machine that
+        cannot build kernels fails now, naming the param."""
+        from tskd.distill.tskd.compiled import check_compiles
+
+        check_compiles(self.rt.device, "train.compile")
+        self.distiller.student.compile()
+        if self.distiller.needs_teacher:
+            self.distiller.teacher.compile()
 
     def _feed_teacher(self, distiller, teacher: TeacherFile | None) -> dict[str, str]:
         """Compare the teacher's training input with this run's; renormalise if the recipe says so.
@@ -221,7 +236,12 @@ class Trainer:
         saved_at = time.monotonic()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.recipe.epochs}", leave=False, initial=start,
                    total=steps, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        # Steps of a whole epoch (of the global batch), whatever this rank's part or the resume point.
+        per_epoch = -(-len(self.data.train) // batch_size)
         for step, batch in enumerate(bar, start=start):
+            if spec.recipe.warmup_iters:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * spec.recipe.warmup_at(epoch * per_epoch + step)
             inputs, targets, indices = self.task.to_device(batch, self.rt)
             self.optimizer.zero_grad(set_to_none=not self.keep_zeroed)
             with self.rt.autocast():
@@ -236,6 +256,8 @@ class Trainer:
                 (loss * distributed.loss_scale(world, b, global_batch)).backward()
             else:
                 loss.backward()
+            if spec.recipe.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, spec.recipe.grad_clip_norm)
             self.optimizer.step()
             totals.add(losses, loss, b, outputs, targets)
             if (step + 1) % every == 0 or step + 1 == steps:

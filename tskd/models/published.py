@@ -1,6 +1,7 @@
 """Load published CRD/mdistiller teacher checkpoints (and our own exports) into the zoo, strictly.
 
-Accepted layouts: ``{"model": state_dict, ...}`` (CRD/mdistiller ``ckpt_epoch_240.pth``, which
+Detection archs also take torchvision's full detection state dicts (e.g. ``fasterrcnn_resnet50_fpn``
+``COCO_V1``). Accepted layouts: ``{"model": state_dict, ...}`` (CRD/mdistiller ``ckpt_epoch_240.pth``, which
 also stores ``epoch``/``accuracy``; our exports add ``"arch"``), ``{"state_dict": ...}``, or a
 bare state_dict. A mismatch is reported with the keys that differ and, when the file fits
 another registered architecture exactly, that architecture's name.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +59,8 @@ def check_torchvision_hash(path: Path, sha256: str) -> None:
                              "the download is damaged or another file; download it again")
 
 
-def load_published_checkpoint(path: str | Path, arch: str, num_classes: int | None = None) -> nn.Module:
+def load_published_checkpoint(path: str | Path, arch: str, num_classes: int | None = None,
+                              **model_kwargs: Any) -> nn.Module:
     """Build ``arch`` with ``num_classes`` outputs (default: its family's) and load the weights in
     ``path`` with strict=True.
 
@@ -66,17 +69,31 @@ def load_published_checkpoint(path: str | Path, arch: str, num_classes: int | No
     Raises ``KeyError`` if ``arch`` is not registered, and ``ModelFileError`` (a ValueError) naming
     the file when it is missing, unreadable, holds no state_dict, or does not fit ``arch`` exactly.
     """
-    return load_model_file(path, arch, num_classes)[0]
+    return load_model_file(path, arch, num_classes, **model_kwargs)[0]
 
 
-def load_model_file(path: str | Path, arch: str, num_classes: int | None = None) -> tuple[nn.Module, dict | None]:
+def load_model_file(path: str | Path, arch: str, num_classes: int | None = None,
+                    **model_kwargs: Any) -> tuple[nn.Module, dict | None]:
     """``load_published_checkpoint`` plus what the file says the network was trained on (the
-    ``input`` record of our exports: normalisation and image size; None for other files)."""
+    ``input`` record of our exports: normalisation and image size; None for other files).
+
+    ``model_kwargs`` go to the architecture's factory (detection: the transform's sizes). A loaded
+    detector is built as a trained one (FrozenBatchNorm2d): it is a teacher or a model under
+    evaluation, where frozen and plain BatchNorm compute the same thing, and torchvision's COCO
+    files are saved so."""
     path = Path(path)
     num_classes = num_classes or model_entry(arch).default_classes  # an unknown name fails before the file is read
     obj = _read(path)
     state_dict, declared_arch = _state_dict_from(obj, path)
-    model = create_model(arch, num_classes=num_classes)
+    detection = model_entry(arch).family == "detection"
+    model = create_model(arch, num_classes=num_classes, **(model_kwargs | ({"pretrained_backbone": True}
+                                                                          if detection else {})))
+    if detection:
+        # torchvision's detection modules rewrite a few keys while loading (a COCO_V1 file's older
+        # layout, BatchNorm counters for FrozenBatchNorm2d): compare the keys that load will check.
+        from tskd.models.detection.weights import torchvision_keys
+
+        state_dict = torchvision_keys(model, state_dict)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state_dict.items()}
     if found != expected:

@@ -1,11 +1,14 @@
-"""Models registered by name: the CIFAR zoo (``tskd.models.cifar``) and ImageNet (``tskd.models.imagenet``).
+"""Models registered by name: the CIFAR zoo (``tskd.models.cifar``), ImageNet (``tskd.models.imagenet``)
+and COCO detectors (``tskd.models.detection``).
 
-A model is built by ``create_model(name, num_classes=...)``. Every registered model's
-``forward(x)`` returns ``(logits, taps)`` where ``taps`` is a dict:
+A model is built by ``create_model(name, num_classes=...)``. Every classification model's
+(families ``cifar``, ``imagenet``) ``forward(x)`` returns ``(logits, taps)`` where ``taps`` is a dict:
 
 - ``"feats"``: list of post-activation feature maps, stem first, then one per stage;
 - ``"preact_feats"``: the same stages before their final ReLU (what teachers give TSKD);
 - ``"pooled_feat"``: the pooled, flattened feature fed to the classifier.
+
+Detection models keep torchvision's ``forward`` and add ``train_step`` (see ``tskd.models.detection``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
-FAMILY_CLASSES = {"cifar": 100, "imagenet": 1000}
+FAMILY_CLASSES = {"cifar": 100, "imagenet": 1000, "detection": 91}  # COCO: ids 1..90 + background
 
 
 def register_model(name: str, *, family: str = "cifar", small: bool = False):
@@ -49,7 +52,7 @@ def register_model(name: str, *, family: str = "cifar", small: bool = False):
 
 def _load_builtin() -> None:
     # Importing the zoo packages runs their @register_model decorators.
-    from tskd.models import cifar, imagenet  # noqa: F401
+    from tskd.models import cifar, detection, imagenet  # noqa: F401
 
 
 def model_entry(name: str) -> ModelEntry:
@@ -60,10 +63,11 @@ def model_entry(name: str) -> ModelEntry:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}") from None
 
 
-def create_model(name: str, num_classes: int | None = None) -> nn.Module:
-    """Build the registered architecture ``name`` with ``num_classes`` outputs (default: its family's)."""
+def create_model(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
+    """Build the registered architecture ``name`` with ``num_classes`` outputs (default: its family's);
+    other keyword arguments go to its factory (detection: ``min_size``, ``max_size``, ...)."""
     entry = model_entry(name)
-    return entry.factory(num_classes=num_classes or entry.default_classes)
+    return entry.factory(num_classes=num_classes or entry.default_classes, **kwargs)
 
 
 def list_models(family: str | None = None) -> list[str]:

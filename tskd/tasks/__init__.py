@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from tskd.tasks.base import Task
 from tskd.tasks.classification import CLASSIFICATION
+from tskd.tasks.detection import DETECTION
 
-TASKS: dict[str, Task] = {CLASSIFICATION.name: CLASSIFICATION}
+TASKS: dict[str, Task] = {CLASSIFICATION.name: CLASSIFICATION, DETECTION.name: DETECTION}
 
 
 def task_of(dataset_family: str) -> Task:

@@ -34,6 +34,9 @@ class Task(Protocol):
 
     def train_meter(self, device: torch.device) -> TrainMeter: ...
 
+    def inference(self, model: torch.nn.Module) -> Callable[[Any], Any]:
+        """What ``evaluate`` calls for a bare model of the family (an exported or imported file)."""
+
     def evaluate(self, forward: Callable[[Any], Any], loader: Any, rt: Any, world: Any = ...) -> dict[str, float]:
         """The figures of one split; in a data-parallel run ``loader`` is this rank's shard and the
         result is the whole split's, the same on every rank."""

@@ -55,6 +55,10 @@ class Classification:
     def count(self, targets: Tensor) -> int:
         return int(targets.shape[0])
 
+    def inference(self, model: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+        """A registered model's evaluation forward: its logits (the taps are dropped)."""
+        return lambda x: model(x)[0]
+
     def train_meter(self, device: torch.device) -> _TrainTop1:
         return _TrainTop1(device)
 
