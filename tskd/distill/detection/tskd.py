@@ -27,8 +27,8 @@ from tskd.distill.losses import kd_loss
 from tskd.distill.registry import register_method
 from tskd.distill.tskd.attention import attention_map, increment_sequence
 from tskd.distill.tskd.convlstm import IncrementForecaster
+from tskd.distill.tskd.lifecycle import ReviewSchedule
 from tskd.distill.tskd.memory import SnapshotMemory
-from tskd.distill.tskd.schedule import Node, cycle_memory_epochs, node_at, schedule_problem
 
 
 class DetectionTSKDParams(DetectionParams):
@@ -64,9 +64,8 @@ class DetectionTSKDParams(DetectionParams):
 
 
 @register_method("tskd", task="detection")
-class DetectionTSKD(DetectionDistiller):
+class DetectionTSKD(ReviewSchedule, DetectionDistiller):
     Params = DetectionTSKDParams
-    every_parameter_every_step = False  # the forecasters train in review epochs only
 
     def __init__(self, student, teacher, params: DetectionTSKDParams, ctx):
         super().__init__(student, teacher, params, ctx)
@@ -89,29 +88,9 @@ class DetectionTSKD(DetectionDistiller):
                 m.track_running_stats = False
         self._runner = [runner.train()]
 
-    @classmethod
-    def check_schedule(cls, params, *, epochs: int) -> None:
-        problem = schedule_problem(epochs, params.delta, params.k)
-        if problem:
-            raise ParamsError(problem)
-
-    def keep_zeroed_grads(self) -> bool:
-        return self.params.forecaster_between_reviews == "decay"
-
-    def _node(self, epoch: int) -> Node:
-        return node_at(epoch, self.ctx.epochs, self.params.delta, self.params.k)
-
-    def on_epoch_start(self, epoch: int) -> None:
-        if self._node(epoch).kind == "review" and (
-                self.memory.epochs != (want := cycle_memory_epochs(epoch, self.params.delta, self.params.k))):
-            raise RuntimeError(f"TSKD review epoch {epoch} needs snapshots from epochs {want}, "
-                               f"memory holds {self.memory.epochs}")
-
-    def on_epoch_end(self, epoch: int) -> None:
-        node = self._node(epoch)
-        if node.kind == "memory":
-            # The backbone + FPN only: the maps come from there, and the heads would only cost memory.
-            self.memory.store(node.slot, self.student.backbone, epoch)
+    def snapshot_source(self) -> nn.Module:
+        # The backbone + FPN only: the maps come from there, and the heads would only cost memory.
+        return self.student.backbone
 
     def forward_train(self, images, targets, epoch, indices=None):
         p = self.params

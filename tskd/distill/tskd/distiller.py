@@ -21,9 +21,9 @@ from tskd.distill.registry import register_method
 from tskd.distill.tskd.attention import attention_map, increment_sequence
 from tskd.distill.tskd.compiled import check_compiles, maybe_compiled
 from tskd.distill.tskd.convlstm import IncrementForecaster, auto_hidden
+from tskd.distill.tskd.lifecycle import ReviewSchedule
 from tskd.distill.tskd.memory import SnapshotMemory
 from tskd.distill.tskd.prefix import TapPrefix
-from tskd.distill.tskd.schedule import Node, cycle_memory_epochs, node_at, schedule_problem
 from tskd.models.cifar.vgg import VGG
 from tskd.models.taps import probe_taps
 
@@ -90,7 +90,7 @@ class TSKDParams(MethodParams):
 
 
 @register_method("tskd")
-class TSKD(Distiller):
+class TSKD(ReviewSchedule, Distiller):
     Params = TSKDParams
 
     def __init__(self, student, teacher, params: TSKDParams, ctx):
@@ -129,37 +129,17 @@ class TSKD(Distiller):
         feats = self._prefix(snapshot, images)
         return [attention_map(feats[tap], self.params.at_norm) for tap in self.params.taps]
 
-    @classmethod
-    def check_schedule(cls, params: TSKDParams, *, epochs: int) -> None:
-        problem = schedule_problem(epochs, params.delta, params.k)
-        if problem:
-            raise ParamsError(problem)
-
-    every_parameter_every_step = False  # the forecasters train in review epochs only
-
     def teacher_train_mode(self) -> bool:
         return self.params.teacher_bn == "train"
 
-    def keep_zeroed_grads(self) -> bool:
-        return self.params.forecaster_between_reviews == "decay"
-
-    def _node(self, epoch: int) -> Node:
-        return node_at(epoch, self.ctx.epochs, self.params.delta, self.params.k)
+    def snapshot_source(self) -> nn.Module:
+        return self.student
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.params.compile and not self._compile_checked:
             check_compiles(next(self.forecasters.parameters()).device)
             self._compile_checked = True
-        # A review must use the k snapshots of its own cycle (also after a resume).
-        if self._node(epoch).kind == "review" and (
-                self.memory.epochs != (want := cycle_memory_epochs(epoch, self.params.delta, self.params.k))):
-            raise RuntimeError(f"TSKD review epoch {epoch} needs snapshots from epochs {want}, "
-                               f"memory holds {self.memory.epochs}")
-
-    def on_epoch_end(self, epoch: int) -> None:
-        node = self._node(epoch)
-        if node.kind == "memory":
-            self.memory.store(node.slot, self.student, epoch)
+        self.check_memory_for(epoch)
 
     def forward_train(self, images, labels, epoch, indices=None):
         p = self.params
