@@ -67,6 +67,7 @@ def test_the_loop_and_the_report_follow_the_task(top5_task, make_spec, tmp_path)
         (d / "metrics.json").write_text(json.dumps(m))
         (d / "eval.json").write_text(json.dumps({"top5": 12.5, "top1": 1.0}))
     md = write_report(p).read_text()
+    assert md.splitlines()[2].startswith("**Synthetic data**")  # the smoke report says what it is worth
     assert "| teacher | source | recipe | seed | best top-5 | last top-5 |" in md
     assert "| pair | method | n | best top-5 | last top-5 | best top-1 | last top-1 |" in md
     header = (p.out / "report.csv").read_text().splitlines()[0].split(",")

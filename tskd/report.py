@@ -102,6 +102,9 @@ def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None =
            f"highest validation {main} (with a validation split). Each cell is the mean ± sample std over n seeds."
            + (" **published**: the figure a paper or code base reports, which figure it is, and its source."
               if official else ""), ""]
+    if p.dataset.synthetic is not None:
+        out[2:2] = ["**Synthetic data** (tskd-written, a few images per class, a few epochs): these numbers test the "
+                    "pipeline's plumbing and say nothing about how the methods compare.", ""]
     pub = " published |" if official else ""
     teachers = [r for r in rows if r["pair"] == "teacher"]
     if teachers:
