@@ -300,6 +300,11 @@ class Preset(Strict):
                                        "every student job runs once per recipe")
     methods: dict[str, dict[str, Any]] = Field(description="method name -> its params")
     seeds: list[int] = Field(min_length=1)
+    backbones: dict[str, str] = Field(
+        default_factory=dict, description="detection architecture -> the ImageNet classifier file its backbone "
+        "starts from (a path, or torchvision:<weights> of the backbone's torchvision model, e.g. "
+        "torchvision:IMAGENET1K_V1, from torch's hub cache), as the published detection students do. A detector "
+        "without one trains from scratch (plain BatchNorm, every layer trainable)")
     train: TrainCfg = TrainCfg()
     tracking: TrackingCfg = TrackingCfg()
 
@@ -398,6 +403,14 @@ def _check_registered(preset: Preset, source: str) -> None:
         if arch not in known_models:
             raise ParamsError(f"{source}: {key}: unknown architecture {arch!r}; "
                               f"registered: {', '.join(sorted(known_models))}")
+    from tskd.models.registry import model_entry
+
+    used = {arch for _, arch in archs}
+    for arch in preset.backbones:
+        if arch not in used or model_entry(arch).family != "detection":
+            detectors = sorted(a for a in used if model_entry(a).family == "detection")
+            raise ParamsError(f"{source}: backbones.{arch}: not a detection architecture of this preset's teachers "
+                              f"or pairs ({', '.join(detectors) or 'it has none'})")
     for name in preset.methods:
         if name not in list_methods(task):
             raise ParamsError(f"{source}: methods.{name}: unknown method for {task}; allowed: "

@@ -104,6 +104,11 @@ def _declare(raw: dict[str, Any], fields: list[str], layers: list[str], default:
     return keys, defaults
 
 
+def _backbone_deps(p: Preset, arch: str) -> list[str]:
+    path = grid.backbone_file(p, arch)
+    return [str(path)] if path else []
+
+
 def _fields(section: str, model, *skip: str) -> list[str]:
     """The fields of a params model that are part of a run's identity (not its placement)."""
     return [f for f in model.model_fields if f"{section}.{f}" not in grid.PLACEMENT and f not in skip]
@@ -187,7 +192,8 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
         d = grid.teacher_dir(p, arch)
         files = [str(d / "model.pt"), str(d / "metrics.json")]
         published = grid.published_teacher(p, arch)
-        deps = _data_deps(p) + ([str(published)] if published else [])
+        backbone = [] if published else _backbone_deps(p, arch)
+        deps = _data_deps(p) + ([str(published)] if published else []) + backbone
         keys, defaults = _run_keys(p, raw, t.recipe, "vanilla", [])  # teachers: vanilla at its defaults
         out.append(Stage(f"teacher-{arch}-seed{t.seed}", "teacher", files, [marker], deps=deps,
                          params=[*keys, *_keys(raw, f"teachers.{arch}")], outs=files, persist=True,
@@ -202,7 +208,8 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
         layers = [f"methods.{job.method}", f"recipes.{job.recipe}.methods.{job.method}",
                   f"pairs.{p.pairs.index(job.pair)}.methods.{job.method}"]
         keys, defaults = _run_keys(p, raw, job.recipe, job.method, layers)
-        out.append(Stage(f"train-{tag}", "student", files, inputs, deps=_data_deps(p) + teacher, params=keys,
+        out.append(Stage(f"train-{tag}", "student", files, inputs,
+                         deps=_data_deps(p) + teacher + _backbone_deps(p, job.pair.student), params=keys,
                          outs=files, persist=True, curve=job.method, defaults=defaults))
         evals.append(Stage(f"eval-{tag}", "evaluate", [str(d / "eval.json")], [files[0]],
                            deps=_data_deps(p) + [files[0]], params=keys, outs=[str(d / "eval.json")],

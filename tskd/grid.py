@@ -15,7 +15,7 @@ from tskd.config import DatasetCfg, PairCfg, Preset, RecipeCfg, Strict, TrainCfg
 
 # The fields of a RunSpec that say where a run's files go and how it is labelled, not what it
 # computes. Everything else is the run's identity (``RunSpec.identity``).
-PLACEMENT = ("preset", "recipe_name", "teacher_path", "out_dir", "experiment",
+PLACEMENT = ("preset", "recipe_name", "teacher_path", "backbone_path", "out_dir", "experiment",
              "dataset.root", "dataset.download", "dataset.num_workers",
              *(f"train.{f}" for f in TrainCfg.RESULT_NEUTRAL))
 
@@ -39,6 +39,7 @@ class RunSpec(Strict):
     arch: str
     teacher_arch: str | None = None
     teacher_path: str | None = None  # our exported model.pt or a published checkpoint
+    backbone_path: str | None = None  # detection: the ImageNet file the backbone starts from
     seed: int
     dataset: DatasetCfg
     recipe: RecipeCfg
@@ -124,6 +125,22 @@ def published_teacher(p: Preset, arch: str) -> Path | None:
     return resolve_checkpoint(arch, value)
 
 
+def backbone_file(p: Preset, arch: str) -> Path | None:
+    """The ImageNet file ``arch``'s backbone starts from (``backbones.<arch>`` resolved), or None."""
+    value = p.backbones.get(arch)
+    if value is None:
+        return None
+    from tskd.models.detection import BACKBONE_OF
+    from tskd.models.published import resolve_checkpoint
+
+    return resolve_checkpoint(BACKBONE_OF[arch], value, key=f"backbones.{arch}")
+
+
+def _backbone(p: Preset, arch: str) -> str | None:
+    path = backbone_file(p, arch)
+    return str(path) if path else None
+
+
 def teacher_dir(p: Preset, arch: str) -> Path:
     return p.out / "teachers" / arch / f"seed{p.teachers[arch].seed}"
 
@@ -149,7 +166,7 @@ def teacher_spec(p: Preset, arch: str) -> RunSpec:
     return RunSpec(preset=p.preset, role="teacher", method="vanilla",
                    method_params=effective_method_params("vanilla", {}, p.dataset.name), arch=arch, seed=t.seed,
                    dataset=dataset_for_run(p), recipe=p.recipes[t.recipe].for_method("vanilla"),
-                   recipe_name=t.recipe, train=p.train,
+                   recipe_name=t.recipe, train=p.train, backbone_path=None if t.checkpoint else _backbone(p, arch),
                    out_dir=str(teacher_dir(p, arch)), experiment=experiment_name(p))
 
 
@@ -162,7 +179,7 @@ def student_spec(p: Preset, job: StudentJob) -> RunSpec:
                    arch=job.pair.student, teacher_arch=None if alone else teacher,
                    teacher_path=None if alone else str(teacher_dir(p, teacher) / "model.pt"), seed=job.seed,
                    dataset=dataset_for_run(p), recipe=p.recipes[job.recipe].for_method(job.method),
-                   recipe_name=job.recipe, train=p.train,
+                   recipe_name=job.recipe, train=p.train, backbone_path=_backbone(p, job.pair.student),
                    out_dir=str(student_dir(p, job)), experiment=experiment_name(p))
 
 

@@ -63,6 +63,21 @@ def _load_teacher(spec: RunSpec, num_classes: int, model_kwargs: dict[str, Any])
     return TeacherFile(model, sha256_file(path), input_spec)
 
 
+def _student(spec: RunSpec, num_classes: int, model_kwargs: dict[str, Any]) -> tuple[torch.nn.Module, str | None]:
+    """The network to train, and the sha256 of the file its backbone starts from (None: from scratch).
+
+    A detector given ``backbone_path`` is built as torchvision builds one on a pretrained backbone
+    (FrozenBatchNorm2d, the first layers frozen) and the ImageNet file is loaded into its backbone."""
+    if spec.backbone_path is None:
+        return create_model(spec.arch, num_classes=num_classes, **model_kwargs), None
+    from tskd.data.integrity import sha256_file
+    from tskd.models.detection import load_backbone_weights
+
+    model = create_model(spec.arch, num_classes=num_classes, pretrained_backbone=True, **model_kwargs)
+    load_backbone_weights(model, spec.backbone_path)
+    return model, sha256_file(Path(spec.backbone_path))
+
+
 def run_identity(spec: RunSpec, method_params: dict[str, Any], teacher_sha256: str | None, data_identity: str,
                  device: str) -> dict[str, Any]:
     """Everything that decides a run's result: the spec's identity with the effective method params,
@@ -112,8 +127,8 @@ class Trainer:
         cuda = self.rt.device.type == "cuda"
         bn_world = world if spec.recipe.batchnorm == "global" else SINGLE  # SINGLE: nothing converted
         kw = self.data.model_kwargs
-        student = distributed.sync_batchnorm(create_model(spec.arch, num_classes=self.data.num_classes, **kw),
-                                             bn_world, cuda)
+        student, backbone_sha256 = _student(spec, self.data.num_classes, kw)
+        student = distributed.sync_batchnorm(student, bn_world, cuda)
         teacher = _load_teacher(spec, self.data.num_classes, kw)
         if teacher is not None:
             teacher = dataclasses.replace(teacher, model=distributed.sync_batchnorm(teacher.model, bn_world, cuda))
@@ -139,6 +154,8 @@ class Trainer:
                                          weight_decay=r.weight_decay)
         self.identity = run_identity(spec, method_params, teacher and teacher.sha256, self.data.identity,
                                      self.rt.device.type)
+        if backbone_sha256:  # only then: the identity of every other run stays what it was
+            self.identity["backbone_sha256"] = backbone_sha256
         self.key = fingerprint(self.identity)
         self.keep_zeroed = self.distiller.keep_zeroed_grads()
         self.start_epoch = 0

@@ -30,7 +30,7 @@ class ModelFileError(TskdError, ValueError):
 TORCHVISION = "torchvision:"  # teachers.<arch>.checkpoint: torchvision:IMAGENET1K_V1
 
 
-def resolve_checkpoint(arch: str, value: str) -> Path:
+def resolve_checkpoint(arch: str, value: str, key: str | None = None) -> Path:
     """The file a ``teachers.<arch>.checkpoint`` value names: a path, or ``torchvision:<weights>`` (e.g.
     ``torchvision:IMAGENET1K_V1``), the file torchvision's weights of ``arch`` have in torch's hub cache
     (``$TORCH_HOME/hub/checkpoints``, where torchvision downloads them)."""
@@ -43,8 +43,8 @@ def resolve_checkpoint(arch: str, value: str) -> Path:
     try:
         weights = get_model_weights(arch)[name]
     except (KeyError, ValueError):
-        raise ModelFileError(f"teachers.{arch}.checkpoint: {value!r}: torchvision has no weights {name!r} for "
-                             f"{arch!r}") from None
+        raise ModelFileError(f"{key or f'teachers.{arch}.checkpoint'}: {value!r}: torchvision has no weights "
+                             f"{name!r} for {arch!r}") from None
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 

@@ -39,6 +39,15 @@ for _arch, _t in P.teachers.items():
         sys.exit(f"error: {_SOURCE}: teachers.{_arch}.checkpoint: {PUBLISHED[_arch]} is not a file (a published "
                  "teacher to import: give its path, torchvision:<weights> for torchvision's file in torch's hub "
                  "cache, or null to train this teacher)")
+# ImageNet files detection backbones start from are inputs too.
+for _arch in P.backbones:
+    try:
+        _path = grid.backbone_file(P, _arch)
+    except TskdError as e:
+        sys.exit(f"error: {_SOURCE}: {e}")
+    if not _path.is_file():
+        sys.exit(f"error: {_SOURCE}: backbones.{_arch}: {_path} is not a file (the ImageNet classifier file the "
+                 "backbone starts from: a path, or torchvision:<weights> for torchvision's file in torch's hub cache)")
 # After `dvc pull`/`checkout`: restored files carry checkout-time mtimes; fix those dvc.lock vouches for.
 sync_for_snakemake(P, config, _SOURCE)
 
@@ -110,7 +119,17 @@ def _teacher_cmd(wc):
 
 def _student_inputs(wc):
     spec = student_spec(wc)
-    return [DATA_MARKER] + ([spec.teacher_path] if spec.teacher_path else [])
+    return [DATA_MARKER] + ([spec.teacher_path] if spec.teacher_path else []) + _backbone(spec)
+
+
+def _backbone(spec):
+    """The ImageNet file a detector's backbone starts from ([] when it trains from scratch)."""
+    return [spec.backbone_path] if spec.backbone_path else []
+
+
+def backbone_source(spec):
+    # Its content: a replaced file reruns the job even with an older mtime.
+    return [_sha256(path) for path in _backbone(spec)]
 
 
 REPORT_KEY = q(grid.report_identity(P))

@@ -10,6 +10,7 @@ rule student:
     params:
         spec=lambda wc: identity(student_spec(wc)),
         place=lambda wc, output: placement(student_spec(wc)),
+        backbone=lambda wc: backbone_source(student_spec(wc)),
     wildcard_constraints:
         seed=r"\d+",
     threads: 1

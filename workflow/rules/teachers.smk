@@ -5,6 +5,7 @@ rule teacher:
     input:
         DATA_MARKER,
         published=_published,
+        backbone=lambda wc: _backbone(_teacher_spec(wc)),
     output:
         model=f"{OUT}/teachers/{{arch}}/seed{{tseed}}/model.pt",
         metrics=f"{OUT}/teachers/{{arch}}/seed{{tseed}}/metrics.json",
@@ -12,6 +13,7 @@ rule teacher:
         spec=lambda wc: identity(_teacher_spec(wc)),
         place=lambda wc, output: placement(_teacher_spec(wc)),
         source=_teacher_source,
+        backbone=lambda wc: backbone_source(_teacher_spec(wc)),
         cmd=_teacher_cmd,
     wildcard_constraints:
         tseed=r"\d+",

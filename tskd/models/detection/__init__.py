@@ -5,6 +5,7 @@ category ids 1..90 plus background, the layout of torchvision's COCO weights).
 """
 
 from tskd.models.detection.faster_rcnn import (
+    BACKBONE_OF,
     FPN_CHANNELS,
     FPN_LEVELS,
     MOBILENET_V2_RETURNED_LAYERS,
@@ -13,5 +14,5 @@ from tskd.models.detection.faster_rcnn import (
 )
 from tskd.models.detection.weights import load_backbone_weights, torchvision_keys
 
-__all__ = ["FPN_CHANNELS", "FPN_LEVELS", "MOBILENET_V2_RETURNED_LAYERS", "DetectionStep", "DistillableFasterRCNN",
-           "load_backbone_weights", "torchvision_keys"]
+__all__ = ["BACKBONE_OF", "FPN_CHANNELS", "FPN_LEVELS", "MOBILENET_V2_RETURNED_LAYERS", "DetectionStep",
+           "DistillableFasterRCNN", "load_backbone_weights", "torchvision_keys"]

@@ -204,6 +204,10 @@ def _factory(name: str, build):
     return factory
 
 
+# The torchvision classifier whose ImageNet file each detector's backbone starts from.
+BACKBONE_OF = {"fasterrcnn_resnet18_fpn": "resnet18", "fasterrcnn_resnet50_fpn": "resnet50",
+               "fasterrcnn_resnet101_fpn": "resnet101", "fasterrcnn_mobilenet_v2_fpn": "mobilenet_v2"}
+
 for _arch in ("resnet18", "resnet50", "resnet101"):
     _name = f"fasterrcnn_{_arch}_fpn"
     register_model(_name, family="detection")(_factory(_name, partial(_resnet_fpn, _arch)))
