@@ -92,8 +92,9 @@ class Splits:
         return len(self.classes)
 
     @property
-    def train_labels(self) -> torch.Tensor:
-        """Labels of ``train`` (int64), indexed by the items' ``index``."""
+    def train_labels(self) -> torch.Tensor | None:
+        """Labels of ``train`` (int64), indexed by the items' ``index``; None where an item has no one
+        label (detection)."""
         return self.train.labels
 
     @property

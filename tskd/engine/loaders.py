@@ -111,10 +111,8 @@ def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
     # arguments its models are built with (detection: the transform's image sizes).
     own_batches = getattr(fam, "train_batches", None)
     model_kwargs = getattr(fam, "model_kwargs", None)
-    # Per-sample labels exist for classification (CRD's class-aware negatives); not for detection.
-    labels = getattr(splits.train, "labels", None)
     return RunData(train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes,
-                   image_size=splits.image_size, train_labels=labels, identity=splits.identity,
+                   image_size=splits.image_size, train_labels=splits.train_labels, identity=splits.identity,
                    name=splits.name, normalization=recipe.normalization, mean=mean, std=std,
                    train_batches=own_batches(ds, recipe, splits) if own_batches else None,
                    collate=getattr(splits, "collate", None), model_kwargs=model_kwargs(ds) if model_kwargs else {})
