@@ -198,6 +198,13 @@ class RecipeCfg(Strict):
         "the global batch (SyncBatchNorm), so N ranks train as one process would; 'per_rank' = each rank's "
         "own part, as the published multi-GPU ImageNet recipes (DataParallel / per-GPU BN). One process: "
         "no difference")
+    aspect_grouping: Literal["none", "quantized", "orientation"] = Field(
+        "none", description="draw each training batch from images of similar aspect ratio (detection): "
+        "'quantized' = torchvision's reference (2k+2 groups, k = aspect_group_k), 'orientation' = detectron2's "
+        "(mdistiller: wider than high or not), 'none' = batches from the shuffled order alone. Grouped epochs "
+        "have len // batch_size full batches (tskd.data.aspect_groups)")
+    aspect_group_k: int = Field(3, ge=0, description="torchvision's --aspect-ratio-group-factor (3) for "
+                                "aspect_grouping 'quantized'")
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="method params of this recipe, over the preset's `methods` and "
         "under a pair's overrides (e.g. mdistiller's KD: {kd: {ce_weight: 0.1, kd_weight: 0.9}})")

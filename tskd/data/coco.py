@@ -414,6 +414,11 @@ class CocoSplit(IndexedSplit):
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def aspect_ratios(self) -> list[float]:
+        """Each item's width / height as the annotation file records it (batch grouping; no image is read)."""
+        return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.image_ids]
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any], int]:
         index, draw_seed = key if isinstance(key, tuple) else (key, None)
         image, raw = self.source[int(self.rows[index])]

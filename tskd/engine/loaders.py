@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tskd.config import DatasetCfg, RecipeCfg
+from tskd.config import DatasetCfg, ParamsError, RecipeCfg
+from tskd.data.aspect_groups import group_ids, grouped_batches
 from tskd.data.splits import IndexedSplit
-from tskd.engine.distributed import SINGLE, RankBatches, World, part_bounds
+from tskd.engine.distributed import SINGLE, RankBatches, World, global_batch_size, part_bounds
 
 
 @dataclass
@@ -34,6 +35,9 @@ class RunData:
     collate: Callable | None = None
     # Keyword arguments the family's models are built with (detection: the transform's sizes).
     model_kwargs: dict = field(default_factory=dict)
+    # Each training item's aspect-ratio group when the recipe groups batches by shape
+    # (tskd.data.aspect_groups); None: batches are consecutive runs of the shuffled order.
+    batch_groups: list[int] | None = None
     _train_dl: DataLoader | None = field(default=None, init=False, repr=False)
     _epoch_batches: _EpochBatches | None = field(default=None, init=False, repr=False)
 
@@ -58,7 +62,10 @@ class RunData:
         # permutation), so the order is the same whether an epoch runs whole or from ``start``.
         draw_seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
         perm = torch.randperm(len(self.train), generator=generator).tolist()
-        batches: list[list[int]] = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+        if self.batch_groups is not None:
+            batches = grouped_batches(perm, self.batch_groups, batch_size)
+        else:
+            batches = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
         if world.distributed:
             batches = list(RankBatches(batches, world))
         if isinstance(self.train, IndexedSplit) or getattr(self.train, "takes_draw_seed", False):
@@ -76,6 +83,15 @@ class RunData:
                                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
         self._epoch_batches.batches = batches[start:]
         return self._train_dl
+
+    def epoch_steps(self, batch_size: int) -> int:
+        """Steps of a whole epoch of the global batch ``batch_size``."""
+        n = len(self.train)
+        return n // batch_size if self.batch_groups is not None else -(-n // batch_size)
+
+    def global_batch(self, step: int, batch_size: int) -> int:
+        """Images in the epoch's batch ``step``: grouped batches are all full; otherwise the last may be short."""
+        return batch_size if self.batch_groups is not None else global_batch_size(step, batch_size, len(self.train))
 
     def eval_loader(self, ds: Dataset, batch_size: int, num_workers: int, world: World = SINGLE) -> DataLoader:
         """``ds`` in order; in a data-parallel run, this rank's contiguous shard of it (the task
@@ -111,8 +127,17 @@ def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
     # arguments its models are built with (detection: the transform's image sizes).
     own_batches = getattr(fam, "train_batches", None)
     model_kwargs = getattr(fam, "model_kwargs", None)
+    groups = None
+    if recipe.aspect_grouping != "none":
+        ratios = getattr(splits.train, "aspect_ratios", None)
+        if ratios is None or own_batches is not None:
+            raise ParamsError(f"recipe.aspect_grouping: {recipe.aspect_grouping!r} groups images by their aspect "
+                              f"ratio, which dataset '{ds.name}' does not record (a detection dataset, coco, "
+                              "does); use 'none'")
+        groups = group_ids(ratios, recipe.aspect_grouping, recipe.aspect_group_k)
     return RunData(train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes,
                    image_size=splits.image_size, train_labels=splits.train_labels, identity=splits.identity,
                    name=splits.name, normalization=recipe.normalization, mean=mean, std=std,
                    train_batches=own_batches(ds, recipe, splits) if own_batches else None,
-                   collate=getattr(splits, "collate", None), model_kwargs=model_kwargs(ds) if model_kwargs else {})
+                   collate=getattr(splits, "collate", None), model_kwargs=model_kwargs(ds) if model_kwargs else {},
+                   batch_groups=groups)

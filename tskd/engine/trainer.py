@@ -254,7 +254,7 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{spec.recipe.epochs}", leave=False, initial=start,
                    total=steps, disable=not sys.stderr.isatty(), dynamic_ncols=True)
         # Steps of a whole epoch (of the global batch), whatever this rank's part or the resume point.
-        per_epoch = -(-len(self.data.train) // batch_size)
+        per_epoch = self.data.epoch_steps(batch_size)
         for step, batch in enumerate(bar, start=start):
             if spec.recipe.warmup_iters:
                 for group in self.optimizer.param_groups:
@@ -269,7 +269,7 @@ class Trainer:
             if world.distributed:
                 # DDP averages the ranks' gradients while the backward runs; scaled so, the average is
                 # the gradient of the global batch's mean loss, as in a single process.
-                global_batch = distributed.global_batch_size(step, batch_size, len(self.data.train))
+                global_batch = self.data.global_batch(step, batch_size)
                 (loss * distributed.loss_scale(world, b, global_batch)).backward()
             else:
                 loss.backward()
