@@ -3,6 +3,8 @@ plus its own term, trains the student (and its own modules) and never the teache
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -79,3 +81,42 @@ def test_tskd_reviews_fpn_levels_from_its_backbone_snapshots():
     assert all(torch.equal(before[k], d.memory.slot(0)[k]) for k in before)
     with pytest.raises(Exception, match="levels"):
         _build("tskd", {"delta": 1, "k": 1, "levels": [5]})
+
+
+def test_tskd_schedule_in_iterations_snapshots_and_reviews_by_step():
+    # 4 epochs of 4 steps; a node every 3 steps lasting 2: memory 0-1 (slot 0), 3-4 (slot 1), review
+    # 6-7, memory 9-10 and 12-13, review 15; steps 2, 5, 8, 11, 14 are general.
+    params = {"schedule_unit": "iterations", "delta": 3, "k": 2, "node_iters": 2, "levels": [0]}
+    ctx = dataclasses.replace(CTX, steps_per_epoch=4)
+    torch.manual_seed(0)
+    student = create_model("fasterrcnn_resnet18_fpn", num_classes=19, **SMALL)
+    teacher = create_model("fasterrcnn_mobilenet_v2_fpn", num_classes=19, **SMALL, pretrained_backbone=True)
+    raw = parse_method_params("tskd", params, task="detection").model_dump(mode="json")
+    d = build_distiller("tskd", student, teacher, raw, ctx, task="detection")
+    reviews, stored = [], {}
+    for step in range(16):
+        if step % 4 == 0:
+            d.on_epoch_start(step // 4)
+        d.on_step_start(step)
+        if d.reviewing(step // 4):
+            reviews.append(step)
+        d.on_step_end(step)
+        if step % 4 == 3:
+            d.on_epoch_end(step // 4)  # an epoch's end stores nothing in an iteration schedule
+        stored[step] = d.memory.epochs
+        if step == 5:  # a resume from a checkpoint taken here reviews the same snapshots
+            state = d.state_dict()
+    assert reviews == [6, 7, 15]
+    assert stored[0] == (None, None) and stored[1] == (0, None) and stored[4] == (0, 3) and stored[13] == (9, 12)
+    again = build_distiller("tskd", create_model("fasterrcnn_resnet18_fpn", num_classes=19, **SMALL), teacher, raw,
+                            ctx, task="detection")
+    again.load_state_dict(state)
+    again.on_step_start(6)
+    images, targets = _batch()
+    _, losses = again.forward_train(images, targets, 1)
+    assert "review" in losses and again.memory.epochs == (0, 3)
+    with pytest.raises(Exception, match="review step"):  # 4 steps: nodes 0 and 3 are both memory nodes
+        build_distiller("tskd", student, teacher, raw, dataclasses.replace(CTX, epochs=1, steps_per_epoch=4),
+                        task="detection")
+    with pytest.raises(Exception, match="node_iters"):
+        parse_method_params("tskd", {"delta": 3, "node_iters": 2}, task="detection")

@@ -137,6 +137,24 @@ def test_nan_loss_stops_with_clear_error_and_no_outputs(make_spec):
     assert not (Path(spec.out_dir) / "model.pt").exists()
 
 
+def test_the_methods_step_hooks_get_the_step_counted_over_the_run(make_spec, monkeypatch):
+    """A method's schedule in iterations (TSKD on detection) reads the global step from these hooks.
+    (Recorded with a spy on the base class: the hooks are no-ops there.)"""
+    from tskd.distill.base import Distiller
+
+    seen: list[tuple[str, int]] = []
+    monkeypatch.setattr(Distiller, "on_step_start", lambda self, step: seen.append(("start", step)))
+    monkeypatch.setattr(Distiller, "on_step_end", lambda self, step: seen.append(("end", step)))
+    spec = make_spec(recipe={"epochs": 2, "milestones": [], "batch_size": 64})
+    from tskd.engine.trainer import Trainer
+
+    t = Trainer(spec, track=False)
+    per_epoch = t.data.epoch_steps(64)
+    assert per_epoch > 1
+    t.run()
+    assert seen == [(w, s) for s in range(2 * per_epoch) for w in ("start", "end")]
+
+
 def _partial(spec, epochs: int) -> None:
     """Leave ``spec``'s directory as a run interrupted after ``epochs`` epochs leaves it."""
     from tskd.engine.trainer import Trainer

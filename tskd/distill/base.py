@@ -31,6 +31,7 @@ class DistillContext:
     epochs: int  # total training epochs (schedules, warm-ups)
     num_train: int  # size of the training set (memory banks indexed by sample)
     train_labels: Tensor | None = None  # label of every training sample, by index
+    steps_per_epoch: int | None = None  # training steps of an epoch (schedules in iterations)
 
 
 class Distiller(nn.Module):
@@ -123,6 +124,12 @@ class Distiller(nn.Module):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called after the last batch of ``epoch``, before evaluation and checkpointing."""
+
+    def on_step_start(self, step: int) -> None:
+        """Called before each training step; ``step`` is 0-based and counted over the whole run."""
+
+    def on_step_end(self, step: int) -> None:
+        """Called after each training step's optimiser step (before any mid-epoch checkpoint)."""
 
     def teacher_forward(self, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
         with torch.no_grad():

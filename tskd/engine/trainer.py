@@ -134,7 +134,8 @@ class Trainer:
             teacher = dataclasses.replace(teacher, model=distributed.sync_batchnorm(teacher.model, bn_world, cuda))
         ctx = DistillContext(num_classes=self.data.num_classes, image_size=self.data.image_size,
                              epochs=spec.recipe.epochs, num_train=len(self.data.train),
-                             train_labels=self.data.train_labels)
+                             train_labels=self.data.train_labels,
+                             steps_per_epoch=self.data.epoch_steps(spec.recipe.batch_size))
         task = self.task.name
         method_params = parse_method_params(spec.method, spec.method_params, task=task).model_dump(mode="json")
         distiller = build_distiller(spec.method, student, teacher and teacher.model, method_params, ctx, task=task)
@@ -259,6 +260,7 @@ class Trainer:
             if spec.recipe.warmup_iters:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * spec.recipe.warmup_at(epoch * per_epoch + step)
+            d.on_step_start(epoch * per_epoch + step)
             inputs, targets, indices = self.task.to_device(batch, self.rt)
             self.optimizer.zero_grad(set_to_none=not self.keep_zeroed)
             with self.rt.autocast():
@@ -276,6 +278,7 @@ class Trainer:
             if spec.recipe.grad_clip_norm:
                 torch.nn.utils.clip_grad_norm_(self.params, spec.recipe.grad_clip_norm)
             self.optimizer.step()
+            d.on_step_end(epoch * per_epoch + step)
             totals.add(losses, loss, b, outputs, targets)
             if (step + 1) % every == 0 or step + 1 == steps:
                 self._check_finite(bad, epoch, step, losses, lr)

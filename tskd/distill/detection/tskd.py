@@ -36,8 +36,15 @@ class DetectionTSKDParams(DetectionParams):
                              "the teacher's head on the student's proposals)")
     T: float = Field(1.0, gt=0, description="KD softmax temperature (1, as the detection DKD)")
     review_weight: float = Field(1.0, ge=0, description="weight of the review (ConvLSTM) loss at review epochs")
-    delta: int = Field(2, ge=1, description="epochs between nodes. The authors' 240-epoch schedule (delta 5, "
-                       "k 3) has 12 reviews; a 26-epoch detection schedule gives 3 reviews with delta 2, k 3")
+    schedule_unit: Literal["epochs", "iterations"] = Field(
+        "epochs", description="what delta and node_iters count: 'epochs' (the authors' CIFAR schedule: a node is "
+        "a whole epoch) or 'iterations' (training steps, as detection recipes count: a node every delta steps, "
+        "lasting node_iters steps)")
+    delta: int = Field(2, ge=1, description="epochs (or steps) between nodes. The authors' 240-epoch schedule "
+                       "(delta 5, k 3) has 12 reviews; a 26-epoch detection schedule gives 3 reviews with delta 2, k 3")
+    node_iters: int | None = Field(None, ge=1, description="schedule_unit 'iterations': the steps a node lasts (a "
+                                   "memory node snapshots after its last one, a review node adds the review loss to "
+                                   "each); null = delta, the whole interval. Not used with 'epochs'")
     k: int = Field(3, ge=1, description="memory nodes (snapshots) per cycle; the next node reviews them")
     levels: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="FPN levels used as branches "
                                     "(0 = p2, the finest, ... 4 = p6); the authors' first three taps are the "
@@ -57,6 +64,9 @@ class DetectionTSKDParams(DetectionParams):
     def _check(self):
         if min(self.levels) < 0 or len(set(self.levels)) != len(self.levels):
             raise ValueError(f"levels must be distinct FPN level indices >= 0, got {list(self.levels)}")
+        if self.node_iters is not None and (self.schedule_unit != "iterations" or self.node_iters > self.delta):
+            raise ValueError(f"node_iters {self.node_iters} needs schedule_unit 'iterations' and at most delta "
+                             f"({self.delta}) steps")
         if self.hidden_channels is not None and len(self.hidden_channels) != len(self.levels):
             raise ValueError(f"hidden_channels needs one width per level ({len(self.levels)}), got "
                              f"{list(self.hidden_channels)}")
@@ -69,7 +79,9 @@ class DetectionTSKD(ReviewSchedule, DetectionDistiller):
 
     def __init__(self, student, teacher, params: DetectionTSKDParams, ctx):
         super().__init__(student, teacher, params, ctx)
-        self.check_schedule(params, epochs=ctx.epochs)
+        self.check_schedule(params, epochs=ctx.epochs, steps_per_epoch=ctx.steps_per_epoch)
+        if params.schedule_unit == "iterations" and not ctx.steps_per_epoch:
+            raise ParamsError("method 'tskd' (detection): schedule_unit 'iterations' needs the run's steps per epoch")
         n = len(student.fpn_levels)
         if max(params.levels) >= n:
             raise ParamsError(f"method 'tskd' (detection): levels {list(params.levels)} but "
@@ -98,7 +110,7 @@ class DetectionTSKD(ReviewSchedule, DetectionDistiller):
         t_feats = self.teacher_features(step.padded)
         t_logits = self.teacher_roi_logits(t_feats, step)
         losses = {**self.detector_losses(step), "kd": p.kd_weight * kd_loss(step.roi_logits, t_logits, p.T)}
-        if self._node(epoch).kind == "review":
+        if self.reviewing(epoch):
             losses["review"] = p.review_weight * self.review_loss(step.padded, step.features, t_feats)
         return step.roi_logits, losses
 

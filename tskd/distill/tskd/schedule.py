@@ -63,18 +63,20 @@ def summarize_schedule(epochs: int, delta: int, k: int) -> ScheduleSummary:
     )
 
 
-def schedule_problem(epochs: int, delta: int, k: int, where: str = "methods.tskd") -> str | None:
-    """Why (epochs, delta, k) never reaches a review node, naming the params; None when it does."""
+def schedule_problem(epochs: int, delta: int, k: int, where: str = "methods.tskd", unit: str = "epoch"
+                     ) -> str | None:
+    """Why (epochs, delta, k) never reaches a review node, naming the params; None when it does.
+    ``epochs`` counts ``unit``s (``"step"`` for a schedule in iterations)."""
     nodes = range(0, epochs, delta)
     if k < len(nodes):
         return None
     head = (f"{where}.k={k} exceeds the {len(nodes)} memory node(s) available before the first review"
             if k > len(nodes) else
-            f"the schedule has no review epoch: {where}.k={k} memory nodes fill all {len(nodes)} node(s)")
+            f"the schedule has no review {unit}: {where}.k={k} memory nodes fill all {len(nodes)} node(s)")
     shown = ", ".join(map(str, nodes[:6])) + (", ..." if len(nodes) > 6 else "")
     fixes = [f"{where}.k <= {len(nodes) - 1}"] if len(nodes) > 1 else []
     if (epochs - 1) // k >= 1:
         fixes.append(f"{where}.delta <= {(epochs - 1) // k}")
-    fixes.append(f"at least {k * delta + 1} epochs")
-    return (f"{head} ({epochs} epochs, {where}.delta={delta}: nodes at epochs {shown}); a review node comes "
-            f"after k memory nodes, at epoch k*delta. Allowed: {' or '.join(fixes)}")
+    fixes.append(f"at least {k * delta + 1} {unit}s")
+    return (f"{head} ({epochs} {unit}s, {where}.delta={delta}: nodes at {unit}s {shown}); a review node comes "
+            f"after k memory nodes, at {unit} k*delta. Allowed: {' or '.join(fixes)}")
