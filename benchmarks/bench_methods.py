@@ -168,7 +168,9 @@ def peak_memory(method: str, case: str, args: argparse.Namespace) -> float:
     """Peak memory (GB) of a fresh process that builds ``method`` and runs two steps of ``case``."""
     cmd = [sys.executable, __file__, "--child", f"{method}:{case}", "--batch", str(args.batch),
            "--device", args.device, "--threads", str(args.threads), "--teacher", args.teacher,
-           "--student", args.student, *(["--bf16"] if args.bf16 else []),
+           "--student", args.student, "--size", str(args.size), "--classes", str(args.classes),
+           "--train-size", str(args.train_size), "--epochs", str(args.epochs), "--tskd", args.tskd,
+           *(["--bf16"] if args.bf16 else []),
            *(["--channels-last"] if args.channels_last else [])]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_gb"]

@@ -320,6 +320,22 @@ def test_detach_target_stops_the_gradient_through_the_target():
     assert grads[True] is None and grads[False].abs().sum() > 0
 
 
+def test_recomputed_forecasters_give_the_same_loss_and_gradients_bit_for_bit():
+    """recompute_forecasters only changes what is kept for the backward (the activations are
+    computed again there): every number of the step is the same."""
+    x, y = batch()
+    out = {}
+    for recompute in (False, True):
+        d = make(params=dict(SHORT, recompute_forecasters=recompute))
+        fill(d, 2)
+        loss = sum(d.forward_train(x, y, 2)[1].values())
+        loss.backward()
+        out[recompute] = loss.detach(), {n: p.grad for n, p in d.named_parameters() if p.grad is not None}
+    (loss0, g0), (loss1, g1) = out[False], out[True]
+    assert torch.equal(loss0, loss1) and g0.keys() == g1.keys() and any(n.startswith("forecasters") for n in g0)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
 @pytest.mark.parametrize(("teacher", "student"), PAIRS)
 def test_review_step_on_every_pair(teacher, student):
     d = make(student, teacher)

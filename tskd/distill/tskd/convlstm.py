@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 _IN = 8  # channels of the encoder's downsampling conv and the forecaster's upsampling convs
 _sigmoid_backward = torch.ops.aten.sigmoid_backward  # (grad, sigmoid(x)) -> grad * s * (1 - s), one pass
@@ -130,6 +131,16 @@ class IncrementForecaster(nn.Module):
             state = self.encoder.step(x_t, state)
         h, _ = self.forecaster.step(None, state)
         return self.up(h)[..., :height, :width]
+
+
+def forecast(forecaster: IncrementForecaster, frames: Tensor, recompute: bool) -> Tensor:
+    """``forecaster(frames)``; with ``recompute``, the forecaster's activations (its gates and cells,
+    over k steps: most of what a review step adds to KD's memory) are not kept for the backward
+    but computed again during it (``torch.utils.checkpoint``). The same numbers, bit for bit on
+    CPU (tests/test_tskd.py); one more forecaster forward per review step."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(forecaster, frames, use_reentrant=False)
+    return forecaster(frames)
 
 
 def auto_hidden(tap_sizes: list[tuple[int, int]]) -> tuple[int, ...]:
