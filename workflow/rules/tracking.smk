@@ -1,0 +1,9 @@
+# The MLflow store, set up once before any job starts (not in a dry run): its schema, the
+# experiment and a parent run per group of seeds (tskd.tracking_runs.prepare_store). A training
+# job then only reads them, without a lock, however many start at once.
+
+
+onstart:
+    from tskd.tracking_runs import prepare_store
+
+    prepare_store(P)
