@@ -50,4 +50,4 @@ lint: $(STAMP)
 	$(VENV)/bin/snakemake --lint --configfile params/smoke.yaml
 
 clean:
-	rm -rf results .snakemake mlflow.db mlflow.db.lock mlartifacts
+	rm -rf results .snakemake mlflow.db mlflow.db.lock mlflow.db.tskd-setup.json mlartifacts

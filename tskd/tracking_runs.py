@@ -11,6 +11,7 @@ mean and std on the parent and marks it FINISHED.
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import statistics
@@ -123,26 +124,43 @@ def grid_specs(p: Preset) -> list[RunSpec]:
 def prepare_store(p: Preset) -> dict[str, str]:
     """Once per DAG, before any job starts: the store's schema, the experiment and a parent run per
     group, so that a job's start only reads them (no lock, no schema check that writes). Returns
-    {group: parent run id}. Idempotent: what exists is kept."""
-    from tskd.tracking import open_experiment
+    {group: parent run id}. Idempotent: what exists is kept.
 
-    specs = grid_specs(p)
+    Beside a SQLite store, a stamp (``mlflow.db.tskd-setup.json``) records what was set up for
+    that very file (its inode): a later DAG run (every DVC stage runs one) then skips the set-up
+    without importing MLflow."""
+    from tskd.tracking import _sqlite_path, open_experiment, tracking_uri
+
+    specs = {group_name(s): s for s in grid_specs(p)}
     if not specs:
         return {}
-    client, exp_id = open_experiment(specs[0].experiment)
+    experiment = next(iter(specs.values())).experiment
+    db = _sqlite_path(tracking_uri())
+    stamp = db.with_name(db.name + ".tskd-setup.json") if db else None
+    if stamp and db.is_file() and stamp.is_file():
+        try:
+            done = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            done = {}
+        if done.get("inode") == db.stat().st_ino and done.get("experiment") == experiment and \
+                set(specs) <= set(done.get("parents", {})):
+            return {g: done["parents"][g] for g in specs}
+
+    client, exp_id = open_experiment(experiment)
     existing = {r.data.tags[GROUP_TAG]: r.info.run_id for r in client.search_runs(
         [exp_id], f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{p.preset}'", max_results=5000,
         order_by=["attributes.start_time DESC"])}  # DESC: the oldest of duplicates wins, as in find_parent
     parents: dict[str, str] = {}
-    for spec in specs:
-        group = group_name(spec)
-        if group in parents:
-            continue
+    for group, spec in specs.items():
         if group not in existing:
             run = client.create_run(exp_id, run_name=group, tags=_parent_tags(spec) | standard_tags(spec) | {
                 "mlflow.runName": group})
             existing[group] = run.info.run_id
         parents[group] = existing[group]
+    if stamp:
+        from tskd.io import atomic_write_json
+
+        atomic_write_json(stamp, {"inode": db.stat().st_ino, "experiment": experiment, "parents": parents})
     return parents
 
 
