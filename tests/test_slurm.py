@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -282,13 +283,14 @@ def _numbers(report_csv: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tracking_server(slurm_cluster, tmp_path_factory):
-    """slurm/mlflow-server.sh: `mlflow server` on the test cluster's MariaDB, a fresh database per
-    module, artifacts in a temporary directory; stopped afterwards."""
+    """slurm/mlflow-server.sh: `mlflow server` on the test cluster's MariaDB, artifacts in a
+    temporary directory; stopped afterwards. The database is kept between sessions (creating
+    MLflow's tables in MariaDB takes half a minute); each session logs to an experiment of its own."""
     from tests.mlflow_server import free_port
 
     state = tmp_path_factory.mktemp("mlflow-server")
     env = {**os.environ, "TSKD_MLFLOW_DIR": str(state), "TSKD_MLFLOW_PORT": str(free_port()),
-           "TSKD_MLFLOW_PYTHON": sys.executable, "TSKD_MLFLOW_DB_NAME": f"tskd_mlflow_test_{os.getpid()}"}
+           "TSKD_MLFLOW_PYTHON": sys.executable, "TSKD_MLFLOW_DB_NAME": "tskd_mlflow_test"}
     script = Path(__file__).resolve().parents[1] / "slurm/mlflow-server.sh"
     t0 = time.monotonic()
     r = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, env=env, timeout=600)
@@ -307,6 +309,7 @@ def dag(slurm_cluster, tracking_server, tmp_path_factory):
     params = repo / "params/smoke.yaml"
     raw = yaml.safe_load(params.read_text())
     raw["seeds"] = [0]
+    raw["tracking"] = {"experiment": f"tskd-smoke-{uuid.uuid4().hex[:8]}"}  # this session's, on the server
     raw["methods"] = {m: raw["methods"][m] for m in ("vanilla", "kd")}  # others may need more epochs
     raw["dataset"]["synthetic"] = {"seed": 0, "train_per_class": 5, "test_per_class": 5}
     for recipe in raw["recipes"].values():
@@ -366,7 +369,7 @@ def test_smoke_dag_under_profile_trains_on_slurm_and_reports_the_local_numbers(d
     from tskd.tracking_runs import grid_specs, run_name
 
     client = MlflowClient(tracking_uri=dag["tracking"])
-    exp = client.get_experiment_by_name("tskd-smoke").experiment_id
+    exp = client.get_experiment_by_name(dag["params"]["tracking"]["experiment"]).experiment_id
     runs = {r.info.run_name: r for r in client.search_runs([exp], "tags.run_kind = 'train'")}
     specs = {run_name(s): s for s in grid_specs(parse_preset(dag["params"], "params"))}
     assert set(runs) == set(specs) and {r.info.status for r in runs.values()} == {"FINISHED"}
