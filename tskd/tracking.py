@@ -3,7 +3,9 @@
 Uses ``MlflowClient`` directly (no fluent API, so no process-global active run). The
 default store is ``sqlite:///mlflow.db`` in the working directory (MLflow's file store is
 deprecated); ``MLFLOW_TRACKING_URI`` overrides it, e.g. with an ``mlflow server`` that many
-cluster jobs share.
+cluster jobs share (slurm/mlflow-server.sh). What a run carries (names, tags, parent, dataset,
+model) is decided in ``tskd.tracking_runs``; the DAG sets the store up once before its jobs start,
+so a job's start only reads it.
 """
 
 from __future__ import annotations
