@@ -9,7 +9,7 @@ PRESET ?= smoke
 GPUS   ?=
 JOBS_PER_GPU ?= 1
 
-.PHONY: demo test lint venv cxx clean
+.PHONY: demo test lint venv cxx browser clean
 
 venv: $(STAMP)
 
@@ -35,7 +35,13 @@ cxx:
 	@command -v g++ >/dev/null 2>&1 || { echo "installing g++ (apt-get)"; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ >/dev/null; }
 
-test: $(STAMP) cxx
+# A headless browser: tests/test_workflow.py checks that MLflow's UI lists the smoke runs by name
+# (`chromium --headless --dump-dom`). Debian's chromium when the machine has none (~100 MB download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium (apt-get)"; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: $(STAMP) cxx browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
@@ -44,4 +50,4 @@ lint: $(STAMP)
 	$(VENV)/bin/snakemake --lint --configfile params/smoke.yaml
 
 clean:
-	rm -rf results .snakemake mlflow.db mlflow.db.lock mlartifacts
+	rm -rf results .snakemake mlflow.db mlflow.db.lock mlflow.db.tskd-setup.json mlartifacts

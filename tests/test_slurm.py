@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -264,10 +265,11 @@ def test_requeued_and_preempted_job_resumes_to_the_same_metrics(slurm_cluster, m
 
 
 # -- the smoke DAG under --profile slurm ------------------------------------------------------
-def _snakemake(repo: Path, *args: str, db: str, check: bool = True) -> subprocess.CompletedProcess:
+def _snakemake(repo: Path, *args: str, db: str = "", tracking: str = "",
+               check: bool = True) -> subprocess.CompletedProcess:
     # PYTHONPATH: the rules' `tskd` imports the copy's package, as the jobs do (they start in the
     # copy, whose directory comes first on their sys.path), not the installed checkout's.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / db}", "PYTHONPATH": str(repo)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking or f"sqlite:///{repo / db}", "PYTHONPATH": str(repo)}
     r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=repo, capture_output=True,
                        text=True, env=env, timeout=1200)
     if check:
@@ -280,12 +282,34 @@ def _numbers(report_csv: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def dag(slurm_cluster, tmp_path_factory):
-    """The reduced smoke DAG run locally, then from scratch under --profile slurm."""
+def tracking_server(slurm_cluster, tmp_path_factory):
+    """slurm/mlflow-server.sh: `mlflow server` on the test cluster's MariaDB, artifacts in a
+    temporary directory; stopped afterwards. The database is kept between sessions (creating
+    MLflow's tables in MariaDB takes half a minute); each session logs to an experiment of its own."""
+    from tests.mlflow_server import free_port
+
+    state = tmp_path_factory.mktemp("mlflow-server")
+    env = {**os.environ, "TSKD_MLFLOW_DIR": str(state), "TSKD_MLFLOW_PORT": str(free_port()),
+           "TSKD_MLFLOW_PYTHON": sys.executable, "TSKD_MLFLOW_DB_NAME": "tskd_mlflow_test"}
+    script = Path(__file__).resolve().parents[1] / "slurm/mlflow-server.sh"
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _report(f"mlflow server on MariaDB: started in {time.monotonic() - t0:.1f} s")
+    url = re.search(r"MLFLOW_TRACKING_URI=(\S+)", r.stdout).group(1)
+    yield url
+    subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def dag(slurm_cluster, tracking_server, tmp_path_factory):
+    """The reduced smoke DAG run locally, then from scratch under --profile slurm, logging to the
+    MLflow server of slurm/mlflow-server.sh."""
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
     params = repo / "params/smoke.yaml"
     raw = yaml.safe_load(params.read_text())
     raw["seeds"] = [0]
+    raw["tracking"] = {"experiment": f"tskd-smoke-{uuid.uuid4().hex[:8]}"}  # this session's, on the server
     raw["methods"] = {m: raw["methods"][m] for m in ("vanilla", "kd")}  # others may need more epochs
     raw["dataset"]["synthetic"] = {"seed": 0, "train_per_class": 5, "test_per_class": 5}
     for recipe in raw["recipes"].values():
@@ -301,10 +325,11 @@ def dag(slurm_cluster, tmp_path_factory):
 
     shutil.rmtree(repo / "results")
     t0 = time.monotonic()
-    run = _snakemake(repo, "--profile", "slurm", db="mlflow.db")
+    run = _snakemake(repo, "--profile", "slurm", tracking=tracking_server)
     slurm_s = time.monotonic() - t0
     _report(f"reduced smoke DAG: local {local_s:.1f} s, --profile slurm {slurm_s:.1f} s")
-    return {"repo": repo, "local_report": local_report, "after_local": after_local, "run": run}
+    return {"repo": repo, "local_report": local_report, "after_local": after_local, "run": run,
+            "tracking": tracking_server, "params": raw}
 
 
 def _training_logs(repo: Path) -> list[Path]:
@@ -338,10 +363,26 @@ def test_smoke_dag_under_profile_trains_on_slurm_and_reports_the_local_numbers(d
     for job in jobs:
         assert _sacct(job, "State") == ["COMPLETED"], job
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tskd-smoke").experiment_id])
-    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
-    assert {r.data.tags.get("slurm_job_id") for r in runs} == set(jobs)
+    # Every run went to the MLflow server (MariaDB): params, metrics, artifacts, parents.
+    from tskd.config import parse_preset
+    from tskd.tracking import flatten
+    from tskd.tracking_runs import grid_specs, run_name
+
+    client = MlflowClient(tracking_uri=dag["tracking"])
+    exp = client.get_experiment_by_name(dag["params"]["tracking"]["experiment"]).experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([exp], "tags.run_kind = 'train'")}
+    specs = {run_name(s): s for s in grid_specs(parse_preset(dag["params"], "params"))}
+    assert set(runs) == set(specs) and {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert {r.data.tags.get("slurm_job_id") for r in runs.values()} == set(jobs)
+    for name, run in runs.items():
+        assert flatten(specs[name].identity()).items() <= run.data.params.items(), name
+        assert run.data.tags["mlflow.source.type"] == "JOB"
+        assert len(client.get_metric_history(run.info.run_id, "test_top1")) == 2  # one per epoch
+        assert {"metrics.json", "model.pt"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        (model,) = run.outputs.model_outputs
+        assert client.get_logged_model(model.model_id).source_run_id == run.info.run_id
+    parents = client.search_runs([exp], "tags.run_kind = 'seeds'")
+    assert len(parents) == 3 and {p.data.metrics["n_seeds"] for p in parents} == {1.0}
 
     again = _snakemake(repo, "-n", db="mlflow.db")  # and a local run afterwards has nothing to do either
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -362,6 +403,8 @@ def test_failing_job_fails_its_rule_and_leaves_no_output(dag):
     job = SUBMITTED.search(log).group(1)
     assert re.search(rf"SLURM job {job} failed: \S*TrainingError: .*loss is", log), log
     assert f"{job}_0_log.err" in log and "Lower the learning rate" in log, log
+    # This run logs to SQLite (db=): under SLURM the rule's log warns and names the server script.
+    assert "one SQLite file that every SLURM job writes" in log and "slurm/mlflow-server.sh start" in log, log
     assert f"SLURM job {job} failed" in out  # show-failed-logs: the message reaches the terminal too
     run_dir = repo / "results/smoke/students/student/kd/resnet20-resnet8/seed0"
     assert not (run_dir / "model.pt").exists() and not (run_dir / "metrics.json").exists()

@@ -18,6 +18,7 @@ from tests.conftest import copy_repo
 pytestmark = pytest.mark.slow
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+TRAINING = "tags.run_kind = 'train'"  # the training runs, not the parents that group their seeds
 
 
 def snakemake(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -68,12 +69,22 @@ def test_smoke_dag_produces_report_and_mlflow_runs(smoke_repo):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{smoke_repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tskd-smoke")
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id], TRAINING)
     assert len(runs) == len(p.teachers) + len(student_jobs(p))
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.tags["method"] for r in runs} == {"vanilla"} | set(p.methods)
     assert {r.data.tags["recipe"] for r in runs} == {"teacher", "student"}
-    assert all(f":{r.data.tags['recipe']}:seed" in r.info.run_name for r in runs)
+    assert all(r.info.run_name == f"teacher:{r.data.tags['student']}:seed{r.data.tags['seed']}" if
+               r.data.tags["role"] == "teacher" else f":{r.data.tags['recipe']}:seed" in r.info.run_name for r in runs)
+    # One parent per group of seeds, made once (onstart), holding its seeds' mean and std (the report).
+    parents = client.search_runs([exp.experiment_id], "tags.run_kind = 'seeds'")
+    assert len(parents) == len(p.teachers) + len(p.methods)
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {r.info.run_id for r in parents}
+    for parent in parents:
+        children = [r for r in runs if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        assert parent.info.status == "FINISHED" and parent.data.metrics["n_seeds"] == len(children)
+        assert parent.data.metrics["best_top1_mean"] == pytest.approx(
+            sum(r.data.metrics["best_top1"] for r in children) / len(children))
 
 
 def test_renaming_the_experiment_or_the_eval_batch_reruns_nothing(smoke_repo):
@@ -186,7 +197,7 @@ def test_imagenet_smoke_dag_runs_every_method_on_both_pairs(tmp_path):
             assert float(r["eval_top1"]) == pytest.approx(float(r["last_top1"]), abs=1e-6)
     assert "dataset `synthetic-imagenet`" in (repo / "results/imagenet_smoke/report.md").read_text()
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tskd-imagenet_smoke").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("tskd-imagenet_smoke").experiment_id], TRAINING)
     assert len(runs) == 2 + 16 and {r.info.status for r in runs} == {"FINISHED"}
     assert {(r.data.tags["dataset"], r.data.tags["dataset_family"]) for r in runs} == {
         ("synthetic-imagenet", "imagenet")}
@@ -225,7 +236,7 @@ def test_coco_smoke_dag_trains_detectors_and_scores_them_with_cocoeval(tmp_path)
                          .read_text())["history"]
     assert "train_review" in history[1] and "train_review" not in history[0]  # memory 0, review 1
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tskd-coco_smoke").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("tskd-coco_smoke").experiment_id], TRAINING)
     assert len(runs) == 1 + 4 and {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.tags["dataset_family"] for r in runs} == {"coco"}
     assert all("best_AP" in r.data.metrics for r in runs)
@@ -242,3 +253,58 @@ def test_imagenet_dry_run_lists_every_job_without_data(tmp_path):
     n = len(student_jobs(p))
     assert n == 2 * len(p.methods) and jobs["student"] == n and jobs["teacher"] == 2 and jobs["data"] == 1, jobs
     assert not (repo / "results").exists()
+
+
+def _rest(url: str, path: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _browser_dom(url: str) -> str:
+    """The page as Debian's chromium shows it once its JavaScript has run (`make browser` installs it)."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is not installed: `make browser` (or `make test`) installs it"
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                        "--virtual-time-budget=20000", "--dump-dom", url], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_mlflow_server_finds_every_run_by_its_tags_and_the_ui_lists_them(smoke_repo, tmp_path):
+    """`mlflow server` on the smoke store: every training run is found through the REST API by its
+    tags, with every param of its identity; in a real browser, the experiment page lists the groups
+    and a run's page its name."""
+    from tests.mlflow_server import mlflow_server
+    from tskd.config import load_preset
+    from tskd.tracking import flatten
+    from tskd.tracking_runs import grid_specs, group_name, pair_label, run_name
+
+    p = load_preset(smoke_repo / "params/smoke.yaml")
+    p = p.model_copy(update={"results_dir": str(smoke_repo / "results")})
+    with mlflow_server(f"sqlite:///{smoke_repo / 'mlflow.db'}", tmp_path / "artifacts") as url:
+        exp = _rest(url, "experiments/get-by-name?experiment_name=tskd-smoke")["experiment"]["experiment_id"]
+        found = {}
+        for spec in grid_specs(p):
+            tags = {"run_kind": "train", "preset": "smoke", "role": spec.role, "method": spec.method,
+                    "pair": pair_label(spec), "recipe": spec.recipe_name, "seed": str(spec.seed)}
+            query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+            runs = _rest(url, "runs/search", {"experiment_ids": [exp], "filter": query})["runs"]
+            assert len(runs) == 1, (query, runs)
+            run = runs[0]
+            assert run["info"]["run_name"] == run_name(spec)
+            params = {x["key"]: x["value"] for x in run["data"]["params"]}
+            assert flatten(spec.identity()).items() <= params.items(), query
+            assert {"data_identity", "teacher_sha256", "device"} <= set(params)
+            found[run["info"]["run_id"]] = spec
+        dom = _browser_dom(f"{url}/#/experiments/{exp}/runs")
+        for spec in found.values():  # the parents; their seeds are nested under them
+            assert group_name(spec) in dom, group_name(spec)
+        run_id, spec = next(iter(found.items()))
+        assert run_name(spec) in _browser_dom(f"{url}/#/experiments/{exp}/runs/{run_id}")

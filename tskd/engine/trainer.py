@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -88,18 +87,16 @@ def run_identity(spec: RunSpec, method_params: dict[str, Any], teacher_sha256: s
 
 def _tracker(spec: RunSpec, identity: dict[str, Any], run_id: str | None, world: World,
              extra_tags: dict[str, str]):
-    from tskd.tracking import RunTracker, git_commit
+    """The run's MLflow run: named and tagged as tskd.tracking_runs says, under its group's parent
+    run, with the exported model logged at the end. Params: the identity, every default filled in."""
+    from tskd import tracking_runs as tr
+    from tskd.tracking import RunTracker
 
-    tags = {"preset": spec.preset, "dataset_family": spec.dataset.name, "role": spec.role, "method": spec.method,
-            "student": spec.arch, "teacher": spec.teacher_arch or "", "recipe": spec.recipe_name or "",
-            "seed": str(spec.seed), "git_commit": git_commit(), "out_dir": spec.out_dir} | extra_tags
-    if os.environ.get("SLURM_JOB_ID"):
-        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-    if world.distributed:
-        tags["world_size"] = str(world.size)
-    pair = f"{spec.teacher_arch}-{spec.arch}" if spec.teacher_arch else spec.arch
-    name = f"{spec.method}:{pair}:{spec.recipe_name + ':' if spec.recipe_name else ''}seed{spec.seed}"
-    return RunTracker(spec.experiment, name, tags, identity, run_id=run_id)
+    # Logged-model names allow no ":" (MLflow refuses it).
+    model = {"name": tr.run_name(spec).replace(":", "-"), "artifact": "model.pt", "step": spec.recipe.epochs,
+             "tags": {"role": spec.role, "method": spec.method, tr.GROUP_TAG: tr.group_name(spec)}}
+    return RunTracker(spec.experiment, tr.run_name(spec), tr.run_tags(spec, world.size, extra_tags), identity,
+                      run_id=run_id, on_create=lambda client, exp_id: tr.parent_of(client, exp_id, spec), model=model)
 
 
 class Trainer:
@@ -333,6 +330,11 @@ class Trainer:
                 log.warning("%s: unreadable; ignored", run_file)
         tracker = _tracker(self.spec, self.identity, self.run_id, self.world, self.tags)
         self.run_id = tracker.run_id
+        if tracker.created:  # the dataset input: the UI's Dataset column
+            from tskd.tracking_runs import identity_counts, log_dataset
+
+            log_dataset(tracker.client, tracker.run_id, self.data.name, self.data.identity,
+                        getattr(self.spec.dataset, "root", None), identity_counts(self.data))
         atomic_write_json(run_file, {"run_id": tracker.run_id, "experiment": self.spec.experiment})
         tracker.mark_killed({r for r in earlier if r and r != tracker.run_id})
         return tracker

@@ -89,6 +89,8 @@ def launch(spec: RunSpec, settings: LaunchSettings | None = None, verb: str = "t
         settings = settings.model_copy(update={"resources": r.model_copy(update={"nodes": 1})})
     if settings.backend == "slurm":
         check_cluster(settings)
+        if verb == "train" and options.get("track", True):
+            warn_sqlite_on_cluster()
     folder = submission_folder(spec)
     ex = _executor(settings, folder, _job_name(spec), tasks)
     call = RunJob(verb, spec.model_dump(mode="json"), options, submitted_at=time.time(), cpus=r.cpus_per_task)
@@ -107,6 +109,19 @@ def launch(spec: RunSpec, settings: LaunchSettings | None = None, verb: str = "t
     value = job_result(job, kind, state)
     say(summary(job, kind, state, t_submit))
     return value
+
+
+def warn_sqlite_on_cluster() -> None:
+    """Many SLURM jobs writing one SQLite file: its locks are unreliable on a network filesystem
+    (NFS, Lustre), so runs can fail to log or lose records. Said in the rule's log, not refused:
+    a single-node cluster on a local disk (the test cluster) works."""
+    from tskd.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:"):
+        say(f"tskd: WARNING: MLflow logs to {uri}, one SQLite file that every SLURM job writes; on a shared "
+            "filesystem its locks are unreliable and runs may fail to log. Start a tracking server "
+            "(bash slurm/mlflow-server.sh start) and export the MLFLOW_TRACKING_URI it prints.")
 
 
 def _describe(settings: LaunchSettings, tasks: int) -> str:

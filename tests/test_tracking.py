@@ -1,0 +1,104 @@
+"""MLflow records as the UI shows them, on a real store: names, tags, parents, dataset, model."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from tests.mlflow_server import mlflow_server
+
+
+def _smoke(repo_root: Path, tmp_path: Path):
+    from tskd.config import load_preset
+
+    p = load_preset(repo_root / "params/smoke.yaml")
+    return p.model_copy(update={"results_dir": str(tmp_path / "results")})
+
+
+def _run(client, out_dir: str):
+    return client.get_run(json.loads((Path(out_dir) / "mlflow_run.json").read_text())["run_id"])
+
+
+def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_spec, mlflow_uri, repo_root,
+                                                                          tmp_path, one_thread):
+    from mlflow.tracking import MlflowClient
+
+    from tskd.engine.trainer import train
+    from tskd.tracking_runs import prepare_store, summarize_parents
+
+    p = _smoke(repo_root, tmp_path)
+    parents = prepare_store(p)  # what the DAG's onstart does
+    distilled = {f"{m}:resnet20-resnet8:student" for m in p.methods if m != "vanilla"}
+    assert set(parents) == {"teacher:resnet20", "vanilla:resnet8:student"} | distilled
+    assert prepare_store(p) == parents  # a second DAG run keeps them
+
+    one_epoch = {"epochs": 1, "milestones": []}
+    common = dict(preset="smoke", experiment="tskd-smoke", recipe=one_epoch)
+    teacher = make_spec(out="teacher", role="teacher", arch="resnet20", recipe_name="teacher", **common)
+    students = [make_spec(out=f"s{k}", arch="resnet8", recipe_name="student", seed=k, **common) for k in (0, 1)]
+    results = [train(s) for s in (teacher, *students)]
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    t_run = _run(client, teacher.out_dir)
+    s_runs = [_run(client, s.out_dir) for s in students]
+    assert t_run.info.run_name == t_run.data.tags["mlflow.runName"] == "teacher:resnet20:seed0"
+    assert t_run.data.tags["role"] == "teacher" and t_run.data.tags["student"] == "resnet20"
+    assert [r.info.run_name for r in s_runs] == ["vanilla:resnet8:student:seed0", "vanilla:resnet8:student:seed1"]
+    assert t_run.data.tags["mlflow.parentRunId"] == parents["teacher:resnet20"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in s_runs} == {parents["vanilla:resnet8:student"]}
+    for run in (t_run, *s_runs):
+        tags = run.data.tags
+        assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"].startswith("tskd train")
+        assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.source.git.dirty"] in ("true", "false")
+        assert tags["run_kind"] == "train" and tags["mlflow.user"]
+        assert run.data.params["method_params.ce_weight"] == "1.0"  # a default the spec left out
+        # The dataset input (the UI's Dataset column): its name and a digest of the data's identity.
+        (ds,) = run.inputs.dataset_inputs
+        assert ds.dataset.name == run.data.tags["dataset"] and len(ds.dataset.digest) == 16
+        assert json.loads(ds.dataset.profile)["identity"] == run.data.params["data_identity"]
+        # The logged model (the UI's Models column), pointing at the run's own model.pt.
+        (out,) = run.outputs.model_outputs
+        model = client.get_logged_model(out.model_id)
+        assert model.source_run_id == run.info.run_id and model.status == "READY"
+        assert model.name == run.info.run_name.replace(":", "-") and model.tags["model_file"].endswith("/model.pt")
+        assert "model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # The report stage: the parent carries its seeds' mean and std and is FINISHED.
+    assert summarize_parents(p, ["best_top1", "last_top1"]) == 2
+    parent = client.get_run(parents["vanilla:resnet8:student"])
+    best = [r["best_top1"] for r in results[1:]]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_seeds"] == 2
+    assert parent.data.metrics["best_top1_mean"] == pytest.approx(statistics.fmean(best))
+    assert parent.data.metrics["best_top1_std"] == pytest.approx(statistics.stdev(best))
+    assert parent.info.run_name == "vanilla:resnet8:student" and parent.data.tags["run_kind"] == "seeds"
+    # A group none of whose seeds ran stays RUNNING, without figures.
+    assert client.get_run(parents["kd:resnet20-resnet8:student"]).info.status == "RUNNING"
+
+
+def test_a_store_that_fails_on_resume_raises_instead_of_starting_a_duplicate_run(tmp_path, monkeypatch):
+    """A checkpoint's run id checked against a server that is down: no "not found", no new run; once
+    the server is back, the same run continues."""
+    from mlflow.tracking import MlflowClient
+
+    from tskd.tracking import RunTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    with mlflow_server(backend, tmp_path / "artifacts") as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        first = RunTracker("resume", "a", {}, {"x": 1})
+        port = url.rsplit(":", 1)[1]
+    with pytest.raises(Exception, match=f"127.0.0.1:{port}"):  # the server is down: an error, not "not found"
+        RunTracker("resume", "a", {}, {"x": 1}, run_id=first.run_id)
+    with pytest.raises(Exception, match=f"127.0.0.1:{port}"):
+        first._exists(first.run_id)
+    with mlflow_server(backend, tmp_path / "artifacts", port=int(port)):
+        again = RunTracker("resume", "a", {}, {"x": 1}, run_id=first.run_id)
+        assert again.run_id == first.run_id and not again.created
+        client = MlflowClient(tracking_uri=url)
+        assert len(client.search_runs([client.get_experiment_by_name("resume").experiment_id])) == 1
+        # A genuine "not found" (a run deleted for good) starts a new run.
+        assert not again._exists("0" * 32)

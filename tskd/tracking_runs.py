@@ -1,0 +1,267 @@
+"""How training runs look in MLflow's UI: names, tags, the parent run that groups a run's seeds,
+the dataset input and the logged model. ``tskd.tracking.RunTracker`` writes one run; this module
+decides what it carries, and sets the store up once for a whole grid (``prepare_store``).
+
+Grouping: every (preset, recipe, pair, method) of the grid, and every teacher, has one *parent*
+run (tag ``run_kind: seeds``) whose children are its seeds (tag ``mlflow.parentRunId``, which
+the UI nests under the parent). ``summarize_parents`` (the report stage) logs the children's
+mean and std on the parent and marks it FINISHED.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import statistics
+import subprocess
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from tskd.config import Preset
+    from tskd.grid import RunSpec
+
+log = logging.getLogger("tskd.tracking")
+
+KIND_TAG = "run_kind"  # "train": one training call; "seeds": the parent of a group's seeds
+GROUP_TAG = "group"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def pair_label(spec: RunSpec) -> str:
+    return f"{spec.teacher_arch}-{spec.arch}" if spec.teacher_arch else spec.arch
+
+
+def group_name(spec: RunSpec) -> str:
+    """What a researcher compares: a teacher architecture, or a method on a pair under a recipe."""
+    if spec.role == "teacher":
+        return f"teacher:{spec.arch}"
+    return f"{spec.method}:{pair_label(spec)}" + (f":{spec.recipe_name}" if spec.recipe_name else "")
+
+
+def run_name(spec: RunSpec) -> str:
+    """``teacher:resnet20:seed0``, ``kd:resnet20-resnet8:student:seed0``."""
+    return f"{group_name(spec)}:seed{spec.seed}"
+
+
+def git_state() -> dict[str, str]:
+    """MLflow's git tags for the working directory's checkout; empty outside a git checkout."""
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {}
+    # Tracked files only: results/ and mlflow.db are ignored or untracked and say nothing of the code.
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"mlflow.source.git.commit": commit, "mlflow.source.git.dirty": str(bool(dirty)).lower()}
+
+
+def standard_tags(spec: RunSpec) -> dict[str, str]:
+    """The tags MLflow's own fluent API would set (source, user, git) and the run's name."""
+    git = git_state()
+    return {"mlflow.runName": run_name(spec), "mlflow.source.name": f"tskd train ({spec.role})",
+            # JOB: a batch job (SLURM); LOCAL: a process on this machine.
+            "mlflow.source.type": "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL",
+            "mlflow.user": _user(), "git_commit": git.get("mlflow.source.git.commit", "unknown"), **git}
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def run_tags(spec: RunSpec, world_size: int, extra: dict[str, str]) -> dict[str, str]:
+    """Every tag of a training run: what it is (filterable in the UI: ``tags.method = 'kd'``), where
+    it ran, and the standard ones."""
+    tags = {"preset": spec.preset, "dataset_family": spec.dataset.name, "role": spec.role, "method": spec.method,
+            "student": spec.arch, "teacher": spec.teacher_arch or "", "pair": pair_label(spec),
+            "recipe": spec.recipe_name or "", "seed": str(spec.seed), "out_dir": spec.out_dir,
+            KIND_TAG: "train", GROUP_TAG: group_name(spec)} | standard_tags(spec) | extra
+    if os.environ.get("SLURM_JOB_ID"):
+        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    if world_size > 1:
+        tags["world_size"] = str(world_size)
+    return tags
+
+
+# -- parents ---------------------------------------------------------------------------------
+def _parent_filter(preset: str, group: str) -> str:
+    return f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{preset}' and tags.{GROUP_TAG} = '{group}'"
+
+
+def find_parent(client: MlflowClient, exp_id: str, spec: RunSpec) -> str | None:
+    """The parent run of ``spec``'s group (made by ``prepare_store``), or None (a run trained
+    outside the DAG has none). Several (made by racing set-ups): the oldest, the same for every child."""
+    runs = client.search_runs([exp_id], _parent_filter(spec.preset, group_name(spec)), max_results=50,
+                              order_by=["attributes.start_time ASC"])
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
+
+
+def _parent_tags(spec: RunSpec) -> dict[str, str]:
+    return {"preset": spec.preset, "dataset_family": spec.dataset.name, "role": spec.role, "method": spec.method,
+            "student": spec.arch, "teacher": spec.teacher_arch or "", "pair": pair_label(spec),
+            "recipe": spec.recipe_name or "", KIND_TAG: "seeds", GROUP_TAG: group_name(spec)}
+
+
+def grid_specs(p: Preset) -> list[RunSpec]:
+    """Every training run of the grid (imported teachers are not trained: no MLflow run)."""
+    from tskd import grid
+
+    teachers = [grid.teacher_spec(p, a) for a in p.teachers if grid.published_teacher(p, a) is None]
+    return teachers + [grid.student_spec(p, j) for j in grid.student_jobs(p)]
+
+
+def prepare_store(p: Preset) -> dict[str, str]:
+    """Once per DAG, before any job starts: the store's schema, the experiment and a parent run per
+    group, so that a job's start only reads them (no lock, no schema check that writes). Returns
+    {group: parent run id}. Idempotent: what exists is kept.
+
+    Beside a SQLite store, a stamp (``mlflow.db.tskd-setup.json``) records what was set up for
+    that very file (its inode): a later DAG run (every DVC stage runs one) then skips the set-up
+    without importing MLflow."""
+    from tskd.tracking import _sqlite_path, open_experiment, tracking_uri
+
+    specs = {group_name(s): s for s in grid_specs(p)}
+    if not specs:
+        return {}
+    experiment = next(iter(specs.values())).experiment
+    db = _sqlite_path(tracking_uri())
+    stamp = db.with_name(db.name + ".tskd-setup.json") if db else None
+    if stamp and db.is_file() and stamp.is_file():
+        try:
+            done = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            done = {}
+        if done.get("inode") == db.stat().st_ino and done.get("experiment") == experiment and \
+                set(specs) <= set(done.get("parents", {})):
+            return {g: done["parents"][g] for g in specs}
+
+    client, exp_id = open_experiment(experiment)
+    existing = {r.data.tags[GROUP_TAG]: r.info.run_id for r in client.search_runs(
+        [exp_id], f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{p.preset}'", max_results=5000,
+        order_by=["attributes.start_time DESC"])}  # DESC: the oldest of duplicates wins, as in find_parent
+    parents: dict[str, str] = {}
+    for group, spec in specs.items():
+        if group not in existing:
+            run = client.create_run(exp_id, run_name=group, tags=_parent_tags(spec) | standard_tags(spec) | {
+                "mlflow.runName": group})
+            existing[group] = run.info.run_id
+        parents[group] = existing[group]
+    if stamp:
+        from tskd.io import atomic_write_json
+
+        atomic_write_json(stamp, {"inode": db.stat().st_ino, "experiment": experiment, "parents": parents})
+    return parents
+
+
+# -- what a run records besides params and metrics ---------------------------------------------
+def log_dataset(client: MlflowClient, run_id: str, name: str, identity: str, root: str | None,
+                counts: dict[str, int]) -> None:
+    """The run's input dataset (the UI's Dataset column): named as the data calls itself, its
+    digest from the dataset's identity (official md5s or the manifest's sha256)."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    # MLflow shows a short digest; the whole identity string stays in the run's params (data_identity).
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": root or ""}),
+                 profile=json.dumps(counts | {"identity": identity}))
+    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "train")])])
+
+
+def log_model(client: MlflowClient, exp_id: str, run_id: str, name: str, artifact: str, step: int,
+              tags: dict[str, str]) -> str:
+    """The exported network as an MLflow 3 logged model linked to the run (the UI's Models column).
+    Cheap: it holds no second copy of the weights; its ``model_file`` tag is the run's own
+    ``model.pt`` artifact."""
+    from mlflow.entities import LoggedModelOutput
+
+    run = client.get_run(run_id)
+    model = client.create_logged_model(exp_id, name=name, source_run_id=run_id, model_type="pytorch",
+                                       tags=tags | {"model_file": f"{run.info.artifact_uri}/{artifact}"})
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    return model.model_id
+
+
+# -- the report stage ------------------------------------------------------------------------
+def summarize_parents(p: Preset, figures: list[str]) -> int:
+    """Log on every parent run the mean and std over its finished children of each figure
+    (``best_top1`` -> ``best_top1_mean``, ``best_top1_std``, and ``n_seeds``), and mark it FINISHED.
+    Returns how many parents were updated. A store that was never set up (no DAG ran with tracking)
+    is left alone."""
+    from mlflow.entities import Metric
+
+    from tskd.tracking import existing_experiment
+
+    found = existing_experiment(grid_experiment(p))
+    if found is None:
+        return 0
+    client, exp_id = found
+    parents = client.search_runs([exp_id], f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{p.preset}'",
+                                 max_results=5000)
+    updated = 0
+    for parent in parents:
+        pid = parent.info.run_id
+        children = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` = '{pid}' and attributes.status = 'FINISHED'",
+                                      max_results=5000)
+        if not children:
+            continue
+        metrics = [Metric("n_seeds", float(len(children)), 0, 0)]
+        for f in figures:
+            values = [c.data.metrics[f] for c in children if f in c.data.metrics]
+            if values:
+                metrics.append(Metric(f"{f}_mean", statistics.fmean(values), 0, 0))
+                metrics.append(Metric(f"{f}_std", statistics.stdev(values) if len(values) > 1 else 0.0, 0, 0))
+        client.log_batch(pid, metrics=metrics)
+        client.set_terminated(pid, "FINISHED")
+        updated += 1
+    return updated
+
+
+def grid_experiment(p: Preset) -> str:
+    from tskd.grid import experiment_name
+
+    return experiment_name(p)
+
+
+def summarize_after_report(p: Preset) -> None:
+    """``tskd report``'s one line: the parents' mean ± std, without failing the report when the
+    store cannot be reached (the tables are the report's result; MLflow is a view of it)."""
+    from tskd.tasks import task_of
+
+    task = task_of(p.dataset.name)
+    figures = [f"{w}_{f}" for w in ("best", "last") for f in task.figures]
+    try:
+        n = summarize_parents(p, figures)
+    except Exception as e:  # an unreachable server, a locked file: the report stands without it
+        log.warning("MLflow: the parent runs' mean and std were not updated: %s", e)
+        return
+    if n:
+        log.info("MLflow: %d parent runs carry their seeds' mean and std", n)
+
+
+def parent_of(client: MlflowClient, exp_id: str, spec: RunSpec) -> dict[str, str]:
+    """The ``mlflow.parentRunId`` tag for a new run of ``spec`` ({} when its group has no parent)."""
+    pid = find_parent(client, exp_id, spec)
+    return {PARENT_TAG: pid} if pid else {}
+
+
+def identity_counts(data: Any) -> dict[str, int]:
+    """The dataset's sizes for the dataset input's profile."""
+    out = {"train": len(data.train), "test": len(data.test)}
+    if getattr(data, "val", None) is not None:
+        out["val"] = len(data.val)
+    return out
