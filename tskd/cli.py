@@ -19,19 +19,21 @@ class UsageError(TskdError):
 
 def _parse(model, data, source: str):
     from tskd.config import ParamsError, format_validation_error
+    from tskd.params_yaml import validate_strict
 
     try:
-        return model.model_validate(data)
+        return validate_strict(model, data)
     except ValidationError as e:
         raise ParamsError(format_validation_error(e, source)) from None
 
 
 def _json(text: str, source: str):
     from tskd.config import ParamsError
+    from tskd.params_yaml import DuplicateKeyError, loads_json
 
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
+        return loads_json(text)
+    except (json.JSONDecodeError, DuplicateKeyError) as e:
         raise ParamsError(f"{source}: not valid JSON: {e}") from None
 
 

@@ -5,9 +5,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from snakemake.utils import validate
-
 from tskd.config import ParamsError, canonical_json, parse_preset
+from tskd.params_yaml import read_params_yaml
 from tskd import grid
 from tskd.data.integrity import sha256_file
 from tskd.errors import TskdError
@@ -16,13 +15,15 @@ from tskd.dvc_pipeline import check_from_dvc_env
 from tskd.report import summary_files
 
 _SOURCE = ", ".join(map(str, workflow.configfiles)) or "config"
-# The typed params first: their messages name the file, the key and what is allowed.
+# tskd's validator is the only one (no JSON-schema `validate`: it would judge types on its own and
+# fail with a raw dump naming no file). Snakemake read the files with a YAML loader that keeps the
+# last of two equal keys: each file is read again to refuse that, with its line.
 try:
+    for _file in workflow.configfiles:
+        read_params_yaml(_file)
     P = parse_preset(config, source=_SOURCE)
 except ParamsError as e:
     sys.exit(f"error: {e}")
-# The generated JSON schema must agree (set_default=False: pydantic owns the defaults).
-validate(config, "../schemas/params.schema.json", set_default=False)
 # Run by a DVC stage: refuse a dvc.yaml that no longer matches this grid.
 try:
     check_from_dvc_env(_SOURCE)
