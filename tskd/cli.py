@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -225,6 +226,8 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tskd", description="Temporal Supervised Knowledge Distillation pipeline")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--log", metavar="FILE", help="write all output to FILE (created or replaced); on failure, "
+                    "also print one line to the terminal: the reason and FILE (what the workflow's rules use)")
     sub = ap.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train one teacher or student run (spec as JSON)")
@@ -304,18 +307,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tskd.joblog import one_line, redirect_to_log
+
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        a.fn(a)
-    except TskdError as e:
-        # Expected failures (bad params, data, files, checkpoints, a diverged loss): the message
-        # says it all. Anything else is raised with its traceback. -v shows it for these too.
-        if a.verbose:
-            raise
-        print(f"tskd {a.verb}: error: {e}", file=sys.stderr)
-        return 2
+    # --log (the workflow's rules): the log gets everything, the terminal one line if the job fails.
+    with redirect_to_log(a.log) as terminal:
+        logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        try:
+            a.fn(a)
+        except TskdError as e:
+            # Expected failures (bad params, data, files, checkpoints, a diverged loss): the message
+            # says it all. Anything else is raised with its traceback. -v shows it for these too.
+            if a.verbose and not a.log:
+                raise
+            if a.verbose:
+                traceback.print_exc()
+            print(f"tskd {a.verb}: error: {e}", file=sys.stderr)
+            if a.log:
+                print(f"tskd {a.verb}: error: {one_line(e)} (log: {a.log})", file=terminal)
+            return 2
+        except Exception as e:
+            if not a.log:
+                raise
+            traceback.print_exc()  # into the log, where a CUDA or shape error keeps its traceback
+            print(f"tskd {a.verb}: failed: {type(e).__name__}: {one_line(e)} (traceback in {a.log})", file=terminal)
+            return 1
     return 0
 
 

@@ -2,6 +2,8 @@
 
 
 rule student:
+    message:
+        "student {wildcards.method} {wildcards.run} ({wildcards.recipe} recipe) seed {wildcards.seed}; log: {log}"
     input:
         _student_inputs,
     output:
@@ -24,4 +26,4 @@ rule student:
     log:
         f"{OUT}/logs/students/{{recipe}}/{{method}}/{{run}}-seed{{seed}}.log",
     shell:
-        "tskd train --spec {params.spec} --place {params.place} --launch={resources.launch:q} > {log} 2>&1"
+        "tskd --log {log} train --spec {params.spec} --place {params.place} --launch={resources.launch:q}"

@@ -2,6 +2,8 @@
 
 
 rule evaluate:
+    message:
+        "evaluate {wildcards.method} {wildcards.run} ({wildcards.recipe} recipe) seed {wildcards.seed}; log: {log}"
     input:
         model=f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/model.pt",
     output:
@@ -16,4 +18,4 @@ rule evaluate:
     log:
         f"{OUT}/logs/evaluate/{{recipe}}/{{method}}/{{run}}-seed{{seed}}.log",
     shell:
-        "tskd evaluate --spec {params.spec} --place {params.place} --model {input.model} --out {output} > {log} 2>&1"
+        "tskd --log {log} evaluate --spec {params.spec} --place {params.place} --model {input.model} --out {output}"

@@ -2,6 +2,11 @@
 
 
 rule teacher:
+    # Every distillation job waits for its teacher: with fewer cores than jobs, the teacher goes
+    # first, before the students that need none (vanilla), so the distillations are not held back.
+    priority: 50
+    message:
+        "teacher {wildcards.arch} seed {wildcards.tseed}; log: {log}"
     input:
         DATA_MARKER,
         published=_published,
@@ -28,4 +33,4 @@ rule teacher:
     log:
         f"{OUT}/logs/teachers/{{arch}}-seed{{tseed}}.log",
     shell:
-        "tskd {params.cmd} --spec {params.spec} --place {params.place} --launch={resources.launch:q} > {log} 2>&1"
+        "tskd --log {log} {params.cmd} --spec {params.spec} --place {params.place} --launch={resources.launch:q}"
