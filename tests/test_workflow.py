@@ -289,3 +289,15 @@ def test_a_failed_job_says_why_the_teacher_goes_first_and_the_others_keep_going(
     run = repo / "results/fail/students/student/vanilla/resnet8/seed0"
     assert (run / "metrics.json").is_file() and (run / "eval.json").is_file()
     assert not (repo / "results/fail/teachers/resnet20/seed0/model.pt").exists()
+
+    # tskd status reads the same files: which job failed and why, which is done, which waits.
+    status = subprocess.run([sys.executable, "-m", "tskd.cli", "status", "params/fail.yaml"], cwd=repo,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0] == "3 training jobs: 1 done, 0 running, 1 failed, 1 waiting", status.stdout
+    assert re.search(r"^  teacher resnet20 seed0 +failed ", status.stdout, re.M), status.stdout
+    assert re.search(r"^  vanilla resnet8 student seed0 +done .* 1/1$", status.stdout, re.M), status.stdout
+    assert re.search(r"^  kd resnet20-resnet8 student seed0 +waiting ", status.stdout, re.M), status.stdout
+    assert "failed: teacher resnet20 seed0: tskd import-teacher: error: cannot read checkpoint broken.pth" in \
+        status.stdout, status.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -159,6 +160,18 @@ def cmd_check(a) -> None:
     print(f"{a.params}: ok ({len(p.teachers)} teachers, {len(student_jobs(p))} student runs)")
 
 
+def cmd_status(a) -> None:
+    from tskd.config import load_preset
+    from tskd.status import format_status, preset_status, watch
+
+    p = load_preset(a.params)
+    if a.watch:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the watch, not with a traceback
+            watch(p, a.watch, sys.stdout)
+        return
+    print(format_status(preset_status(p)))
+
+
 def cmd_schema(a) -> None:
     from tskd.schema import write_schema
 
@@ -282,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params")
     p.set_defaults(fn=cmd_check)
 
+    p = sub.add_parser("status", help="each training job of a preset: done, running (epoch n/N, ETA), failed "
+                       "(why), waiting; read from its files, while Snakemake or SLURM runs it")
+    p.add_argument("params", nargs="?", default="params/smoke.yaml", help="params/<preset>.yaml")
+    p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                   help="redraw every SECONDS until every job is done or failed")
+    p.set_defaults(fn=cmd_status)
+
     dvc = sub.add_parser("dvc", help="the DVC pipeline generated from the grid").add_subparsers(
         dest="dvc_verb", required=True)
     p = dvc.add_parser("write", help="write dvc.yaml (smoke) or pipelines/<preset>/dvc.yaml from params")
@@ -331,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.log:
                 raise
             traceback.print_exc()  # into the log, where a CUDA or shape error keeps its traceback
+            print(f"tskd {a.verb}: failed: {type(e).__name__}: {one_line(e)}", file=sys.stderr)  # for tskd status
             print(f"tskd {a.verb}: failed: {type(e).__name__}: {one_line(e)} (traceback in {a.log})", file=terminal)
             return 1
     return 0
