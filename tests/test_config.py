@@ -235,3 +235,21 @@ def test_tskd_train_refuses_a_spec_with_a_string_number_or_a_key_twice(repo_root
     r = run_cli("train", "--no-track", "--spec", text[:-1] + ', "seed": 3}')
     assert r.returncode == 2 and "--spec" in r.stderr and "'seed' given twice" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_job_named_by_preset_file_and_run_directory_gets_the_grids_spec(repo_root, tmp_path):
+    """What the workflow's rules pass (--preset FILE --job DIR): the job's spec is the grid's, and a
+    directory that is no job of the preset is refused by name."""
+    from tskd.config import canonical_json
+    from tskd.grid import student_dir, student_spec
+    from tskd.job_spec import spec_of_job, write_preset
+
+    raw = yaml.safe_load((repo_root / "params/smoke.yaml").read_text())
+    path = write_preset(raw, tmp_path)
+    assert write_preset(raw, tmp_path) == path and json.loads(path.read_text()) == raw
+    p = load_preset(repo_root / "params/smoke.yaml")
+    job = student_jobs(p)[3]
+    assert canonical_json(spec_of_job(path, student_dir(p, job))) == canonical_json(student_spec(p, job))
+
+    r = run_cli("train", "--preset", str(path), "--job", "results/smoke/students/nope/seed0")
+    assert r.returncode == 2 and "--job results/smoke/students/nope/seed0" in r.stderr, r.stderr

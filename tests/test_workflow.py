@@ -283,6 +283,8 @@ def test_a_failed_job_says_why_the_teacher_goes_first_and_the_others_keep_going(
     log = "results/fail/logs/teachers/resnet20-seed0.log"
     assert re.search(rf"^tskd import-teacher: error: cannot read checkpoint broken.pth.*\(log: {log}\)$", out,
                      re.M), out[-3000:]
+    # The job's command names the preset file and its run directory, not kilobytes of spec JSON.
+    assert '"method_params"' not in out and "--job results/fail/teachers/resnet20/seed0" in out, out[-3000:]
     started = re.findall(r"^Job \d+: (\w+)", out, re.M)
     assert started[:3] == ["data", "teacher", "student"], started
     # keep-going: the student alone trained and was evaluated after the teacher had failed.

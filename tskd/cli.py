@@ -43,6 +43,14 @@ def _spec(a):
     """The run spec: ``--spec`` (a whole spec, or its identity) with ``--place`` (its placement)."""
     from tskd.grid import RunSpec, merge_parts
 
+    if getattr(a, "job", None) or getattr(a, "preset", None):
+        if not (a.job and a.preset) or a.spec:
+            raise UsageError("give --preset FILE and --job DIR together, or --spec (and --place)")
+        from tskd.job_spec import spec_of_job
+
+        return spec_of_job(a.preset, a.job)
+    if not a.spec:
+        raise UsageError("give --spec (and --place), or --preset FILE and --job DIR")
     data = _json(a.spec, "--spec")
     if getattr(a, "place", None):
         data = merge_parts(data, _json(a.place, "--place"))
@@ -223,10 +231,14 @@ def cmd_dvc_sync(a) -> None:
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spec", required=True, help="run spec as JSON (see tskd.grid.RunSpec): the whole spec, or "
-                   "its identity with --place")
+    p.add_argument("--spec", help="run spec as JSON (see tskd.grid.RunSpec): the whole spec, or its identity "
+                   "with --place")
     p.add_argument("--place", default=None, help="the spec's placement as JSON (output dir, MLflow experiment, "
                    "labels, paths: tskd.grid.PLACEMENT), merged into --spec")
+    p.add_argument("--preset", default=None, metavar="FILE", help="instead of --spec: the preset as JSON (what the "
+                   "workflow writes under .snakemake/tskd/), with --job")
+    p.add_argument("--job", default=None, metavar="DIR", help="with --preset: the run directory of the teacher or "
+                   "student job (results/<preset>/teachers/<arch>/seed<k>, ...)")
 
 
 def _launch_args(p: argparse.ArgumentParser) -> None:

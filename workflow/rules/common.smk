@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tskd.config import ParamsError, canonical_json, parse_preset
 from tskd.params_yaml import read_params_yaml
+from tskd.job_spec import write_preset
 from tskd import grid
 from tskd.data.integrity import sha256_file
 from tskd.errors import TskdError
@@ -53,6 +54,8 @@ for _arch in P.backbones:
 sync_for_snakemake(P, config, _SOURCE)
 
 OUT = str(P.out)
+# The preset as the jobs read it: a command names this file and its run directory, not its spec.
+PRESET_JSON = str(write_preset(config))
 
 
 wildcard_constraints:
@@ -84,16 +87,18 @@ def _teacher_spec(wc):
     return TEACHER_SPECS[f"{OUT}/teachers/{wc.arch}/seed{wc.tseed}"]
 
 
-# A run's spec reaches its job in two parts. Its identity, what decides the result, is a param:
-# Snakemake reruns the job when it changes. Its placement (output dir, MLflow experiment, labels,
-# paths) must rerun nothing, so it comes from a function of `output`, a param that Snakemake
-# counts as derived from the files and leaves out of its params trigger.
+# A run's identity, what decides its result, is a param: Snakemake reruns the job when it changes.
+# The job itself reads its whole spec from the preset file (PRESET_JSON) and its run directory,
+# which reach it as params that are functions of `output`: Snakemake counts those as derived from
+# the files and leaves them out of its params trigger, so renaming the experiment reruns nothing.
+# (A spec on the command line was kilobytes of JSON, printed twice whenever a job failed.)
 def identity(spec):
     return q(spec.identity())
 
 
-def placement(spec):
-    return q(spec.placement())
+def job_dir(output):
+    """A training or evaluation job's run directory (the directory of its model.pt)."""
+    return shlex.quote(os.path.dirname(output[0]))
 
 
 def _published(wc):

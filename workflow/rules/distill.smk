@@ -11,7 +11,8 @@ rule student:
         metrics=f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/metrics.json",
     params:
         spec=lambda wc: identity(student_spec(wc)),
-        place=lambda wc, output: placement(student_spec(wc)),
+        job=lambda wc, output: job_dir(output),
+        preset=lambda wc, output: PRESET_JSON,
         backbone=lambda wc: backbone_source(student_spec(wc)),
     wildcard_constraints:
         seed=r"\d+",
@@ -26,4 +27,4 @@ rule student:
     log:
         f"{OUT}/logs/students/{{recipe}}/{{method}}/{{run}}-seed{{seed}}.log",
     shell:
-        "tskd --log {log} train --spec {params.spec} --place {params.place} --launch={resources.launch:q}"
+        "tskd --log {log} train --preset {params.preset} --job {params.job} --launch={resources.launch:q}"

@@ -10,7 +10,8 @@ rule evaluate:
         f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/eval.json",
     params:
         spec=lambda wc: identity(student_spec(wc)),
-        place=lambda wc, output: placement(student_spec(wc)),
+        job=lambda wc, output: job_dir(output),
+        preset=lambda wc, output: PRESET_JSON,
     wildcard_constraints:
         seed=r"\d+",
     conda:
@@ -18,4 +19,4 @@ rule evaluate:
     log:
         f"{OUT}/logs/evaluate/{{recipe}}/{{method}}/{{run}}-seed{{seed}}.log",
     shell:
-        "tskd --log {log} evaluate --spec {params.spec} --place {params.place} --model {input.model} --out {output}"
+        "tskd --log {log} evaluate --preset {params.preset} --job {params.job} --model {input.model} --out {output}"

@@ -16,7 +16,8 @@ rule teacher:
         metrics=f"{OUT}/teachers/{{arch}}/seed{{tseed}}/metrics.json",
     params:
         spec=lambda wc: identity(_teacher_spec(wc)),
-        place=lambda wc, output: placement(_teacher_spec(wc)),
+        job=lambda wc, output: job_dir(output),
+        preset=lambda wc, output: PRESET_JSON,
         source=_teacher_source,
         backbone=lambda wc: backbone_source(_teacher_spec(wc)),
         cmd=_teacher_cmd,
@@ -33,4 +34,4 @@ rule teacher:
     log:
         f"{OUT}/logs/teachers/{{arch}}-seed{{tseed}}.log",
     shell:
-        "tskd --log {log} {params.cmd} --spec {params.spec} --place {params.place} --launch={resources.launch:q}"
+        "tskd --log {log} {params.cmd} --preset {params.preset} --job {params.job} --launch={resources.launch:q}"
