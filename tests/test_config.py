@@ -169,3 +169,87 @@ def test_linear_warmup_factor_per_step():
     assert r.warmup_at(0) == pytest.approx(0.001) and r.warmup_at(500) == pytest.approx(0.5005)
     assert r.warmup_at(1000) == 1.0 and r.warmup_at(5000) == 1.0
     assert RecipeCfg(epochs=2, batch_size=2, lr=0.02).warmup_at(0) == 1.0  # none by default
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda r: r["recipes"]["student"].update(batch_size="64"), ["recipes.student.batch_size", "integer", "'64'"]),
+    (lambda r: r["recipes"]["student"].update(nesterov="yes"), ["recipes.student.nesterov", "boolean", "'yes'"]),
+    (lambda r: r["recipes"]["student"].update(epochs=3.0), ["recipes.student.epochs", "integer"]),
+    (lambda r: r["methods"]["kd"].update(T="4"), ["methods.kd.T", "number", "'4'"]),
+    (lambda r: r["train"].update(deterministic="true"), ["train.deterministic", "boolean"]),
+    (lambda r: r["recipes"]["student"].update(by_method={"kd": {"batch_size": "32"}}),
+     ["recipes.student", "by_method.kd.batch_size", "integer"]),
+])
+def test_strings_are_not_coerced_to_numbers_or_booleans(tmp_path, mutate, expect):
+    """pydantic's default mode would take "64" as 64 and "yes" as True: tskd check accepted what Snakemake's
+    JSON-schema step then refused. Strict types, one answer everywhere."""
+    path = _write(tmp_path, mutate)
+    with pytest.raises(ParamsError) as e:
+        load_preset(path)
+    msg = str(e.value)
+    assert str(path) in msg, msg
+    for part in expect:
+        assert part in msg, msg
+
+
+def test_strict_types_accept_what_yaml_naturally_gives(tmp_path):
+    # An int for a float field, a list for a tuple field (augment, TSKD's taps).
+    def mutate(r):
+        r["recipes"]["student"].update(lr=1, weight_decay=0, augment=["flip"])
+        r["methods"]["tskd"].update(taps=[0, 1], T=4)
+
+    p = load_preset(_write(tmp_path, mutate))
+    assert p.recipes["student"].lr == 1.0 and isinstance(p.recipes["student"].lr, float)
+    assert p.recipes["student"].augment == ("flip",)
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("seeds: [0]\n", ["line 4", "'seeds' given twice", "first at line 3"]),
+    ("  epochs: 9\n", ["line 5", "'epochs' given twice", "first at line 4"]),
+])
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path, text, expect):
+    """YAML (and Snakemake's --configfile) keep the last of two equal keys without a word."""
+    path = tmp_path / "dup.yaml"
+    base = "preset: dup\nseeds: [0]\n" if text.startswith("seeds") else "preset: dup\nrecipes:\n  epochs: 3\n"
+    path.write_text("# a comment\n" + base + text)
+    r = run_cli("check", str(path))
+    assert r.returncode == 2, r.stderr
+    assert str(path) in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for part in expect:
+        assert part in r.stderr, r.stderr
+
+
+def test_tskd_train_refuses_a_spec_with_a_string_number_or_a_key_twice(repo_root, tmp_path):
+    """What reaches `tskd train` is judged as strictly as the params file (not coerced, then trained on)."""
+    from tskd.grid import teacher_spec
+
+    spec = teacher_spec(load_preset(repo_root / "params/smoke.yaml"), "resnet20").model_dump(mode="json")
+    spec["out_dir"] = str(tmp_path / "run")
+    spec["recipe"]["batch_size"] = "64"
+    r = run_cli("train", "--no-track", "--spec", json.dumps(spec))
+    assert r.returncode == 2 and "--spec" in r.stderr and "recipe.batch_size" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+    spec["recipe"]["batch_size"] = 64
+    text = json.dumps(spec)
+    r = run_cli("train", "--no-track", "--spec", text[:-1] + ', "seed": 3}')
+    assert r.returncode == 2 and "--spec" in r.stderr and "'seed' given twice" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_job_named_by_preset_file_and_run_directory_gets_the_grids_spec(repo_root, tmp_path):
+    """What the workflow's rules pass (--preset FILE --job DIR): the job's spec is the grid's, and a
+    directory that is no job of the preset is refused by name."""
+    from tskd.config import canonical_json
+    from tskd.grid import student_dir, student_spec
+    from tskd.job_spec import spec_of_job, write_preset
+
+    raw = yaml.safe_load((repo_root / "params/smoke.yaml").read_text())
+    path = write_preset(raw, tmp_path)
+    assert write_preset(raw, tmp_path) == path and json.loads(path.read_text()) == raw
+    p = load_preset(repo_root / "params/smoke.yaml")
+    job = student_jobs(p)[3]
+    assert canonical_json(spec_of_job(path, student_dir(p, job))) == canonical_json(student_spec(p, job))
+
+    r = run_cli("train", "--preset", str(path), "--job", "results/smoke/students/nope/seed0")
+    assert r.returncode == 2 and "--job results/smoke/students/nope/seed0" in r.stderr, r.stderr

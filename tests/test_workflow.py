@@ -308,3 +308,64 @@ def test_mlflow_server_finds_every_run_by_its_tags_and_the_ui_lists_them(smoke_r
             assert group_name(spec) in dom, group_name(spec)
         run_id, spec = next(iter(found.items()))
         assert run_name(spec) in _browser_dom(f"{url}/#/experiments/{exp}/runs/{run_id}")
+
+
+def test_params_errors_at_dag_build_name_the_file_and_the_key(tmp_path):
+    """Snakemake builds the DAG with tskd's validator alone: strict types and a key given twice are refused
+    there as `tskd check` refuses them, naming the file and the key (no JSON-schema dump naming no file)."""
+    repo = copy_repo(tmp_path)
+    text = (repo / "params/smoke.yaml").read_text()
+    (repo / "params/typed.yaml").write_text(text.replace("batch_size: 64", 'batch_size: "64"', 1))
+    (repo / "params/twice.yaml").write_text(text + "seeds: [5]\n")
+
+    r = snakemake(repo, "-n", "--configfile", "params/typed.yaml", check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "params/typed.yaml" in out and "recipes.teacher.batch_size" in out, out[-3000:]
+    assert "ValidationError" not in out and "Traceback" not in out, out[-3000:]
+
+    r = snakemake(repo, "-n", "--configfile", "params/twice.yaml", check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "params/twice.yaml" in out and "'seeds' given twice" in out, out[-3000:]
+
+
+def test_a_failed_job_says_why_the_teacher_goes_first_and_the_others_keep_going(tmp_path):
+    """One core, a teacher that fails within seconds (a broken published file) and a student alone that needs
+    no teacher. The teacher's priority starts it first; the default profile (profiles/default) keeps going
+    after its failure, and the terminal shows the job's one-line reason and its log, not only the command."""
+    repo = copy_repo(tmp_path)
+    raw = yaml.safe_load((repo / "params/smoke.yaml").read_text())
+    raw.update(preset="fail", methods={"vanilla": {}, "kd": {}}, seeds=[0])
+    raw["dataset"]["synthetic"].update(train_per_class=2, test_per_class=2)
+    raw["recipes"]["student"].update(epochs=1, milestones=[])
+    raw["teachers"]["resnet20"]["checkpoint"] = "broken.pth"
+    (repo / "params/fail.yaml").write_text(yaml.safe_dump(raw))
+    (repo / "broken.pth").write_text("not a checkpoint\n")
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    r = subprocess.run([*SNAKEMAKE, "--cores", "1", "--configfile", "params/fail.yaml"], cwd=repo,
+                       capture_output=True, text=True, env=env, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    log = "results/fail/logs/teachers/resnet20-seed0.log"
+    assert re.search(rf"^tskd import-teacher: error: cannot read checkpoint broken.pth.*\(log: {log}\)$", out,
+                     re.M), out[-3000:]
+    # The job's command names the preset file and its run directory, not kilobytes of spec JSON.
+    assert '"method_params"' not in out and "--job results/fail/teachers/resnet20/seed0" in out, out[-3000:]
+    started = re.findall(r"^Job \d+: (\w+)", out, re.M)
+    assert started[:3] == ["data", "teacher", "student"], started
+    # keep-going: the student alone trained and was evaluated after the teacher had failed.
+    run = repo / "results/fail/students/student/vanilla/resnet8/seed0"
+    assert (run / "metrics.json").is_file() and (run / "eval.json").is_file()
+    assert not (repo / "results/fail/teachers/resnet20/seed0/model.pt").exists()
+
+    # tskd status reads the same files: which job failed and why, which is done, which waits.
+    status = subprocess.run([sys.executable, "-m", "tskd.cli", "status", "params/fail.yaml"], cwd=repo,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0] == "3 training jobs: 1 done, 0 running, 1 failed, 1 waiting", status.stdout
+    assert re.search(r"^  teacher resnet20 seed0 +failed ", status.stdout, re.M), status.stdout
+    assert re.search(r"^  vanilla resnet8 student seed0 +done .* 1/1$", status.stdout, re.M), status.stdout
+    assert re.search(r"^  kd resnet20-resnet8 student seed0 +waiting ", status.stdout, re.M), status.stdout
+    assert "failed: teacher resnet20 seed0: tskd import-teacher: error: cannot read checkpoint broken.pth" in \
+        status.stdout, status.stdout

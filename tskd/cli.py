@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -19,19 +21,21 @@ class UsageError(TskdError):
 
 def _parse(model, data, source: str):
     from tskd.config import ParamsError, format_validation_error
+    from tskd.params_yaml import validate_strict
 
     try:
-        return model.model_validate(data)
+        return validate_strict(model, data)
     except ValidationError as e:
         raise ParamsError(format_validation_error(e, source)) from None
 
 
 def _json(text: str, source: str):
     from tskd.config import ParamsError
+    from tskd.params_yaml import DuplicateKeyError, loads_json
 
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
+        return loads_json(text)
+    except (json.JSONDecodeError, DuplicateKeyError) as e:
         raise ParamsError(f"{source}: not valid JSON: {e}") from None
 
 
@@ -39,6 +43,14 @@ def _spec(a):
     """The run spec: ``--spec`` (a whole spec, or its identity) with ``--place`` (its placement)."""
     from tskd.grid import RunSpec, merge_parts
 
+    if getattr(a, "job", None) or getattr(a, "preset", None):
+        if not (a.job and a.preset) or a.spec:
+            raise UsageError("give --preset FILE and --job DIR together, or --spec (and --place)")
+        from tskd.job_spec import spec_of_job
+
+        return spec_of_job(a.preset, a.job)
+    if not a.spec:
+        raise UsageError("give --spec (and --place), or --preset FILE and --job DIR")
     data = _json(a.spec, "--spec")
     if getattr(a, "place", None):
         data = merge_parts(data, _json(a.place, "--place"))
@@ -158,6 +170,18 @@ def cmd_check(a) -> None:
     print(f"{a.params}: ok ({len(p.teachers)} teachers, {len(student_jobs(p))} student runs)")
 
 
+def cmd_status(a) -> None:
+    from tskd.config import load_preset
+    from tskd.status import format_status, preset_status, watch
+
+    p = load_preset(a.params)
+    if a.watch:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the watch, not with a traceback
+            watch(p, a.watch, sys.stdout)
+        return
+    print(format_status(preset_status(p)))
+
+
 def cmd_schema(a) -> None:
     from tskd.schema import write_schema
 
@@ -209,10 +233,14 @@ def cmd_dvc_sync(a) -> None:
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spec", required=True, help="run spec as JSON (see tskd.grid.RunSpec): the whole spec, or "
-                   "its identity with --place")
+    p.add_argument("--spec", help="run spec as JSON (see tskd.grid.RunSpec): the whole spec, or its identity "
+                   "with --place")
     p.add_argument("--place", default=None, help="the spec's placement as JSON (output dir, MLflow experiment, "
                    "labels, paths: tskd.grid.PLACEMENT), merged into --spec")
+    p.add_argument("--preset", default=None, metavar="FILE", help="instead of --spec: the preset as JSON (what the "
+                   "workflow writes under .snakemake/tskd/), with --job")
+    p.add_argument("--job", default=None, metavar="DIR", help="with --preset: the run directory of the teacher or "
+                   "student job (results/<preset>/teachers/<arch>/seed<k>, ...)")
 
 
 def _launch_args(p: argparse.ArgumentParser) -> None:
@@ -225,6 +253,8 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tskd", description="Temporal Supervised Knowledge Distillation pipeline")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--log", metavar="FILE", help="write all output to FILE (created or replaced); on failure, "
+                    "also print one line to the terminal: the reason and FILE (what the workflow's rules use)")
     sub = ap.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train one teacher or student run (spec as JSON)")
@@ -279,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params")
     p.set_defaults(fn=cmd_check)
 
+    p = sub.add_parser("status", help="each training job of a preset: done, running (epoch n/N, ETA), failed "
+                       "(why), waiting; read from its files, while Snakemake or SLURM runs it")
+    p.add_argument("params", nargs="?", default="params/smoke.yaml", help="params/<preset>.yaml")
+    p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                   help="redraw every SECONDS until every job is done or failed")
+    p.set_defaults(fn=cmd_status)
+
     dvc = sub.add_parser("dvc", help="the DVC pipeline generated from the grid").add_subparsers(
         dest="dvc_verb", required=True)
     p = dvc.add_parser("write", help="write dvc.yaml (smoke) or pipelines/<preset>/dvc.yaml from params")
@@ -304,18 +341,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tskd.joblog import one_line, redirect_to_log
+
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        a.fn(a)
-    except TskdError as e:
-        # Expected failures (bad params, data, files, checkpoints, a diverged loss): the message
-        # says it all. Anything else is raised with its traceback. -v shows it for these too.
-        if a.verbose:
-            raise
-        print(f"tskd {a.verb}: error: {e}", file=sys.stderr)
-        return 2
+    # --log (the workflow's rules): the log gets everything, the terminal one line if the job fails.
+    with redirect_to_log(a.log) as terminal:
+        logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        try:
+            a.fn(a)
+        except TskdError as e:
+            # Expected failures (bad params, data, files, checkpoints, a diverged loss): the message
+            # says it all. Anything else is raised with its traceback. -v shows it for these too.
+            if a.verbose and not a.log:
+                raise
+            if a.verbose:
+                traceback.print_exc()
+            print(f"tskd {a.verb}: error: {e}", file=sys.stderr)
+            if a.log:
+                print(f"tskd {a.verb}: error: {one_line(e)} (log: {a.log})", file=terminal)
+            return 2
+        except Exception as e:
+            if not a.log:
+                raise
+            traceback.print_exc()  # into the log, where a CUDA or shape error keeps its traceback
+            print(f"tskd {a.verb}: failed: {type(e).__name__}: {one_line(e)}", file=sys.stderr)  # for tskd status
+            print(f"tskd {a.verb}: failed: {type(e).__name__}: {one_line(e)} (traceback in {a.log})", file=terminal)
+            return 1
     return 0
 
 

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from tskd.errors import TskdError
+from tskd.params_yaml import validate_strict
 
 
 class Strict(BaseModel):
@@ -216,7 +216,7 @@ class RecipeCfg(Strict):
         """The recipe a run of ``method`` trains with: ``by_method`` applied, method params left to the
         run's spec (they are folded into its method_params)."""
         values = self.model_dump() | self.by_method.get(method, {}) | {"methods": {}, "by_method": {}}
-        return RecipeCfg.model_validate(values)
+        return validate_strict(RecipeCfg, values)
 
     def lr_at(self, base_lr: float, epoch: int) -> float:
         """The step-decayed learning rate of 0-based ``epoch``."""
@@ -241,7 +241,7 @@ class RecipeCfg(Strict):
                 raise ValueError(f"by_method.{method}: {', '.join(bad)} cannot be set per method; allowed: the "
                                  "recipe's own keys (epochs, batch_size, lr, ...)")
             try:
-                RecipeCfg.model_validate(self.model_dump() | values | {"by_method": {}})
+                validate_strict(RecipeCfg, self.model_dump() | values | {"by_method": {}})
             except ValidationError as e:
                 err = e.errors()[0]
                 raise ValueError(f"by_method.{method}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
@@ -315,14 +315,6 @@ class Preset(Strict):
     train: TrainCfg = TrainCfg()
     tracking: TrackingCfg = TrackingCfg()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and "student_recipe" in raw:
-            raise ValueError("student_recipe: renamed `student_recipes`, a list of recipe names "
-                             f"(e.g. student_recipes: [{raw['student_recipe']}])")
-        return raw
-
     @model_validator(mode="after")
     def _references(self):
         for name, t in self.teachers.items():
@@ -386,9 +378,15 @@ def format_validation_error(e: ValidationError, source: str) -> str:
 
 
 def parse_preset(raw: dict[str, Any], source: str = "<params>") -> Preset:
-    """Validate a params mapping; methods and architectures are checked against the registries."""
+    """Validate a params mapping, strictly (``tskd.params_yaml.validate_strict``: "64" is not an int, "yes"
+    not a bool); methods and architectures are checked against the registries."""
+    # Checked here, not in a "before" validator of the model: one would make pydantic validate the
+    # whole file in Python mode, where strict mode refuses YAML's lists for tuple fields.
+    if isinstance(raw, dict) and "student_recipe" in raw:
+        raise ParamsError(f"{source}: invalid params\n  student_recipe: renamed `student_recipes`, a list of "
+                          f"recipe names (e.g. student_recipes: [{raw['student_recipe']}])")
     try:
-        preset = Preset.model_validate(raw)
+        preset = validate_strict(Preset, raw)
     except ValidationError as e:
         raise ParamsError(format_validation_error(e, source)) from None
     _check_registered(preset, source)
@@ -456,16 +454,9 @@ def _check_student_alone(preset: Preset, recipe: str, source: str) -> None:
 
 def load_preset(path: str | Path) -> Preset:
     """Read and validate ``params/<preset>.yaml``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: params file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return parse_preset(raw, source=str(path))
+    from tskd.params_yaml import read_params_yaml
+
+    return parse_preset(read_params_yaml(path), source=str(path))
 
 
 def canonical_json(obj: Any) -> str:

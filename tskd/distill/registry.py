@@ -9,6 +9,7 @@ from torch import nn
 
 from tskd.config import ParamsError
 from tskd.distill.base import DistillContext, Distiller, MethodParams
+from tskd.params_yaml import validate_strict
 
 # Methods by (task, name): a method name means the same idea on every task (``kd`` distils the
 # classifier's logits; on detection, the RoI head's), with the task's own implementation and params.
@@ -53,7 +54,8 @@ def parse_method_params(name: str, raw: dict[str, Any] | None, where: str = "met
     """Validate ``raw`` against the method's typed params; errors name ``where.name.key``."""
     cls = method_class(name, task)
     try:
-        return cls.Params.model_validate(raw or {})
+        # Strict, as the preset (tskd.params_yaml): T: "4" is refused, T: 4 is a float.
+        return validate_strict(cls.Params, raw or {})
     except ValidationError as e:
         lines = []
         for err in e.errors():

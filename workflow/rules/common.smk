@@ -5,9 +5,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from snakemake.utils import validate
-
 from tskd.config import ParamsError, canonical_json, parse_preset
+from tskd.params_yaml import read_params_yaml
+from tskd.job_spec import write_preset
 from tskd import grid
 from tskd.data.integrity import sha256_file
 from tskd.errors import TskdError
@@ -16,13 +16,15 @@ from tskd.dvc_pipeline import check_from_dvc_env
 from tskd.report import summary_files
 
 _SOURCE = ", ".join(map(str, workflow.configfiles)) or "config"
-# The typed params first: their messages name the file, the key and what is allowed.
+# tskd's validator is the only one (no JSON-schema `validate`: it would judge types on its own and
+# fail with a raw dump naming no file). Snakemake read the files with a YAML loader that keeps the
+# last of two equal keys: each file is read again to refuse that, with its line.
 try:
+    for _file in workflow.configfiles:
+        read_params_yaml(_file)
     P = parse_preset(config, source=_SOURCE)
 except ParamsError as e:
     sys.exit(f"error: {e}")
-# The generated JSON schema must agree (set_default=False: pydantic owns the defaults).
-validate(config, "../schemas/params.schema.json", set_default=False)
 # Run by a DVC stage: refuse a dvc.yaml that no longer matches this grid.
 try:
     check_from_dvc_env(_SOURCE)
@@ -52,6 +54,8 @@ for _arch in P.backbones:
 sync_for_snakemake(P, config, _SOURCE)
 
 OUT = str(P.out)
+# The preset as the jobs read it: a command names this file and its run directory, not its spec.
+PRESET_JSON = str(write_preset(config))
 
 
 wildcard_constraints:
@@ -83,16 +87,18 @@ def _teacher_spec(wc):
     return TEACHER_SPECS[f"{OUT}/teachers/{wc.arch}/seed{wc.tseed}"]
 
 
-# A run's spec reaches its job in two parts. Its identity, what decides the result, is a param:
-# Snakemake reruns the job when it changes. Its placement (output dir, MLflow experiment, labels,
-# paths) must rerun nothing, so it comes from a function of `output`, a param that Snakemake
-# counts as derived from the files and leaves out of its params trigger.
+# A run's identity, what decides its result, is a param: Snakemake reruns the job when it changes.
+# The job itself reads its whole spec from the preset file (PRESET_JSON) and its run directory,
+# which reach it as params that are functions of `output`: Snakemake counts those as derived from
+# the files and leaves them out of its params trigger, so renaming the experiment reruns nothing.
+# (A spec on the command line was kilobytes of JSON, printed twice whenever a job failed.)
 def identity(spec):
     return q(spec.identity())
 
 
-def placement(spec):
-    return q(spec.placement())
+def job_dir(output):
+    """A training or evaluation job's run directory (the directory of its model.pt)."""
+    return shlex.quote(os.path.dirname(output[0]))
 
 
 def _published(wc):

@@ -2,6 +2,8 @@
 
 
 rule data:
+    message:
+        "data: write or check the dataset; log: {log}"
     output:
         DATA_MARKER,
     params:
@@ -11,4 +13,4 @@ rule data:
     log:
         f"{OUT}/logs/data.log",
     shell:
-        "tskd data prepare --dataset {params.spec} --marker {output} > {log} 2>&1"
+        "tskd --log {log} data prepare --dataset {params.spec} --marker {output}"

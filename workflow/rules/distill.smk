@@ -2,6 +2,8 @@
 
 
 rule student:
+    message:
+        "student {wildcards.method} {wildcards.run} ({wildcards.recipe} recipe) seed {wildcards.seed}; log: {log}"
     input:
         _student_inputs,
     output:
@@ -9,7 +11,8 @@ rule student:
         metrics=f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/metrics.json",
     params:
         spec=lambda wc: identity(student_spec(wc)),
-        place=lambda wc, output: placement(student_spec(wc)),
+        job=lambda wc, output: job_dir(output),
+        preset=lambda wc, output: PRESET_JSON,
         backbone=lambda wc: backbone_source(student_spec(wc)),
     wildcard_constraints:
         seed=r"\d+",
@@ -24,4 +27,4 @@ rule student:
     log:
         f"{OUT}/logs/students/{{recipe}}/{{method}}/{{run}}-seed{{seed}}.log",
     shell:
-        "tskd train --spec {params.spec} --place {params.place} --launch={resources.launch:q} > {log} 2>&1"
+        "tskd --log {log} train --preset {params.preset} --job {params.job} --launch={resources.launch:q}"

@@ -2,13 +2,16 @@
 
 
 rule evaluate:
+    message:
+        "evaluate {wildcards.method} {wildcards.run} ({wildcards.recipe} recipe) seed {wildcards.seed}; log: {log}"
     input:
         model=f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/model.pt",
     output:
         f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/eval.json",
     params:
         spec=lambda wc: identity(student_spec(wc)),
-        place=lambda wc, output: placement(student_spec(wc)),
+        job=lambda wc, output: job_dir(output),
+        preset=lambda wc, output: PRESET_JSON,
     wildcard_constraints:
         seed=r"\d+",
     conda:
@@ -16,4 +19,4 @@ rule evaluate:
     log:
         f"{OUT}/logs/evaluate/{{recipe}}/{{method}}/{{run}}-seed{{seed}}.log",
     shell:
-        "tskd evaluate --spec {params.spec} --place {params.place} --model {input.model} --out {output} > {log} 2>&1"
+        "tskd --log {log} evaluate --preset {params.preset} --job {params.job} --model {input.model} --out {output}"

@@ -2,6 +2,11 @@
 
 
 rule teacher:
+    # Every distillation job waits for its teacher: with fewer cores than jobs, the teacher goes
+    # first, before the students that need none (vanilla), so the distillations are not held back.
+    priority: 50
+    message:
+        "teacher {wildcards.arch} seed {wildcards.tseed}; log: {log}"
     input:
         DATA_MARKER,
         published=_published,
@@ -11,7 +16,8 @@ rule teacher:
         metrics=f"{OUT}/teachers/{{arch}}/seed{{tseed}}/metrics.json",
     params:
         spec=lambda wc: identity(_teacher_spec(wc)),
-        place=lambda wc, output: placement(_teacher_spec(wc)),
+        job=lambda wc, output: job_dir(output),
+        preset=lambda wc, output: PRESET_JSON,
         source=_teacher_source,
         backbone=lambda wc: backbone_source(_teacher_spec(wc)),
         cmd=_teacher_cmd,
@@ -28,4 +34,4 @@ rule teacher:
     log:
         f"{OUT}/logs/teachers/{{arch}}-seed{{tseed}}.log",
     shell:
-        "tskd {params.cmd} --spec {params.spec} --place {params.place} --launch={resources.launch:q} > {log} 2>&1"
+        "tskd --log {log} {params.cmd} --preset {params.preset} --job {params.job} --launch={resources.launch:q}"

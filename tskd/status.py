@@ -1,0 +1,134 @@
+"""``tskd status [params]``: what each training job of a preset's grid is doing, read from its files.
+
+Nothing is asked of Snakemake or SLURM and nothing is written: a job is *done* when its
+``metrics.json`` exists, *failed* when its log ends in tskd's one-line error (``tskd --log``),
+*running* when it has a log or a checkpoint (epochs done and the seconds they took, from
+``checkpoint.pt``: the ETA is their mean times the epochs left), else *waiting*.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tskd.config import Preset
+from tskd.grid import student_dir, student_jobs, teacher_dir
+
+# tskd --log writes this line last when a job fails (tskd.cli.main).
+_FAILURE = re.compile(r"^tskd [\w-]+(?: [\w-]+)?: (?:error|failed): .*")
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    name: str
+    out_dir: Path
+    log: Path
+    epochs: int
+    state: str  # done | failed | running | waiting
+    epochs_done: int = 0
+    eta_seconds: float | None = None
+    reason: str = ""
+    updated: float | None = None  # mtime of the newest checkpoint or log
+
+
+def log_path(p: Preset, out_dir: Path) -> Path:
+    """The job's log, as the workflow's rules name it (workflow/rules/teachers.smk, distill.smk)."""
+    rel = out_dir.relative_to(p.out)
+    return p.out / "logs" / rel.parent.with_name(f"{rel.parent.name}-{rel.name}.log")
+
+
+def _read_checkpoint(out_dir: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint's epoch count and history, read without changing anything
+    (tskd.engine.checkpoint.load_latest_checkpoint removes leftovers; a status must not)."""
+    import torch
+
+    for path in (out_dir / "checkpoint.pt", out_dir / "checkpoint.prev.pt"):
+        try:
+            # mmap: the weights are mapped, not read, so an ImageNet checkpoint costs no more than CIFAR's.
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:  # missing, or replaced between the check and the read: try the previous one
+            continue
+        if isinstance(state, dict) and "epoch" in state:
+            return {"epoch": int(state["epoch"]), "history": list(state.get("history") or [])}
+    return None
+
+
+def _failure(log: Path) -> str:
+    if not log.is_file():
+        return ""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if _FAILURE.match(line)]
+    return lines[-1] if lines else ""
+
+
+def job_status(name: str, out_dir: Path, log: Path, epochs: int) -> JobStatus:
+    base = dict(name=name, out_dir=out_dir, log=log, epochs=epochs)
+    if (out_dir / "metrics.json").is_file():
+        return JobStatus(**base, state="done", epochs_done=epochs)
+    reason = _failure(log)
+    if reason:
+        return JobStatus(**base, state="failed", reason=reason)
+    ckpt = _read_checkpoint(out_dir)
+    stamps = [f.stat().st_mtime for f in (log, out_dir / "checkpoint.pt") if f.is_file()]
+    if ckpt is None and not stamps:
+        return JobStatus(**base, state="waiting")
+    done = ckpt["epoch"] if ckpt else 0
+    seconds = [row["seconds"] for row in (ckpt or {}).get("history", []) if "seconds" in row]
+    eta = sum(seconds) / len(seconds) * (epochs - done) if seconds else None
+    return JobStatus(**base, state="running", epochs_done=done, eta_seconds=eta, updated=max(stamps, default=None))
+
+
+def preset_status(p: Preset) -> list[JobStatus]:
+    """Every training job of the grid: the teachers, then the students, in the grid's order."""
+    rows = []
+    for arch, t in p.teachers.items():
+        d = teacher_dir(p, arch)
+        rows.append(job_status(f"teacher {arch} seed{t.seed}", d, log_path(p, d), p.recipes[t.recipe].epochs))
+    for job in student_jobs(p):
+        d = student_dir(p, job)
+        run = d.parent.name
+        epochs = p.recipes[job.recipe].for_method(job.method).epochs
+        rows.append(job_status(f"{job.method} {run} {job.recipe} seed{job.seed}", d, log_path(p, d), epochs))
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = width * done // max(total, 1)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def format_status(rows: list[JobStatus], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    counts = {s: sum(r.state == s for r in rows) for s in ("done", "running", "failed", "waiting")}
+    lines = [f"{len(rows)} training jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
+    width = max((len(r.name) for r in rows), default=0)
+    order = {"running": 0, "failed": 1, "waiting": 2, "done": 3}
+    for r in sorted(rows, key=lambda r: order[r.state]):
+        line = f"  {r.name:<{width}}  {r.state:<7}  {_bar(r.epochs_done, r.epochs)} {r.epochs_done}/{r.epochs}"
+        if r.state == "running":
+            line += f"  ETA {_duration(r.eta_seconds)}" if r.eta_seconds is not None else "  ETA after epoch 1"
+            if r.updated is not None:
+                line += f"  (written {_duration(now - r.updated)} ago; log: {r.log})"
+        lines.append(line)
+    for r in rows:
+        if r.state == "failed":
+            lines.append(f"failed: {r.name}: {r.reason}")
+    return "\n".join(lines)
+
+
+def watch(p: Preset, every: float, out) -> None:
+    """Redraw the status every ``every`` seconds until every job is done or failed (or Ctrl-C)."""
+    while True:
+        rows = preset_status(p)
+        out.write("\x1b[H\x1b[2J" + format_status(rows) + "\n")
+        out.flush()
+        if all(r.state in ("done", "failed") for r in rows):
+            return
+        time.sleep(every)
