@@ -1,0 +1,39 @@
+"""TSKD at work: one review step's attention increments as images, for one branch (the first tap).
+
+The k frames are how the student's attention map changed between its memory snapshots and up to
+now (``|M1-M2|, ..., |S-Mk|``); the ConvLSTM forecasts the next one, which the review loss pulls
+towards the target ``|S - T|``, the current student-teacher gap (docs/method.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from tskd.config import Preset
+from tskd.plots.runs import Runs
+
+
+def attention_figure(p: Preset, runs: Runs, recipe: str, pair: str) -> Figure:
+    seeds = runs.students.get((recipe, pair, "tskd"), [])
+    seed, cap = next(((m["seed"], m["capture"]) for m in seeds if m.get("capture")), (None, None))
+    if cap is None:
+        fig = Figure(figsize=(6, 2))
+        fig.text(0.5, 0.5, f"{pair}, recipe {recipe}: no TSKD run kept a review step's attention maps "
+                 "(no review epoch?)", ha="center", va="center", wrap=True)
+        return fig
+    k = len(cap["frames"])
+    panels = [*(f"|M{i + 1} - M{i + 2}|" for i in range(k - 1)), f"|S - M{k}|", "forecast", "target |S - T|"]
+    images = [np.array(x) for x in (*cap["frames"], cap["forecast"], cap["target"])]
+    fig = Figure(figsize=(2.4 * len(images), 3.0), layout="constrained")
+    axes = fig.subplots(1, len(images))
+    top = max(float(x.max()) for x in images) or 1.0  # one colour scale: the panels compare
+    for ax, title, image in zip(axes, panels, images, strict=True):
+        shown = ax.imshow(image, cmap="magma", vmin=0.0, vmax=top)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(shown, ax=list(axes), shrink=0.8)
+    fig.suptitle(f"TSKD {pair}, recipe {recipe}, seed {seed}: review epoch {cap['epoch']}, tap {cap['tap']}, "
+                 "first image of the first review step")
+    return fig
