@@ -76,6 +76,43 @@ def test_smoke_dag_produces_report_and_mlflow_runs(smoke_repo):
     assert all(f":{r.data.tags['recipe']}:seed" in r.info.run_name for r in runs)
 
 
+def test_smoke_report_and_plots_show_every_method(smoke_repo):
+    """report.md in the preset's order with its plots; `snakemake --report` and `dvc plots show`
+    hold every plot and every method, TSKD included."""
+    from tskd.config import load_preset
+    from tskd.plots import plot_files
+
+    p = load_preset(smoke_repo / "params/smoke.yaml")
+    md = (smoke_repo / "results/smoke/report.md").read_text()
+    assert md.index("**Synthetic data**") < md.index("## Recipe")  # the banner first
+    table = md.split("## Recipe `student`: best test top-1 (%)")[1].split("## ")[0]
+    rows = [ln.split(" | ")[0].removeprefix("| ") for ln in table.splitlines() if ln.startswith("| ")][1:]
+    assert rows == ["teacher", "student alone", *(m for m in p.methods if m != "vanilla")]  # preset order
+    rows = list(csv.DictReader((smoke_repo / "results/smoke/report.csv").open()))
+    assert {int(r["best_epoch"]) for r in rows if r["pair"] != "teacher"} <= {1, 2, 3}  # as the logs: 1..3
+    files = plot_files(p).values()
+    for f in files:
+        assert (smoke_repo / f).read_bytes()[:4] == b"\x89PNG" and f"(plots/{f.name})" in md
+    tskd = json.loads((smoke_repo / "results/smoke/students/student/tskd/resnet20-resnet8/seed0/metrics.json")
+                      .read_text())
+    assert tskd["capture"]["epoch"] == 3 and len(tskd["capture"]["frames"]) == 2  # k=2, first review: epoch 3
+
+    snakemake(smoke_repo, "--report", "report.html")
+    html = (smoke_repo / "report.html").read_text()
+    assert all(f.name in html for f in files)
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for cmd in (["dvc", "init", "--no-scm", "-q"], ["dvc", "plots", "show", "-o", "dvc_plots"]):
+        r = subprocess.run(cmd, cwd=smoke_repo, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert "WARNING" not in r.stdout + r.stderr, r.stdout + r.stderr  # DVC drops a file it cannot read
+    page = (smoke_repo / "dvc_plots/index.html").read_text()
+    for method in p.methods:  # each method's vega curves, with every seed's run
+        assert f"test_top1-{method}" in page
+        assert f"students/student/{method}/" in page
+    assert all(f"static/workspace_{str(f).replace('/', '_')}" in page for f in files)  # the PNGs, as images
+
+
 def test_renaming_the_experiment_or_the_eval_batch_reruns_nothing(smoke_repo):
     params = smoke_repo / "params/smoke.yaml"
     text = params.read_text()
