@@ -26,10 +26,10 @@ def _preset(tmp_path: Path, val: bool):
 
 
 def _history(offset: float, val: bool) -> list[dict]:
-    # Epoch 1 has the best top-1, epoch 2 the best top-5 and the best validation top-1.
-    rows = [{"epoch": 0, "test_top1": 10 + offset, "test_top5": 30 + offset},
-            {"epoch": 1, "test_top1": 20 + offset, "test_top5": 40 + offset},
-            {"epoch": 2, "test_top1": 15 + offset, "test_top5": 50 + offset}]
+    # Epoch 2 has the best top-1, epoch 3 the best top-5 and the best validation top-1.
+    rows = [{"epoch": 1, "test_top1": 10 + offset, "test_top5": 30 + offset},
+            {"epoch": 2, "test_top1": 20 + offset, "test_top5": 40 + offset},
+            {"epoch": 3, "test_top1": 15 + offset, "test_top5": 50 + offset}]
     if val:
         for r, v in zip(rows, (1.0, 2.0, 3.0), strict=True):
             r["val_top1"] = v
@@ -63,7 +63,7 @@ def _write_runs(p, val: bool) -> None:
 
 def test_best_top5_is_the_best_epochs_and_last_has_a_spread(tmp_path):
     m = _metrics(_history(0, False), False)
-    assert m["best_epoch"] == 1 and m["best_top1"] == 20 and m["best_top5"] == 40  # not max over epochs (50)
+    assert m["best_epoch"] == 2 and m["best_top1"] == 20 and m["best_top5"] == 40  # not max over epochs (50)
     p = _preset(tmp_path, val=False)
     _write_runs(p, val=False)
     md = write_report(p).read_text()
@@ -107,6 +107,11 @@ def test_published_numbers_beside_ours_only_on_the_official_data(tmp_path):
     assert ("| resnet32x4-resnet8x4 | dkd | 1 | 20.00 | 15.00 | 40.00 | 50.00 | "
             "76.32 (best; mdistiller (DKD paper)) |") in md
     assert "published" not in format_markdown(p, rows, "synthetic-cifar100")
+    # The papers' tables: each published figure in the table of its kind, its source numbered.
+    best, last = (md.split(f"## Recipe `mdistiller`: {k} test top-1 (%)")[1].split("## ")[0] for k in ("best", "last"))
+    assert "| dkd | 20.00 (1) · Δ -1.00 · pub. 76.32<sup>1</sup> |" in best and "1. mdistiller (DKD paper)" in best
+    assert "| kd | 16.00 (1) · pub. 73.33<sup>1</sup> |" in last and "1. RepDistiller (CRD) table" in last
+    assert "| teacher | 65.00 (1) · pub. 79.42<sup>1</sup> |" in last and "| teacher | 70.00 (1) |" in best
 
 
 def _tskd_preset(tmp_path: Path):
