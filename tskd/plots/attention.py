@@ -27,13 +27,16 @@ def attention_figure(p: Preset, runs: Runs, recipe: str, pair: str) -> Figure:
     images = [np.array(x) for x in (*cap["frames"], cap["forecast"], cap["target"])]
     fig = Figure(figsize=(2.4 * len(images), 3.0), layout="constrained")
     axes = fig.subplots(1, len(images))
-    top = max(float(x.max()) for x in images) or 1.0  # one colour scale: the panels compare
     for ax, title, image in zip(axes, panels, images, strict=True):
-        shown = ax.imshow(image, cmap="magma", vmin=0.0, vmax=top)
-        ax.set_title(title, fontsize=9)
+        # A colour scale per panel: right after a snapshot |S - Mk| and an untrained forecast are orders
+        # of magnitude below |S - T| and would be black on a shared one; each title gives its range (a forecast
+        # may be negative).
+        low, high = float(image.min()), float(image.max())
+        shown = ax.imshow(image, cmap="magma", vmin=min(low, 0.0), vmax=high if high > min(low, 0.0) else 1.0)
+        ax.set_title(f"{title}\n{low:.3g} .. {high:.3g}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(shown, ax=list(axes), shrink=0.8)
+        fig.colorbar(shown, ax=ax, shrink=0.7)
     fig.suptitle(f"TSKD {pair}, recipe {recipe}, seed {seed}: review epoch {cap['epoch']}, tap {cap['tap']}, "
                  "first image of the first review step")
     return fig

@@ -182,7 +182,8 @@ def _review_capture(tap: int, frames: Tensor, forecast: Tensor, target: Tensor) 
     """The first image's k increment frames, the forecast and the target |S - T| of one branch, as
     lists (H x W each) for the report's figure: copies, read after the step's numbers are taken."""
     def grid(x: Tensor) -> list[list[float]]:
-        return [[round(v, 6) for v in row] for row in x.detach().float().cpu().tolist()]
+        # 4 significant digits: right after a snapshot |S - Mk| is ~1e-5, which fixed decimals would lose.
+        return [[float(f"{v:.4g}") for v in row] for row in x.detach().float().cpu().tolist()]
 
     return {"tap": tap, "frames": [grid(f[0, 0]) for f in frames], "forecast": grid(forecast[0, 0]),
             "target": grid(target[0, 0])}
