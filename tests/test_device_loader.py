@@ -185,7 +185,7 @@ def test_the_device_path_trains_and_repeats_itself(make_spec, tiny_cifar):
         return train(spec, track=False)
 
     a, b = run("a"), run("b")
-    assert [r["epoch"] for r in a["history"]] == [0, 1]
+    assert [r["epoch"] for r in a["history"]] == [1, 2]
     # Wall-clock seconds are the only field allowed to differ between two runs.
     rows = [[{k: v for k, v in r.items() if k != "seconds"} for r in m["history"]] for m in (a, b)]
     assert rows[0] == rows[1]

@@ -26,10 +26,10 @@ def _preset(tmp_path: Path, val: bool):
 
 
 def _history(offset: float, val: bool) -> list[dict]:
-    # Epoch 1 has the best top-1, epoch 2 the best top-5 and the best validation top-1.
-    rows = [{"epoch": 0, "test_top1": 10 + offset, "test_top5": 30 + offset},
-            {"epoch": 1, "test_top1": 20 + offset, "test_top5": 40 + offset},
-            {"epoch": 2, "test_top1": 15 + offset, "test_top5": 50 + offset}]
+    # Epoch 2 has the best top-1, epoch 3 the best top-5 and the best validation top-1.
+    rows = [{"epoch": 1, "test_top1": 10 + offset, "test_top5": 30 + offset},
+            {"epoch": 2, "test_top1": 20 + offset, "test_top5": 40 + offset},
+            {"epoch": 3, "test_top1": 15 + offset, "test_top5": 50 + offset}]
     if val:
         for r, v in zip(rows, (1.0, 2.0, 3.0), strict=True):
             r["val_top1"] = v
@@ -63,7 +63,7 @@ def _write_runs(p, val: bool) -> None:
 
 def test_best_top5_is_the_best_epochs_and_last_has_a_spread(tmp_path):
     m = _metrics(_history(0, False), False)
-    assert m["best_epoch"] == 1 and m["best_top1"] == 20 and m["best_top5"] == 40  # not max over epochs (50)
+    assert m["best_epoch"] == 2 and m["best_top1"] == 20 and m["best_top5"] == 40  # not max over epochs (50)
     p = _preset(tmp_path, val=False)
     _write_runs(p, val=False)
     md = write_report(p).read_text()
@@ -107,3 +107,92 @@ def test_published_numbers_beside_ours_only_on_the_official_data(tmp_path):
     assert ("| resnet32x4-resnet8x4 | dkd | 1 | 20.00 | 15.00 | 40.00 | 50.00 | "
             "76.32 (best; mdistiller (DKD paper)) |") in md
     assert "published" not in format_markdown(p, rows, "synthetic-cifar100")
+    # The papers' tables: each published figure in the table of its kind, its source numbered.
+    best, last = (md.split(f"## Recipe `mdistiller`: {k} test top-1 (%)")[1].split("## ")[0] for k in ("best", "last"))
+    assert "| dkd | 20.00 (1) · Δ -1.00 · pub. 76.32<sup>1</sup> |" in best and "1. mdistiller (DKD paper)" in best
+    assert "| kd | 16.00 (1) · pub. 73.33<sup>1</sup> |" in last and "1. RepDistiller (CRD) table" in last
+    assert "| teacher | 65.00 (1) · pub. 79.42<sup>1</sup> |" in last and "| teacher | 70.00 (1) |" in best
+
+
+def _tskd_preset(tmp_path: Path):
+    raw = yaml.safe_load((REPO / "params/smoke.yaml").read_text())
+    raw["results_dir"] = str(tmp_path / "results")
+    raw["methods"] = {"vanilla": {}, "tskd": {"delta": 1, "k": 2}, "kd": {}}  # not alphabetical
+    return parse_preset(raw)
+
+
+def _train_history(offset: float, review: bool) -> list[dict]:
+    # As the trainer writes them: epochs from 1, every row with every column, TSKD's review loss
+    # measured in its review epoch (3) only.
+    rows = [{"epoch": e, "lr": 0.05, "train_top1": 5.0 * e, "train_ce": 4.0 - e, "train_kd": 1.0 / e,
+             "train_loss": 5.0 - e, "test_top1": 10 * e + offset, "test_top5": 20 * e + offset, "seconds": 1.0}
+            for e in (1, 2, 3)]
+    if review:
+        for r in rows:
+            r["train_review"] = 0.25 if r["epoch"] == 3 else None
+    return rows
+
+
+def _write_tskd_runs(p, teacher_top1: float) -> None:
+    d = teacher_dir(p, "resnet20")
+    d.mkdir(parents=True)
+    teacher = _metrics(_train_history(teacher_top1 - 30, False), False) | {"method": "vanilla", "seed": 0}
+    (d / "metrics.json").write_text(json.dumps(teacher))
+    for job in student_jobs(p):
+        d = student_dir(p, job)
+        d.mkdir(parents=True)
+        offset = job.seed + {"vanilla": 0.0, "kd": 2.0, "tskd": 3.0}[job.method]
+        m = _metrics(_train_history(offset, job.method == "tskd"), False) | {"seed": job.seed}
+        if job.method == "tskd":
+            grid = [[0.1 * (i + j) for j in range(8)] for i in range(8)]
+            m["capture"] = {"epoch": 3, "tap": 0, "frames": [grid, grid], "forecast": grid, "target": grid}
+        (d / "metrics.json").write_text(json.dumps(m))
+        (d / "eval.json").write_text(json.dumps({"top1": m["last_top1"]}))
+
+
+def test_report_in_the_papers_shape_with_delta_to_kd_and_plots(tmp_path):
+    from tskd.plots import plot_files
+
+    p = _tskd_preset(tmp_path)
+    _write_tskd_runs(p, teacher_top1=60.0)
+    md = write_report(p).read_text()
+    # Pairs as columns, methods as rows in the preset's order (the student alone first), mean ± std (n).
+    best = md.split("## Recipe `student`: best test top-1 (%)")[1].split("## ")[0]
+    assert "| method | resnet20-resnet8 |" in best
+    lines = [ln for ln in best.splitlines() if ln.startswith("| ") and "method" not in ln]
+    assert [ln.split(" | ")[0] for ln in lines] == ["| teacher", "| student alone", "| tskd", "| kd"]
+    assert "| teacher | 60.00 (1) |" in best
+    assert "| student alone | 30.50 ± 0.71 (2) · Δ -2.00 |" in best
+    assert "| tskd | 33.50 ± 0.71 (2) · Δ +1.00 |" in best and "| kd | 32.50 ± 0.71 (2) |" in best
+    assert "## Recipe `student`: last test top-1 (%)" in md
+    assert md.index("| tskd |") < md.index("| kd |")  # preset order in the detailed tables too
+    assert "Warning" not in md and md.startswith("# Results") and "**Synthetic data**" in md.split("##")[0]
+    # Every declared plot is a PNG, and the report links each one.
+    files = plot_files(p)
+    assert {f.name for f in files.values()} == {
+        "teachers-test_top1.png", "student-resnet20-resnet8-test_top1.png", "student-vanilla-losses.png",
+        "student-tskd-losses.png", "student-kd-losses.png", "student-tskd-review_loss.png",
+        "student-resnet20-resnet8-tskd-attention.png"}
+    for f in files.values():
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000, f
+        assert f"(plots/{f.name})" in md
+    # Drawn from the same runs, the plots are the same bytes (DVC outputs, hashed).
+    before = {f: f.read_bytes() for f in files.values()}
+    write_report(p)
+    assert {f: f.read_bytes() for f in files.values()} == before
+
+
+def test_report_warns_when_a_teacher_scores_below_its_student_alone(tmp_path):
+    p = _tskd_preset(tmp_path)
+    _write_tskd_runs(p, teacher_top1=20.0)
+    md = write_report(p).read_text()
+    assert ("**Warning**: the teacher resnet20 (best top-1 20.00) scores below its student resnet8 trained alone "
+            "(recipe `student`: 30.50): on pair resnet20-resnet8 there is nothing to distil.") in md
+
+
+def test_losses_plot_has_every_term_of_the_method(tmp_path):
+    from tskd.plots.curves import loss_terms
+    from tskd.tasks import task_of
+
+    runs = [{"history": _train_history(0, True)}]
+    assert loss_terms(runs, task_of("cifar100")) == ["train_ce", "train_kd", "train_review", "train_loss"]

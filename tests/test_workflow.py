@@ -87,6 +87,50 @@ def test_smoke_dag_produces_report_and_mlflow_runs(smoke_repo):
             sum(r.data.metrics["best_top1"] for r in children) / len(children))
 
 
+def test_smoke_report_and_plots_show_every_method(smoke_repo):
+    """report.md in the preset's order with its plots; `snakemake --report` and `dvc plots show`
+    hold every plot and every method, TSKD included."""
+    from tskd.config import load_preset
+    from tskd.plots import plot_files
+
+    p = load_preset(smoke_repo / "params/smoke.yaml")
+    md = (smoke_repo / "results/smoke/report.md").read_text()
+    assert md.index("**Synthetic data**") < md.index("## Recipe")  # the banner first
+    table = md.split("## Recipe `student`: best test top-1 (%)")[1].split("## ")[0]
+    rows = [ln.split(" | ")[0].removeprefix("| ") for ln in table.splitlines() if ln.startswith("| ")][1:]
+    assert rows == ["teacher", "student alone", *(m for m in p.methods if m != "vanilla")]  # preset order
+    rows = list(csv.DictReader((smoke_repo / "results/smoke/report.csv").open()))
+    assert {int(r["best_epoch"]) for r in rows if r["pair"] != "teacher"} <= {1, 2, 3}  # as the logs: 1..3
+    files = plot_files(p).values()
+    for f in files:
+        assert (smoke_repo / f).read_bytes()[:4] == b"\x89PNG" and f"(plots/{f.name})" in md
+    tskd = json.loads((smoke_repo / "results/smoke/students/student/tskd/resnet20-resnet8/seed0/metrics.json")
+                      .read_text())
+    assert tskd["capture"]["epoch"] == 3 and len(tskd["capture"]["frames"]) == 2  # k=2, first review: epoch 3
+
+    snakemake(smoke_repo, "--report", "report.html")
+    html = (smoke_repo / "report.html").read_text()
+    assert all(f.name in html for f in files)
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def dvc(*args: str) -> str:
+        r = subprocess.run(["dvc", *args], cwd=smoke_repo, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0 and "WARNING" not in r.stdout + r.stderr, r.stderr  # DVC drops what it cannot read
+        return r.stdout
+
+    dvc("init", "--no-scm", "--force", "-q")  # the copy is no git repository
+    shown = json.loads(dvc("plots", "show", "--json"))["data"]
+    for method in p.methods:  # each method's vega curve holds every seed's every epoch, TSKD's included
+        values = shown[f"test_top1-{method}"][0]["content"]["data"]["values"]
+        assert sorted((v["filename"], v["epoch"]) for v in values) == [
+            (f"seed{s}/metrics.json", e) for s in p.seeds for e in (1, 2, 3)], method
+    assert all(shown[str(f)][0]["type"] == "image" for f in files)
+    dvc("plots", "show", "-o", "dvc_plots")
+    page = (smoke_repo / "dvc_plots/index.html").read_text()
+    assert all(f"static/workspace_{str(f).replace('/', '_')}" in page for f in files)  # the PNGs, offline
+
+
 def test_renaming_the_experiment_or_the_eval_batch_reruns_nothing(smoke_repo):
     params = smoke_repo / "params/smoke.yaml"
     text = params.read_text()

@@ -76,7 +76,7 @@ def cmd_train(a) -> None:
     m = launch(spec, _launch_settings(a, spec), "train", track=not a.no_track)
     task = task_of(spec.dataset.name)
     main = task.labels[task.best]
-    print(f"{m['method']} {m['student']}: best {main} {m[f'best_{task.best}']:.2f} (epoch {m['best_epoch'] + 1}), "
+    print(f"{m['method']} {m['student']}: best {main} {m[f'best_{task.best}']:.2f} (epoch {m['best_epoch']}), "
           f"last {m[f'last_{task.best}']:.2f}")
 
 

@@ -24,6 +24,7 @@ import yaml
 
 from tskd import grid
 from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, ParamsError, Preset, RecipeCfg, TrainCfg
+from tskd.plots import plot_files
 from tskd.report import summary_files
 
 ROOT_PRESET = "smoke"  # the preset whose pipeline is the repository's top-level dvc.yaml
@@ -220,9 +221,10 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
     # The report reads the whole preset but the MLflow experiment and the evaluation batch size.
     report_keys = _keys(raw, *[k for k in raw if k not in ("tracking", "train")],
                         *(f"train.{f}" for f in _fields("train", TrainCfg)))
-    out.append(Stage("report", "report", [str(p.out / "report.md"), str(p.out / "report.csv"), *summary], results,
-                     deps=results, params=report_keys, outs=[str(p.out / "report.md"), str(p.out / "report.csv")],
-                     metrics=summary))
+    files = [str(p.out / "report.md"), str(p.out / "report.csv")]
+    plots = [str(f) for f in plot_files(p).values()]
+    out.append(Stage("report", "report", [*files, *summary, *plots], results, deps=results, params=report_keys,
+                     outs=files + plots, metrics=summary))
     return out
 
 
@@ -257,14 +259,21 @@ def _stage_dict(s: Stage, params_file: str, wdir: str | None) -> dict[str, Any]:
     return d
 
 
-def _plots(all_stages: list[Stage]) -> list[dict[str, Any]]:
-    """Training curves: test top-1 per epoch, one plot for the teachers and one per method."""
+def _plots(p: Preset, all_stages: list[Stage]) -> list[Any]:
+    """Training curves: the test main figure per epoch, one vega plot for the teachers and one per
+    method (drawn by DVC's HTML, which loads vega from a CDN), then the report's PNG plots, which
+    DVC shows as images (readable offline)."""
+    from tskd.tasks import task_of
+
+    key = f"test_{task_of(p.dataset.name).best}"
     groups: dict[str, list[str]] = {}
     for s in all_stages:
         if s.curve:
             groups.setdefault(s.curve, []).append(s.targets[1])  # metrics.json: its `history` rows
-    return [{f"test_top1-{g}": {"title": f"{g}: test top-1 (%) by epoch", "x": "epoch",
-                                "y": {f: "test_top1" for f in files}}} for g, files in groups.items()]
+    label = task_of(p.dataset.name).labels[key.removeprefix("test_")]
+    curves = [{f"{key}-{g}": {"title": f"{g}: test {label} (%) by epoch", "x": "epoch",
+                              "y": {f: key for f in files}}} for g, files in groups.items()]
+    return curves + [str(f) for f in plot_files(p).values()]
 
 
 HEADER = """\
@@ -286,7 +295,7 @@ def render(p: Preset, raw: dict[str, Any], params_file: str, path: Path) -> str:
     doc: dict[str, Any] = {"stages": {"params-check": ({"wdir": wdir} if wdir else {}) | check}}
     for s in all_stages:
         doc["stages"][s.name] = _stage_dict(s, params_file, wdir)
-    doc["plots"] = _plots(all_stages)
+    doc["plots"] = _plots(p, all_stages)
     body = yaml.safe_dump(doc, sort_keys=False, width=10_000, default_flow_style=False)
     return HEADER.format(params=params_file) + body
 

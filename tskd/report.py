@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from tskd.config import Preset
 from tskd.errors import TskdError
 from tskd.grid import student_dir, student_jobs, teacher_dir
 from tskd.io import atomic_write_text
+from tskd.plots import write_plots
 from tskd.reference_numbers import published
+from tskd.report_tables import paper_tables, teacher_warnings
 from tskd.tasks import Task, task_of
 
 
@@ -90,7 +93,8 @@ def _published_cell(dataset: str | None, pair: str, method: str) -> str:
     return f"{ref.value:.2f} ({ref.figure}; {ref.source})" if ref else ""
 
 
-def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None = None) -> str:
+def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None = None,
+                    plots: Sequence[Path] = ()) -> str:
     # Published figures are comparable only on the official data (not synthetic or registered data).
     official = dataset if dataset in ("cifar100", "imagenet", "coco") else None
     task = task_of(p.dataset.name)
@@ -105,6 +109,12 @@ def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None =
     if p.dataset.synthetic is not None:
         out[2:2] = ["**Synthetic data** (tskd-written, a few images per class, a few epochs): these numbers test the "
                     "pipeline's plumbing and say nothing about how the methods compare.", ""]
+    warnings = teacher_warnings(p, rows)
+    out += [*(w for line in warnings for w in (line, "")), *paper_tables(p, rows, official)]
+    if plots:
+        out += ["## Plots", "", "PNG files beside this report, in `plots/` (readable offline).", "",
+                *(f"![{f.stem}](plots/{f.name})" for f in plots), ""]
+    out += ["# Every figure, by run kind", ""]
     pub = " published |" if official else ""
     teachers = [r for r in rows if r["pair"] == "teacher"]
     if teachers:
@@ -169,7 +179,8 @@ def summary_files(p: Preset) -> list[Path]:
 
 
 def write_report(p: Preset) -> Path:
-    """Write report.csv, report.md and summary/<name>.json under results/<preset>/; returns report.md."""
+    """Write report.csv, report.md, summary/<name>.json and plots/*.png under results/<preset>/; returns
+    report.md."""
     rows = collect_rows(p)
     names = {_read(teacher_dir(p, arch) / "metrics.json").get("dataset") for arch in p.teachers} - {None}
     buf = io.StringIO()
@@ -179,4 +190,5 @@ def write_report(p: Preset) -> Path:
     atomic_write_text(p.out / "report.csv", buf.getvalue())
     for name, figures in summaries(p, rows).items():
         atomic_write_text(p.out / "summary" / f"{name}.json", json.dumps(figures, indent=1, sort_keys=True) + "\n")
-    return atomic_write_text(p.out / "report.md", format_markdown(p, rows, ", ".join(sorted(names)) or None))
+    plots = write_plots(p)
+    return atomic_write_text(p.out / "report.md", format_markdown(p, rows, ", ".join(sorted(names)) or None, plots))

@@ -65,6 +65,12 @@ class Distiller(nn.Module):
         self._teacher_scale = s_std / t_std
         self._teacher_shift = (s_mean - t_mean) / t_std
 
+    def take_capture(self) -> dict[str, Any] | None:
+        """Tensors the method kept for the report's figures since the last call, as JSON-ready lists
+        (TSKD: one review step's attention increments); None: nothing. The trainer calls it after
+        every epoch; what it returns must not depend on, or change, anything the run computes."""
+        return None
+
     @property
     def teacher(self) -> nn.Module:
         if not self._teacher:

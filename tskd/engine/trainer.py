@@ -159,6 +159,7 @@ class Trainer:
         self.start_epoch = 0
         self.partial: dict[str, Any] | None = None  # how far into start_epoch a checkpoint got
         self.history: list[dict[str, Any]] = []
+        self.capture: dict[str, Any] | None = None  # see _keep_capture
         self.run_id: str | None = None
         self._orphans: list[str | None] = []  # MLflow runs of attempts that will not be continued
         self._resume()
@@ -212,6 +213,7 @@ class Trainer:
         self.start_epoch = state["epoch"]
         self.partial = state.get("partial")
         self.history = state["history"]
+        self.capture = state.get("capture")
         self.run_id = state.get("mlflow_run_id")
         log.info("resuming %s at epoch %d%s", self.out, self.start_epoch,
                  f" step {self.partial['step']}" if self.partial else "")
@@ -223,7 +225,8 @@ class Trainer:
             return
         zeroed = [i for i, p in enumerate(self.params) if p.grad is not None] if self.keep_zeroed else []
         save_checkpoint(self.ckpt_path, {"key": self.key, "epoch": epochs_done, "partial": partial,
-                                         "history": self.history, "distiller": self.distiller.state_dict(),
+                                         "history": self.history, "capture": self.capture,
+                                         "distiller": self.distiller.state_dict(),
                                          "optimizer": self.optimizer.state_dict(), "zeroed_grads": zeroed,
                                          "mlflow_run_id": self.run_id, "spec": self.spec.model_dump(mode="json")})
 
@@ -317,6 +320,14 @@ class Trainer:
             out.update({f"{name}_{k}": v for k, v in res.items()})
         return out
 
+    def _keep_capture(self, epoch: int) -> None:
+        """Keep what the method captured in this epoch for the report's figures (TSKD: one review
+        step's attention increments), once per run; it goes into metrics.json (``capture``). No
+        number of the run depends on it and it is not part of the run's identity."""
+        captured = self.distiller.take_capture()
+        if captured is not None and self.capture is None:
+            self.capture = {"epoch": epoch + 1, **captured}
+
     # -- the run ----------------------------------------------------------------------------
     def _start_tracking(self):
         """This run's MLflow run: the checkpoint's when resuming, else a new one. An earlier attempt's
@@ -347,19 +358,24 @@ class Trainer:
             for epoch in range(self.start_epoch, spec.recipe.epochs):
                 t0 = time.perf_counter()
                 partial, self.partial = (self.partial if epoch == self.start_epoch else None), None
-                row = {"epoch": epoch, **self._train_epoch(epoch, partial), **self._evaluate()}
+                # Epochs are numbered from 1 in every file and record, as the log says "epoch 40/40";
+                # the loop's `epoch` (0-based) is what the schedules and the seeds read.
+                row = {"epoch": epoch + 1, **self._train_epoch(epoch, partial), **self._evaluate()}
                 row["seconds"] = time.perf_counter() - t0
                 self.history.append(row)
+                self._keep_capture(epoch)
                 # Logged before the checkpoint: a kill in between replays this epoch and logs
                 # the same values again, rather than losing them.
                 if tracker:
-                    tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                    tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
                 self._save(epoch + 1)
                 if self.world.main:
                     test = " ".join(f"{f} {row[f'test_{f}']:.2f}" for f in self.task.figures)
                     log.info("%s epoch %d/%d lr %.4g loss %.4f test %s (%.1fs)", spec.arch, epoch + 1,
                              spec.recipe.epochs, row["lr"], row["train_loss"], test, row["seconds"])
             metrics = summarize(self.history, spec, self.task) | {"dataset": self.data.name}
+            if self.capture is not None:
+                metrics["capture"] = self.capture
             if not self.world.main:
                 return metrics
             export_model(self.out / "model.pt", self.distiller.student, arch=spec.arch,
@@ -388,7 +404,16 @@ def summarize(history: list[dict[str, Any]], spec: RunSpec, task: Task | None = 
     task = task or task_of(spec.dataset.name)
     return {"preset": spec.preset, "role": spec.role, "method": spec.method, "student": spec.arch,
             "teacher": spec.teacher_arch, "recipe": spec.recipe_name, "seed": spec.seed,
-            "epochs": spec.recipe.epochs, "task": task.name, **task.summarize(history), "history": history}
+            "epochs": spec.recipe.epochs, "task": task.name, **task.summarize(history),
+            "history": uniform_rows(history)}
+
+
+def uniform_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row with every column, ``None`` where an epoch has no value (TSKD's review loss exists in
+    review epochs only): DVC's plots fail on rows whose columns differ ("argument of type 'NoneType'
+    is not iterable") and leave the whole run out."""
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    return [{k: row.get(k) for k in columns} for row in history]
 
 
 def train(spec: RunSpec, *, track: bool = True) -> dict[str, Any]:

@@ -1,18 +1,30 @@
-# Phase 5: one results table for the preset.
+# Phase 5: one results table for the preset, and its plots.
+import json
+
+from tskd.plots import plot_files
+
+PLOTS = plot_files(P)
+
+
+def _preset_in_order(wc, output):
+    # Not q(P): canonical JSON sorts keys, and the report lists methods and pairs in the preset's order.
+    return shlex.quote(json.dumps(P.model_dump(mode="json")))
 
 
 rule report:
     input:
         _report_inputs,
     output:
-        md=REPORT_MD,
+        md=report(REPORT_MD, category="Results", labels={"table": "report.md"}),
         csv=REPORT_CSV,
         # One file per method and one for the teachers: the DVC pipeline's metrics.
         summary=[str(f) for f in summary_files(P)],
+        # The plots, also pages of `snakemake --report report.html`.
+        plots=[report(str(f), category="Plots", labels={"plot": f.stem}) for f in PLOTS.values()],
     params:
         key=REPORT_KEY,
         # The whole preset, for the command; a function of `output`, so not a rerun trigger.
-        preset=lambda wc, output: q(P),
+        preset=_preset_in_order,
     conda:
         "../envs/tskd.yaml"
     log:

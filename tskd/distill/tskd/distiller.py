@@ -7,7 +7,7 @@ its forecast is pulled towards the current student-teacher gap ``|S - T|``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,7 @@ class TSKD(ReviewSchedule, Distiller):
         self.memory = SnapshotMemory(params.k)
         self._prefix = TapPrefix(student, max(params.taps), ctx.image_size, params.snapshot_bn == "train")
         self._compile_checked = False
+        self._capture: dict[str, Any] | None = None  # see take_capture
         # The review step calls these two: the methods below, compiled when params.compile.
         self._frames_and_target = maybe_compiled(self._branch_inputs, params.compile, "the attention maps")
         # Attention maps inside the compiled region: their squares and norms fuse with the last
@@ -168,5 +169,26 @@ class TSKD(ReviewSchedule, Distiller):
         loss = images.new_zeros(())
         for branch, (tap, forecaster) in enumerate(zip(p.taps, self.forecasters, strict=True)):
             frames, target = self._frames_and_target([maps[branch] for maps in memory], s_feats[tap], t_feats[tap])
-            loss = loss + F.mse_loss(forecast(forecaster, frames, p.recompute_forecasters), target)
+            pred = forecast(forecaster, frames, p.recompute_forecasters)
+            if branch == 0 and self._capture is None:
+                self._capture = _review_capture(tap, frames, pred, target)
+            loss = loss + F.mse_loss(pred, target)
         return loss
+
+    def take_capture(self) -> dict[str, Any] | None:
+        """The first review step's first branch, once per process (see ``_review_capture``)."""
+        out = self._capture
+        if out:
+            self._capture = {}  # taken: a later review step is not captured again
+        return out or None
+
+
+def _review_capture(tap: int, frames: Tensor, forecast: Tensor, target: Tensor) -> dict[str, Any]:
+    """The first image's k increment frames, the forecast and the target |S - T| of one branch, as
+    lists (H x W each) for the report's figure: copies, read after the step's numbers are taken."""
+    def grid(x: Tensor) -> list[list[float]]:
+        # 4 significant digits: right after a snapshot |S - Mk| is ~1e-5, which fixed decimals would lose.
+        return [[float(f"{v:.4g}") for v in row] for row in x.detach().float().cpu().tolist()]
+
+    return {"tap": tap, "frames": [grid(f[0, 0]) for f in frames], "forecast": grid(forecast[0, 0]),
+            "target": grid(target[0, 0])}
