@@ -137,5 +137,5 @@ def test_a_nan_on_one_rank_stops_every_rank(make_spec, tmp_path):
             pytest.fail("a rank hung after another rank's loss became NaN")
     verdicts = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert all(v.startswith("TrainingError") for v in verdicts), verdicts
-    # The same check (steps 0-3; the NaN came at step 2) stopped both.
-    assert all("at epoch 0 one of steps 0-3 on one of 2 ranks" in v for v in verdicts), verdicts
+    # The same check (steps 1-4, counted from 1; the NaN came at the third) stopped both.
+    assert all("at epoch 1 one of steps 1-4 on one of 2 ranks" in v for v in verdicts), verdicts

@@ -132,7 +132,7 @@ def test_nan_loss_stops_with_clear_error_and_no_outputs(make_spec):
     r = run_cli("train", "--no-track", "--spec", spec.model_dump_json())
     assert r.returncode == 2
     assert "loss is nan" in r.stderr.lower() or "loss is inf" in r.stderr.lower(), r.stderr
-    assert "epoch 0" in r.stderr and "Traceback" not in r.stderr
+    assert "at epoch 1 " in r.stderr and "Traceback" not in r.stderr  # numbered from 1, as the log
     assert not (Path(spec.out_dir) / "metrics.json").exists()
     assert not (Path(spec.out_dir) / "model.pt").exists()
 

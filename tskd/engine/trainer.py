@@ -215,8 +215,8 @@ class Trainer:
         self.history = state["history"]
         self.capture = state.get("capture")
         self.run_id = state.get("mlflow_run_id")
-        log.info("resuming %s at epoch %d%s", self.out, self.start_epoch,
-                 f" step {self.partial['step']}" if self.partial else "")
+        log.info("resuming %s at epoch %d%s", self.out, self.start_epoch + 1,
+                 f" step {self.partial['step'] + 1}" if self.partial else "")
 
     def _save(self, epochs_done: int, partial: dict[str, Any] | None = None) -> None:
         """Checkpoint after ``epochs_done`` whole epochs, and with ``partial`` (EpochTotals.state) that
@@ -304,9 +304,10 @@ class Trainer:
             now = float(sum(losses.values()).detach())
             what = f"loss is {now}" if not math.isfinite(now) else "a loss was not finite"
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-            where = f"step {step}" if every == 1 else f"one of steps {max(0, step + 1 - every)}-{step}"
+            # Numbered from 1, as the log's "epoch 3/40" and the history rows.
+            where = f"step {step + 1}" if every == 1 else f"one of steps {max(1, step + 2 - every)}-{step + 1}"
             ranks = f" on one of {self.world.size} ranks" if self.world.distributed else ""
-            raise TrainingError(f"{self.out}: {what} at epoch {epoch} {where}{ranks} (method {self.spec.method}, "
+            raise TrainingError(f"{self.out}: {what} at epoch {epoch + 1} {where}{ranks} (method {self.spec.method}, "
                                 f"lr {lr:g}; terms now: {terms}). Lower the learning rate or check the inputs.")
 
     def _evaluate(self) -> dict[str, float]:
