@@ -395,7 +395,9 @@ def test_a_failed_job_says_why_the_teacher_goes_first_and_the_others_keep_going(
                      re.M), out[-3000:]
     # The job's command names the preset file and its run directory, not kilobytes of spec JSON.
     assert '"method_params"' not in out and "--job results/fail/teachers/resnet20/seed0" in out, out[-3000:]
-    started = re.findall(r"^Job \d+: (\w+)", out, re.M)
+    # Snakemake's job blocks, in the order the jobs started (no `message:`: the blocks list each job's
+    # input and output, which a dry run shows too).
+    started = re.findall(r"^(?:local)?rule (\w+):$", out, re.M)
     assert started[:3] == ["data", "teacher", "student"], started
     # keep-going: the student alone trained and was evaluated after the teacher had failed.
     run = repo / "results/fail/students/student/vanilla/resnet8/seed0"

@@ -2,8 +2,6 @@
 
 
 rule data:
-    message:
-        "data: write or check the dataset; log: {log}"
     output:
         DATA_MARKER,
     params:

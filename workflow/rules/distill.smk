@@ -2,8 +2,6 @@
 
 
 rule student:
-    message:
-        "student {wildcards.method} {wildcards.run} ({wildcards.recipe} recipe) seed {wildcards.seed}; log: {log}"
     input:
         _student_inputs,
     output:

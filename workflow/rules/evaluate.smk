@@ -2,8 +2,6 @@
 
 
 rule evaluate:
-    message:
-        "evaluate {wildcards.method} {wildcards.run} ({wildcards.recipe} recipe) seed {wildcards.seed}; log: {log}"
     input:
         model=f"{OUT}/students/{{recipe}}/{{method}}/{{run}}/seed{{seed}}/model.pt",
     output:

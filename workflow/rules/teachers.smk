@@ -5,8 +5,6 @@ rule teacher:
     # Every distillation job waits for its teacher: with fewer cores than jobs, the teacher goes
     # first, before the students that need none (vanilla), so the distillations are not held back.
     priority: 50
-    message:
-        "teacher {wildcards.arch} seed {wildcards.tseed}; log: {log}"
     input:
         DATA_MARKER,
         published=_published,
