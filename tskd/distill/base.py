@@ -71,6 +71,22 @@ class Distiller(nn.Module):
         every epoch; what it returns must not depend on, or change, anything the run computes."""
         return None
 
+    # Measurements that are not loss terms come through their own channel, not as entries of
+    # forward_train's dict: that dict is "the terms to sum" for the trainer, the benchmarks and the
+    # tests alike, and a measurement in it would be added to the loss wherever a caller summed it.
+    def take_monitors(self) -> dict[str, Tensor]:
+        """What the last ``forward_train`` measured beside its loss terms (TSKD: how well the forecast
+        predicts its target), as detached 0-dim tensors left on the device (the trainer sums them per
+        epoch, weighted by the batch as the loss terms are, and reads them at the epoch's end: no host
+        sync per step); {}: nothing this step. Taking them clears them. No number of the run may depend
+        on them."""
+        return {}
+
+    def derived_monitors(self, means: dict[str, float]) -> dict[str, float]:
+        """Figures computed from an epoch's monitor means (``take_monitors``' keys), added to its history
+        row beside them as ``train_<name>`` (TSKD: the ratio of two MSEs)."""
+        return {}
+
     @property
     def teacher(self) -> nn.Module:
         if not self._teacher:

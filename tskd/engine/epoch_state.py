@@ -22,32 +22,46 @@ from tskd.engine.runtime import epoch_seed
 
 
 class EpochTotals:
-    """Sample-weighted sums of the loss terms and the task's training figures, kept on the device
-    (reading them per step would make the host wait for the GPU)."""
+    """Sample-weighted sums of the loss terms, of the method's monitors (``Distiller.take_monitors``)
+    and of the task's training figures, kept on the device (reading them per step would make the host
+    wait for the GPU)."""
 
     def __init__(self, meter, device: torch.device):
         self.meter = meter
         self.device = device
         self.n = 0
         self.sums: dict[str, torch.Tensor] = {}
+        # Apart from the loss terms: never part of the loss, and a monitor may be measured in some steps
+        # only, so each keeps the samples it was measured on, its mean's denominator.
+        self.monitors: dict[str, torch.Tensor] = {}
+        self.monitor_n: dict[str, int] = {}
         self.base: list[float] = []  # the meter's totals before a resume
 
-    def add(self, losses: dict[str, torch.Tensor], loss: torch.Tensor, b: int, outputs: Any, targets: Any) -> None:
+    def add(self, losses: dict[str, torch.Tensor], loss: torch.Tensor, b: int, outputs: Any, targets: Any,
+            monitors: dict[str, torch.Tensor] | None = None) -> None:
         self.n += b
         self.meter.update(outputs, targets)
         for k, v in (*losses.items(), ("loss", loss)):
             term = v.detach().double() * b
             self.sums[k] = self.sums[k] + term if k in self.sums else term
+        for k, v in (monitors or {}).items():
+            term = v.detach().double() * b
+            self.monitors[k] = self.monitors[k] + term if k in self.monitors else term
+            self.monitor_n[k] = self.monitor_n.get(k, 0) + b
 
     def state(self, step: int) -> dict[str, Any]:
         """The checkpoint's ``partial``: how far the epoch got and what it has summed so far."""
         return {"step": step, "n": self.n, "sums": {k: float(v) for k, v in self.sums.items()},
-                "meter": self._meter_totals(), "rng": rng_state(self.device)}
+                "meter": self._meter_totals(), "rng": rng_state(self.device),
+                "monitors": {k: [float(v), self.monitor_n[k]] for k, v in self.monitors.items()}}
 
     def load(self, partial: dict[str, Any]) -> None:
         self.n = partial["n"]
         self.sums = {k: torch.tensor(v, dtype=torch.float64, device=self.device) for k, v in partial["sums"].items()}
         self.base = list(partial["meter"])
+        monitors = partial.get("monitors", {})  # absent in checkpoints written before monitors existed
+        self.monitors = {k: torch.tensor(s, dtype=torch.float64, device=self.device) for k, (s, _) in monitors.items()}
+        self.monitor_n = {k: n for k, (_, n) in monitors.items()}
 
     def _meter_totals(self) -> list[float]:
         now = self.meter.totals()
@@ -62,6 +76,16 @@ class EpochTotals:
             values = distributed.sum_values(values, self.device)
         n, rest = int(values[0]), list(values[1:])
         return n, rest[:len(kept)], dict(zip(keys, rest[len(kept):], strict=True))
+
+    def monitor_means(self, world: distributed.World) -> dict[str, float]:
+        """Each monitor's mean over the samples of the steps that measured it, over every rank."""
+        keys = sorted(self.monitors)
+        if not keys:
+            return {}  # every rank runs the same steps, so all of them skip the collective alike
+        values: Sequence[float] = [*(float(self.monitors[k]) for k in keys), *(self.monitor_n[k] for k in keys)]
+        if world.distributed:
+            values = distributed.sum_values(values, self.device)
+        return {k: values[i] / max(values[len(keys) + i], 1) for i, k in enumerate(keys)}
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -279,7 +279,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.params, spec.recipe.grad_clip_norm)
             self.optimizer.step()
             d.on_step_end(epoch * per_epoch + step)
-            totals.add(losses, loss, b, outputs, targets)
+            totals.add(losses, loss, b, outputs, targets, d.take_monitors())
             if (step + 1) % every == 0 or step + 1 == steps:
                 self._check_finite(bad, epoch, step, losses, lr)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
@@ -290,8 +290,11 @@ class Trainer:
                     saved_at = time.monotonic()
         d.on_epoch_end(epoch)
         n, kept, sums = totals.result(world)
+        monitors = totals.monitor_means(world)
+        monitors |= d.derived_monitors(monitors)
         return {"lr": lr, **{f"train_{k}": v for k, v in totals.meter.result(kept, n).items()},
-                **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
+                **{f"train_{k}": v / max(n, 1) for k, v in sums.items()},
+                **{f"train_{k}": v for k, v in monitors.items()}}
 
     def _check_finite(self, bad: torch.Tensor, epoch: int, step: int, losses: dict[str, torch.Tensor],
                       lr: float) -> None:
