@@ -38,3 +38,26 @@ def increment_sequence(memory: list[Tensor], current: Tensor) -> Tensor:
     """
     frames = [*memory, current]
     return torch.stack([(a - b).abs() for a, b in zip(frames[:-1], frames[1:], strict=True)])
+
+
+def raw_sequence(memory: list[Tensor], current: Tensor) -> Tensor:
+    """``[M2, ..., Mk, S]``, the maps themselves: (k, B, 1, H, W), oldest first.
+
+    As many frames as ``increment_sequence`` (k), so that the forecaster runs the same number of
+    steps and costs the same; the oldest snapshot M1 is the one left out (the increments hold it only
+    through ``|M1-M2|``). The last frame is the current map S, as ``|S-Mk|`` is the increments' last:
+    the frame the student's gradient flows through. With k = 1 the sequence is S alone.
+    """
+    return torch.stack([*memory[1:], current])
+
+
+ReviewTarget = Literal["dynamic", "static", "signed"]
+
+
+def review_target(s: Tensor, t: Tensor, kind: ReviewTarget) -> Tensor:
+    """What the forecast is pulled towards: ``|S-T|`` (dynamic, the authors'), the teacher's map ``T``
+    (static: no gradient reaches the student through it) or ``S-T`` (signed: negative where the
+    teacher attends more)."""
+    if kind == "dynamic":
+        return (s - t).abs()
+    return t if kind == "static" else s - t

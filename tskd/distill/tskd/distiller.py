@@ -2,7 +2,9 @@
 
 KD on the logits every epoch; at review nodes, a ConvLSTM per feature branch reads how the
 student's attention maps changed over its last k memory snapshots and the current step, and
-its forecast is pulled towards the current student-teacher gap ``|S - T|``.
+its forecast is pulled towards the current student-teacher gap ``|S - T|``. The params
+``target``, ``sequence`` and ``forecaster`` swap each of these parts for an ablation
+(docs/method.md, "Ablations"); their defaults are the authors'.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.losses import kd_loss
 from tskd.distill.registry import register_method
-from tskd.distill.tskd.attention import attention_map, increment_sequence
+from tskd.distill.tskd.attention import attention_map, increment_sequence, raw_sequence, review_target
 from tskd.distill.tskd.compiled import check_compiles, maybe_compiled
 from tskd.distill.tskd.convlstm import IncrementForecaster, auto_hidden, forecast
 from tskd.distill.tskd.lifecycle import ReviewSchedule
@@ -77,6 +79,21 @@ class TSKDParams(MethodParams):
         "again there (torch.utils.checkpoint): the same numbers (bit for bit on CPU), TSKD's peak memory at "
         "review ÷ KD's from 1.42 to 1.22 (resnet32x4 -> resnet8x4, batch 128, CPU), for one more forecaster "
         "forward per review step. false: keep them, as the authors' code does")
+    target: Literal["dynamic", "static", "signed"] = Field(
+        "dynamic", description="what the forecast is pulled towards: 'dynamic' = |S - T| (authors), 'static' = the "
+        "teacher's attention map T (no gradient reaches the student through it), 'signed' = S - T")
+    sequence: Literal["increments", "raw"] = Field(
+        "increments", description="the frames the forecaster reads: 'increments' = |M1 - M2|, ..., |S - Mk| "
+        "(authors), 'raw' = the maps themselves, M2, ..., Mk, S: as many frames (k), M1 left out")
+    forecaster: Literal["convlstm", "last_increment"] = Field(
+        "convlstm", description="what forecasts the target: 'convlstm' = the ConvLSTM encoder-forecaster "
+        "(authors), 'last_increment' = the last frame of the sequence as it is (|S - Mk| for the authors' "
+        "sequence), a predictor without parameters")
+    measure_predictability: bool = Field(
+        True, description="at every review step, measure MSE(forecast, target) and MSE(last frame, target), "
+        "summed over the branches as the review loss is: the history's train_forecast_mse, "
+        "train_last_increment_mse and their ratio train_predictability (< 1: the forecast beats 'no change'). "
+        "Changes no number of the run")
     compile: bool = Field(
         False, description="run the snapshot forwards and the attention maps as torch.compile'd kernels (fused "
         "BatchNorm/ReLU/attention passes): the same math up to float rounding, a review step 6-23% faster on "
@@ -110,7 +127,12 @@ class TSKD(ReviewSchedule, Distiller):
                              f"{list(params.taps)} needs taps up to {max(params.taps)}, but the teacher has "
                              f"{len(t_taps)} and the student {len(s_taps)} feature taps")
         hidden = params.hidden_channels or auto_hidden([s_taps[i][1:] for i in params.taps])
-        self.forecasters = nn.ModuleList(IncrementForecaster(h) for h in hidden)
+        # last_increment has no forecasters (empty): no weights to optimise, save or decay, and the
+        # student alone gets a gradient in every step, so DDP need not look for unused parameters.
+        convlstm = params.forecaster == "convlstm"
+        self.forecasters = nn.ModuleList(IncrementForecaster(h) for h in hidden) if convlstm else nn.ModuleList()
+        self.every_parameter_every_step = not convlstm
+        self._monitors: dict[str, Tensor] = {}  # see take_monitors
         self.memory = SnapshotMemory(params.k)
         self._prefix = TapPrefix(student, max(params.taps), ctx.image_size, params.snapshot_bn == "train")
         self._compile_checked = False
@@ -127,8 +149,9 @@ class TSKD(ReviewSchedule, Distiller):
         if t_feat.shape[-2:] != s_feat.shape[-2:]:  # authors: pool the teacher's features, then attend
             t_feat = F.adaptive_avg_pool2d(t_feat, s_feat.shape[-2:])
         s, t = attention_map(s_feat, p.at_norm), attention_map(t_feat, p.at_norm)
-        frames = increment_sequence(memory, s.detach() if p.detach_increment else s)
-        target = (s - t).abs()
+        sequence = increment_sequence if p.sequence == "increments" else raw_sequence
+        frames = sequence(memory, s.detach() if p.detach_increment else s)
+        target = review_target(s, t, p.target)
         return frames, target.detach() if p.detach_target else target
 
     def _maps_of_snapshot(self, snapshot: dict[str, Tensor], images: Tensor) -> list[Tensor]:
@@ -141,9 +164,13 @@ class TSKD(ReviewSchedule, Distiller):
     def snapshot_source(self) -> nn.Module:
         return self.student
 
+    def keep_zeroed_grads(self) -> bool:
+        # Without forecasters every parameter gets a gradient in every step: nothing to keep zeroed.
+        return len(self.forecasters) > 0 and super().keep_zeroed_grads()
+
     def on_epoch_start(self, epoch: int) -> None:
         if self.params.compile and not self._compile_checked:
-            check_compiles(next(self.forecasters.parameters()).device)
+            check_compiles(next(self.student.parameters()).device)
             self._compile_checked = True
         self.check_memory_for(epoch)
 
@@ -158,7 +185,10 @@ class TSKD(ReviewSchedule, Distiller):
         return logits, losses
 
     def review_loss(self, images: Tensor, s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
-        """``sum_l MSE(P_l, |S_l - T_l|)`` over the branches, P_l forecast from the increments."""
+        """``sum_l MSE(P_l, |S_l - T_l|)`` over the branches, P_l forecast from the increments (or what
+        ``target``, ``sequence`` and ``forecaster`` put in their place). With ``measure_predictability``,
+        also keeps that sum unweighted and the same sum with the last frame as the forecast, for
+        ``take_monitors``."""
         p = self.params
         # The snapshots run channels-last whatever the student's layout: oneDNN runs their early,
         # wide-map convolutions 15-35% faster so on CPU, and only their attention maps (one
@@ -167,13 +197,34 @@ class TSKD(ReviewSchedule, Distiller):
         with torch.no_grad():  # maps at once: k sets of full feature maps need not stay alive
             memory = [self._snapshot_maps(snapshot, images) for snapshot in self.memory.snapshots()]
         loss = images.new_zeros(())
-        for branch, (tap, forecaster) in enumerate(zip(p.taps, self.forecasters, strict=True)):
+        forecast_mse = last_mse = None
+        for branch, tap in enumerate(p.taps):
             frames, target = self._frames_and_target([maps[branch] for maps in memory], s_feats[tap], t_feats[tap])
-            pred = forecast(forecaster, frames, p.recompute_forecasters)
+            pred = forecast(self.forecasters[branch], frames, p.recompute_forecasters) if self.forecasters \
+                else frames[-1]
             if branch == 0 and self._capture is None:
                 self._capture = _review_capture(tap, frames, pred, target)
-            loss = loss + F.mse_loss(pred, target)
+            mse = F.mse_loss(pred, target)
+            loss = loss + mse
+            if p.measure_predictability:  # detached copies: the loss and its gradients stay as they are
+                with torch.no_grad():
+                    last = F.mse_loss(frames[-1].detach(), target.detach())
+                forecast_mse = mse.detach() if forecast_mse is None else forecast_mse + mse.detach()
+                last_mse = last if last_mse is None else last_mse + last
+        if p.measure_predictability:
+            self._monitors = {"forecast_mse": forecast_mse, "last_increment_mse": last_mse}
         return loss
+
+    def take_monitors(self) -> dict[str, Tensor]:
+        out, self._monitors = self._monitors, {}
+        return out
+
+    def derived_monitors(self, means: dict[str, float]) -> dict[str, float]:
+        """``predictability`` = forecast MSE ÷ last-frame MSE of the epoch (< 1: the forecast beats
+        "no change"); left out where the last frame matched the target exactly (a ratio of nothing)."""
+        if means.get("last_increment_mse"):
+            return {"predictability": means["forecast_mse"] / means["last_increment_mse"]}
+        return {}
 
     def take_capture(self) -> dict[str, Any] | None:
         """The first review step's first branch, once per process (see ``_review_capture``)."""
