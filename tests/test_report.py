@@ -196,3 +196,6 @@ def test_losses_plot_has_every_term_of_the_method(tmp_path):
 
     runs = [{"history": _train_history(0, True)}]
     assert loss_terms(runs, task_of("cifar100")) == ["train_ce", "train_kd", "train_review", "train_loss"]
+    # TSKD's predictability monitors are history columns but no loss terms
+    runs[0]["history"][-1] |= {"train_forecast_mse": 0.1, "train_last_increment_mse": 0.2, "train_predictability": 0.5}
+    assert loss_terms(runs, task_of("cifar100")) == ["train_ce", "train_kd", "train_review", "train_loss"]

@@ -67,11 +67,15 @@ def main_figure(p: Preset, runs: Runs, task: Task, recipe: str, pair: str) -> Fi
     return fig
 
 
+# TSKD's monitors (Distiller.take_monitors, docs/method.md "Ablations"): measured, never part of the loss.
+MONITORS = ("forecast_mse", "last_increment_mse", "predictability")
+
+
 def loss_terms(runs: list[dict[str, Any]], task: Task) -> list[str]:
     """The history's train loss columns: each term, then their sum (``train_loss``)."""
     keys = dict.fromkeys(k for m in runs for r in m["history"] for k in r)
     terms = [k for k in keys if k.startswith("train_") and k != "train_loss"
-             and k.removeprefix("train_") not in (*task.figures, "top1")]
+             and k.removeprefix("train_") not in (*task.figures, "top1", *MONITORS)]
     return [*terms, "train_loss"]
 
 
