@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from tskd import grid
-from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, ParamsError, Preset, RecipeCfg, TrainCfg
+from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, VARIANT_KEY, ParamsError, Preset, RecipeCfg, TrainCfg
 from tskd.plots import plot_files
 from tskd.report import summary_files
 
@@ -208,7 +208,10 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
         inputs = [marker, *teacher]
         layers = [f"methods.{job.method}", f"recipes.{job.recipe}.methods.{job.method}",
                   f"pairs.{p.pairs.index(job.pair)}.methods.{job.method}"]
-        keys, defaults = _run_keys(p, raw, job.recipe, job.method, layers)
+        method = p.registered(job.method)
+        keys, defaults = _run_keys(p, raw, job.recipe, method, layers)
+        if method != job.method:  # a variant: the registered method it runs is a param of its own
+            keys.append(f"methods.{job.method}.{VARIANT_KEY}")
         out.append(Stage(f"train-{tag}", "student", files, inputs,
                          deps=_data_deps(p) + teacher + _backbone_deps(p, job.pair.student), params=keys,
                          outs=files, persist=True, curve=job.method, defaults=defaults))
