@@ -26,6 +26,7 @@ from tskd import grid
 from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, VARIANT_KEY, ParamsError, Preset, RecipeCfg, TrainCfg
 from tskd.plots import plot_files
 from tskd.report import summary_files
+from tskd.study import study_files
 
 ROOT_PRESET = "smoke"  # the preset whose pipeline is the repository's top-level dvc.yaml
 # Every default the code fills in (method params, recipe, train and dataset settings), written by
@@ -225,7 +226,7 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
     report_keys = _keys(raw, *[k for k in raw if k not in ("tracking", "train")],
                         *(f"train.{f}" for f in _fields("train", TrainCfg)))
     files = [str(p.out / "report.md"), str(p.out / "report.csv")]
-    plots = [str(f) for f in plot_files(p).values()]
+    plots = [str(f) for f in plot_files(p).values()] + [str(f) for f in study_files(p)]
     out.append(Stage("report", "report", [*files, *summary, *plots], results, deps=results, params=report_keys,
                      outs=files + plots, metrics=summary))
     return out
@@ -276,7 +277,7 @@ def _plots(p: Preset, all_stages: list[Stage]) -> list[Any]:
     label = task_of(p.dataset.name).labels[key.removeprefix("test_")]
     curves = [{f"{key}-{g}": {"title": f"{g}: test {label} (%) by epoch", "x": "epoch",
                               "y": {f: key for f in files}}} for g, files in groups.items()]
-    return curves + [str(f) for f in plot_files(p).values()]
+    return curves + [str(f) for f in plot_files(p).values()] + [str(f) for f in study_files(p) if f.suffix == ".png"]
 
 
 HEADER = """\
