@@ -135,3 +135,17 @@ def test_ablations_smoke_study_end_to_end(tmp_path):
         assert f"| {name} | {raw['methods'][name].get(VARIANT_KEY, name)} | " in md
     assert (out / "plots/study-accuracy.png").stat().st_size > 0
     assert (out / "plots/study-predictability.png").stat().st_size > 0
+    # The report lists every entry in the preset's order; MLflow has each variant's runs tagged
+    # with the registered method and the variant's name, its seeds under a parent of their own.
+    best = (out / "report.md").read_text().split("best test top-1")[1]
+    at = [best.index(f"| {n} |") for n in raw["methods"]]
+    assert at == sorted(at)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tskd-ablations_smoke").experiment_id
+    runs = client.search_runs([exp], "tags.run_kind = 'train' and tags.role = 'student'")
+    tags = sorted((r.data.tags["variant"], r.data.tags["method"], r.data.tags["seed"]) for r in runs)
+    assert tags == sorted((n, raw["methods"][n].get(VARIANT_KEY, n), str(s)) for n in raw["methods"] for s in (0, 1))
+    parents = client.search_runs([exp], "tags.run_kind = 'seeds' and tags.role = 'student'")
+    assert sorted(r.data.tags["variant"] for r in parents) == sorted(raw["methods"])
