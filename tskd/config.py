@@ -296,6 +296,10 @@ class TrackingCfg(Strict):
     experiment: str | None = Field(None, description="MLflow experiment (default: tskd-<preset>)")
 
 
+# The key of a `methods` entry that makes it a variant: the registered method it runs.
+VARIANT_KEY = "method"
+
+
 class Preset(Strict):
     preset: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     results_dir: str = "results"
@@ -305,7 +309,10 @@ class Preset(Strict):
     pairs: list[PairCfg]
     student_recipes: list[str] = Field(min_length=1, description="names of the recipes students train with; "
                                        "every student job runs once per recipe")
-    methods: dict[str, dict[str, Any]] = Field(description="method name -> its params")
+    methods: dict[str, dict[str, Any]] = Field(
+        description="method name -> its params. A *variant* runs a registered method under a name of its own: "
+        "`tskd_k2: {method: tskd, k: 2}` (the reserved key `method` names the registered method; the variant's "
+        "params start from that method's defaults, not from another entry)")
     seeds: list[int] = Field(min_length=1)
     backbones: dict[str, str] = Field(
         default_factory=dict, description="detection architecture -> the ImageNet classifier file its backbone "
@@ -321,6 +328,11 @@ class Preset(Strict):
             if t.recipe not in self.recipes:
                 raise ValueError(f"teachers.{name}.recipe: unknown recipe {t.recipe!r}; "
                                  f"defined: {sorted(self.recipes)}")
+        for name, values in self.methods.items():
+            method = (values or {}).get(VARIANT_KEY, name)
+            if not isinstance(method, str):
+                raise ValueError(f"methods.{name}.{VARIANT_KEY}: must be the name of a registered method, got "
+                                 f"{method!r}")
         for i, name in enumerate(self.student_recipes):
             if name not in self.recipes:
                 raise ValueError(f"student_recipes.{i}: unknown recipe {name!r}; defined: {sorted(self.recipes)}")
@@ -329,7 +341,8 @@ class Preset(Strict):
         for name in self.student_recipes:
             for key in ("methods", "by_method"):
                 for m in getattr(self.recipes[name], key):
-                    if m not in self.methods:
+                    # by_method is read by the registered method's name (a variant trains with its recipe)
+                    if m not in self.methods and not (key == "by_method" and m in self.registered_methods()):
                         raise ValueError(f"recipes.{name}.{key}.{m}: a method that is not in `methods` "
                                          f"({sorted(self.methods)})")
         for i, p in enumerate(self.pairs):
@@ -344,11 +357,24 @@ class Preset(Strict):
             raise ValueError(f"seeds: duplicates in {self.seeds}")
         return self
 
+    def registered(self, name: str) -> str:
+        """The registered method that the entry ``name`` of ``methods`` runs: its ``method`` key for a
+        variant, else the name itself."""
+        return (self.methods[name] or {}).get(VARIANT_KEY, name)
+
+    def registered_methods(self) -> set[str]:
+        return {self.registered(name) for name in self.methods}
+
+    def recipe_for(self, recipe: str, name: str) -> RecipeCfg:
+        """The recipe a run of the entry ``name`` trains with: ``by_method`` of its registered method."""
+        return self.recipes[recipe].for_method(self.registered(name))
+
     def method_params(self, method: str, pair: PairCfg, recipe: str) -> dict[str, Any]:
-        """A method's params as written for one run: the preset's values, then the recipe's, then
-        the pair's overrides (defaults are filled in by the method's own params model)."""
-        return {**(self.methods[method] or {}), **self.recipes[recipe].methods.get(method, {}),
-                **pair.methods.get(method, {})}
+        """A method entry's params as written for one run: the preset's values (less a variant's
+        ``method`` key), then the recipe's, then the pair's overrides, each by the entry's own name
+        (defaults are filled in by the registered method's params model)."""
+        own = {k: v for k, v in (self.methods[method] or {}).items() if k != VARIANT_KEY}
+        return {**own, **self.recipes[recipe].methods.get(method, {}), **pair.methods.get(method, {})}
 
     @property
     def out(self) -> Path:
@@ -416,23 +442,52 @@ def _check_registered(preset: Preset, source: str) -> None:
             detectors = sorted(a for a in used if model_entry(a).family == "detection")
             raise ParamsError(f"{source}: backbones.{arch}: not a detection architecture of this preset's teachers "
                               f"or pairs ({', '.join(detectors) or 'it has none'})")
-    for name in preset.methods:
-        if name not in list_methods(task):
-            raise ParamsError(f"{source}: methods.{name}: unknown method for {task}; allowed: "
-                              f"{', '.join(list_methods(task))}")
+    _check_variants(preset, list_methods(task), task, source)
     for recipe in preset.student_recipes:
         epochs = preset.recipes[recipe].epochs
         for i, pair in enumerate(preset.pairs):
+            seen: dict[str, str] = {}  # a run's content (registered method and params) -> the entry's name
             for name in preset.methods:
+                method = preset.registered(name)
                 where = (f"pairs.{i}.methods" if name in pair.methods else
                          f"recipes.{recipe}.methods" if name in preset.recipes[recipe].methods else "methods")
                 try:
-                    params = parse_method_params(name, preset.method_params(name, pair, recipe), where=where,
+                    params = parse_method_params(method, preset.method_params(name, pair, recipe), where=where,
                                                  task=task)
-                    method_class(name, task).check_schedule(params, epochs=epochs)
+                    method_class(method, task).check_schedule(params, epochs=epochs)
                 except ValueError as e:
-                    raise ParamsError(f"{source}: {e}") from None
+                    # The registry names the registered method's key; the file's key is the entry's name.
+                    raise ParamsError(f"{source}: " + str(e).replace(f"  {where}.{method}.", f"  {where}.{name}."))\
+                        from None
+                # Results are keyed by content, not by name: two entries that train the same run would
+                # be the same result twice under two names.
+                content = json.dumps([method, params.model_dump(mode="json")], sort_keys=True)
+                if content in seen:
+                    raise ParamsError(f"{source}: methods.{name}: the same run as methods.{seen[content]} (method "
+                                      f"{method}, the same effective params on pair {pair.name}, recipe {recipe}); "
+                                      "a variant must change at least one param")
+                seen[content] = name
         _check_student_alone(preset, recipe, source)
+
+
+def _check_variants(preset: Preset, registered: list[str], task: str, source: str) -> None:
+    for name in preset.methods:
+        method = preset.registered(name)
+        if method == name:
+            if name not in registered:
+                raise ParamsError(f"{source}: methods.{name}: unknown method for {task}; allowed: "
+                                  f"{', '.join(registered)} (or a variant: {name}: {{{VARIANT_KEY}: <one of "
+                                  "those>, ...})")
+            continue
+        if method not in registered:
+            raise ParamsError(f"{source}: methods.{name}.{VARIANT_KEY}: unknown method {method!r} for {task}; "
+                              f"allowed: {', '.join(registered)}")
+        if name in registered:
+            raise ParamsError(f"{source}: methods.{name}: a variant cannot take the name of the registered method "
+                              f"{name!r}; name it e.g. {method}_{name}")
+        if method == "vanilla":  # trained once per student architecture, under the name `vanilla`
+            raise ParamsError(f"{source}: methods.{name}.{VARIANT_KEY}: vanilla (the student alone) has no "
+                              "variants")
 
 
 def _check_student_alone(preset: Preset, recipe: str, source: str) -> None:

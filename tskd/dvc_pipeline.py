@@ -23,9 +23,10 @@ from typing import Any
 import yaml
 
 from tskd import grid
-from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, ParamsError, Preset, RecipeCfg, TrainCfg
+from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, VARIANT_KEY, ParamsError, Preset, RecipeCfg, TrainCfg
 from tskd.plots import plot_files
 from tskd.report import summary_files
+from tskd.study import study_files
 
 ROOT_PRESET = "smoke"  # the preset whose pipeline is the repository's top-level dvc.yaml
 # Every default the code fills in (method params, recipe, train and dataset settings), written by
@@ -208,7 +209,10 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
         inputs = [marker, *teacher]
         layers = [f"methods.{job.method}", f"recipes.{job.recipe}.methods.{job.method}",
                   f"pairs.{p.pairs.index(job.pair)}.methods.{job.method}"]
-        keys, defaults = _run_keys(p, raw, job.recipe, job.method, layers)
+        method = p.registered(job.method)
+        keys, defaults = _run_keys(p, raw, job.recipe, method, layers)
+        if method != job.method:  # a variant: the registered method it runs is a param of its own
+            keys.append(f"methods.{job.method}.{VARIANT_KEY}")
         out.append(Stage(f"train-{tag}", "student", files, inputs,
                          deps=_data_deps(p) + teacher + _backbone_deps(p, job.pair.student), params=keys,
                          outs=files, persist=True, curve=job.method, defaults=defaults))
@@ -222,7 +226,7 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
     report_keys = _keys(raw, *[k for k in raw if k not in ("tracking", "train")],
                         *(f"train.{f}" for f in _fields("train", TrainCfg)))
     files = [str(p.out / "report.md"), str(p.out / "report.csv")]
-    plots = [str(f) for f in plot_files(p).values()]
+    plots = [str(f) for f in plot_files(p).values()] + [str(f) for f in study_files(p)]
     out.append(Stage("report", "report", [*files, *summary, *plots], results, deps=results, params=report_keys,
                      outs=files + plots, metrics=summary))
     return out
@@ -273,7 +277,7 @@ def _plots(p: Preset, all_stages: list[Stage]) -> list[Any]:
     label = task_of(p.dataset.name).labels[key.removeprefix("test_")]
     curves = [{f"{key}-{g}": {"title": f"{g}: test {label} (%) by epoch", "x": "epoch",
                               "y": {f: key for f in files}}} for g, files in groups.items()]
-    return curves + [str(f) for f in plot_files(p).values()]
+    return curves + [str(f) for f in plot_files(p).values()] + [str(f) for f in study_files(p) if f.suffix == ".png"]
 
 
 HEADER = """\

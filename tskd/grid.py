@@ -15,7 +15,7 @@ from tskd.config import DatasetCfg, PairCfg, Preset, RecipeCfg, Strict, TrainCfg
 
 # The fields of a RunSpec that say where a run's files go and how it is labelled, not what it
 # computes. Everything else is the run's identity (``RunSpec.identity``).
-PLACEMENT = ("preset", "recipe_name", "teacher_path", "backbone_path", "out_dir", "experiment",
+PLACEMENT = ("preset", "recipe_name", "variant", "teacher_path", "backbone_path", "out_dir", "experiment",
              "dataset.root", "dataset.download", "dataset.num_workers",
              *(f"train.{f}" for f in TrainCfg.RESULT_NEUTRAL))
 
@@ -34,7 +34,10 @@ class RunSpec(Strict):
 
     preset: str
     role: Literal["teacher", "student"]
-    method: str
+    method: str  # the registered method
+    # The preset's name for a variant of ``method`` (``methods.<variant>.method``), None otherwise: a
+    # label (placement), so that two names with the same params are the same run, keyed by content.
+    variant: str | None = None
     method_params: dict[str, Any] = Field(default_factory=dict)
     arch: str
     teacher_arch: str | None = None
@@ -85,7 +88,7 @@ class StudentJob(NamedTuple):
     """One student training run of the grid."""
 
     recipe: str
-    method: str
+    method: str  # the name in the preset's `methods`: a registered method or a variant of one
     pair: PairCfg
     seed: int
 
@@ -173,12 +176,13 @@ def teacher_spec(p: Preset, arch: str) -> RunSpec:
 def student_spec(p: Preset, job: StudentJob) -> RunSpec:
     alone = job.method == "vanilla"
     teacher = job.pair.teacher
-    return RunSpec(preset=p.preset, role="student", method=job.method,
-                   method_params=effective_method_params(job.method, p.method_params(job.method, job.pair, job.recipe),
+    method = p.registered(job.method)
+    return RunSpec(preset=p.preset, role="student", method=method, variant=None if method == job.method else job.method,
+                   method_params=effective_method_params(method, p.method_params(job.method, job.pair, job.recipe),
                                                          p.dataset.name),
                    arch=job.pair.student, teacher_arch=None if alone else teacher,
                    teacher_path=None if alone else str(teacher_dir(p, teacher) / "model.pt"), seed=job.seed,
-                   dataset=dataset_for_run(p), recipe=p.recipes[job.recipe].for_method(job.method),
+                   dataset=dataset_for_run(p), recipe=p.recipe_for(job.recipe, job.method),
                    recipe_name=job.recipe, train=p.train, backbone_path=_backbone(p, job.pair.student),
                    out_dir=str(student_dir(p, job)), experiment=experiment_name(p))
 

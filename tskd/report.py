@@ -21,6 +21,7 @@ from tskd.io import atomic_write_text
 from tskd.plots import write_plots
 from tskd.reference_numbers import published
 from tskd.report_tables import paper_tables, teacher_warnings
+from tskd.study import write_study
 from tskd.tasks import Task, task_of
 
 
@@ -191,4 +192,5 @@ def write_report(p: Preset) -> Path:
     for name, figures in summaries(p, rows).items():
         atomic_write_text(p.out / "summary" / f"{name}.json", json.dumps(figures, indent=1, sort_keys=True) + "\n")
     plots = write_plots(p)
+    write_study(p)  # a preset with TSKD variants: study.md, study.csv and their plots
     return atomic_write_text(p.out / "report.md", format_markdown(p, rows, ", ".join(sorted(names)) or None, plots))

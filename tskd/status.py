@@ -89,7 +89,7 @@ def preset_status(p: Preset) -> list[JobStatus]:
     for job in student_jobs(p):
         d = student_dir(p, job)
         run = d.parent.name
-        epochs = p.recipes[job.recipe].for_method(job.method).epochs
+        epochs = p.recipe_for(job.recipe, job.method).epochs
         rows.append(job_status(f"{job.method} {run} {job.recipe} seed{job.seed}", d, log_path(p, d), epochs))
     return rows
 

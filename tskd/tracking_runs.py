@@ -39,7 +39,8 @@ def group_name(spec: RunSpec) -> str:
     """What a researcher compares: a teacher architecture, or a method on a pair under a recipe."""
     if spec.role == "teacher":
         return f"teacher:{spec.arch}"
-    return f"{spec.method}:{pair_label(spec)}" + (f":{spec.recipe_name}" if spec.recipe_name else "")
+    # A variant is its own group (and parent run): its seeds are compared with each other.
+    return f"{spec.variant or spec.method}:{pair_label(spec)}" + (f":{spec.recipe_name}" if spec.recipe_name else "")
 
 
 def run_name(spec: RunSpec) -> str:
@@ -84,7 +85,8 @@ def run_tags(spec: RunSpec, world_size: int, extra: dict[str, str]) -> dict[str,
     """Every tag of a training run: what it is (filterable in the UI: ``tags.method = 'kd'``), where
     it ran, and the standard ones."""
     tags = {"preset": spec.preset, "dataset_family": spec.dataset.name, "role": spec.role, "method": spec.method,
-            "student": spec.arch, "teacher": spec.teacher_arch or "", "pair": pair_label(spec),
+            "variant": spec.variant or spec.method, "student": spec.arch, "teacher": spec.teacher_arch or "",
+            "pair": pair_label(spec),
             "recipe": spec.recipe_name or "", "seed": str(spec.seed), "out_dir": spec.out_dir,
             KIND_TAG: "train", GROUP_TAG: group_name(spec)} | standard_tags(spec) | extra
     if os.environ.get("SLURM_JOB_ID"):
@@ -109,7 +111,8 @@ def find_parent(client: MlflowClient, exp_id: str, spec: RunSpec) -> str | None:
 
 def _parent_tags(spec: RunSpec) -> dict[str, str]:
     return {"preset": spec.preset, "dataset_family": spec.dataset.name, "role": spec.role, "method": spec.method,
-            "student": spec.arch, "teacher": spec.teacher_arch or "", "pair": pair_label(spec),
+            "variant": spec.variant or spec.method, "student": spec.arch, "teacher": spec.teacher_arch or "",
+            "pair": pair_label(spec),
             "recipe": spec.recipe_name or "", KIND_TAG: "seeds", GROUP_TAG: group_name(spec)}
 
 

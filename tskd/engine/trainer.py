@@ -94,7 +94,8 @@ def _tracker(spec: RunSpec, identity: dict[str, Any], run_id: str | None, world:
 
     # Logged-model names allow no ":" (MLflow refuses it).
     model = {"name": tr.run_name(spec).replace(":", "-"), "artifact": "model.pt", "step": spec.recipe.epochs,
-             "tags": {"role": spec.role, "method": spec.method, tr.GROUP_TAG: tr.group_name(spec)}}
+             "tags": {"role": spec.role, "method": spec.method, "variant": spec.variant or spec.method,
+                      tr.GROUP_TAG: tr.group_name(spec)}}
     return RunTracker(spec.experiment, tr.run_name(spec), tr.run_tags(spec, world.size, extra_tags), identity,
                       run_id=run_id, on_create=lambda client, exp_id: tr.parent_of(client, exp_id, spec), model=model)
 
@@ -406,7 +407,8 @@ def summarize(history: list[dict[str, Any]], spec: RunSpec, task: Task | None = 
     """metrics.json: what the run is, its task's best / last (/ selected) figures
     (``tskd.tasks.base.summarize_epochs``), and the per-epoch history."""
     task = task or task_of(spec.dataset.name)
-    return {"preset": spec.preset, "role": spec.role, "method": spec.method, "student": spec.arch,
+    return {"preset": spec.preset, "role": spec.role, "method": spec.method, "variant": spec.variant or spec.method,
+            "student": spec.arch,
             "teacher": spec.teacher_arch, "recipe": spec.recipe_name, "seed": spec.seed,
             "epochs": spec.recipe.epochs, "task": task.name, **task.summarize(history),
             "history": uniform_rows(history)}

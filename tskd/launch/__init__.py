@@ -62,7 +62,7 @@ def _executor(settings: LaunchSettings, folder: Path, name: str, tasks: int) -> 
 def _job_name(spec: RunSpec) -> str:
     pair = f"{spec.teacher_arch}-{spec.arch}" if spec.teacher_arch else spec.arch
     recipe = f"-{spec.recipe_name}" if spec.recipe_name and spec.role == "student" else ""
-    return f"tskd-{spec.method}-{pair}{recipe}-seed{spec.seed}"
+    return f"tskd-{spec.variant or spec.method}-{pair}{recipe}-seed{spec.seed}"
 
 
 def submission_folder(spec: RunSpec) -> Path:

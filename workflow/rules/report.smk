@@ -2,6 +2,7 @@
 import json
 
 from tskd.plots import plot_files
+from tskd.study import study_files
 
 PLOTS = plot_files(P)
 
@@ -21,6 +22,8 @@ rule report:
         summary=[str(f) for f in summary_files(P)],
         # The plots, also pages of `snakemake --report report.html`.
         plots=[report(str(f), category="Plots", labels={"plot": f.stem}) for f in PLOTS.values()],
+        # A preset with TSKD variants: the ablation study's table and plots (tskd.study).
+        study=[report(str(f), category="Study", labels={"file": f.name}) for f in study_files(P)],
     params:
         key=REPORT_KEY,
         # The whole preset, for the command; a function of `output`, so not a rerun trigger.

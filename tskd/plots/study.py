@@ -1,0 +1,58 @@
+"""The ablation study's plots (tskd.study): each variant's paired difference to the default TSKD,
+and the forecaster's predictability by review epoch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from tskd.config import Preset
+from tskd.plots.curves import _seed_band
+from tskd.plots.runs import Runs
+
+
+def _panels(p: Preset) -> list[tuple[str, str]]:
+    return [(recipe, q.name) for recipe in p.student_recipes for q in p.pairs]
+
+
+def accuracy_figure(p: Preset, rows: list[dict[str, Any]]) -> Figure:
+    """One panel per (recipe, pair): a bar per variant at its mean per-seed difference, ± its std."""
+    panels = _panels(p)
+    fig = Figure(figsize=(7, 2.8 * len(panels)), layout="constrained")
+    for ax, (recipe, pair) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels, strict=True):
+        sel = [r for r in rows if (r["recipe"], r["pair"]) == (recipe, pair) and r["diff_mean"] is not None]
+        ys = list(range(len(sel)))
+        ax.barh(ys, [r["diff_mean"] for r in sel], xerr=[r["diff_std"] or 0.0 for r in sel], capsize=3,
+                color=["tab:red" if r["diff_mean"] < 0 else "tab:green" for r in sel])
+        ax.set_yticks(ys, [f"{r['variant']} (n={r['paired_n']})" for r in sel])
+        ax.invert_yaxis()  # the preset's order from the top
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("best top-1 − tskd's, same seed (points)")
+        ax.set_title(f"{pair}, recipe {recipe}", fontsize=9)
+    fig.suptitle(f"{p.preset}: variants vs default TSKD (mean ± std over seeds)")
+    return fig
+
+
+def predictability_figure(p: Preset, runs: Runs) -> Figure:
+    """Forecast MSE ÷ last-increment MSE by review epoch, one line per TSKD entry (band: min..max over seeds)."""
+    panels = _panels(p)
+    fig = Figure(figsize=(7, 3 * len(panels)), layout="constrained")
+    for ax, (recipe, pair) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels, strict=True):
+        drawn = False
+        for name in p.methods:
+            sel = runs.students.get((recipe, pair, name), [])
+            if any(r.get("train_predictability") is not None for m in sel for r in m["history"]):
+                _seed_band(ax, sel, "train_predictability", name, marker="o", markersize=3)
+                drawn = True
+        if drawn:
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no run of this preset logs train_predictability", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("forecast MSE / last-increment MSE")
+        ax.set_title(f"{pair}, recipe {recipe}", fontsize=9)
+    fig.suptitle(f"{p.preset}: how well the forecast matches the target (< 1: better than the last increment)")
+    return fig
