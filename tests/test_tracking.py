@@ -102,3 +102,39 @@ def test_a_store_that_fails_on_resume_raises_instead_of_starting_a_duplicate_run
         assert len(client.search_runs([client.get_experiment_by_name("resume").experiment_id])) == 1
         # A genuine "not found" (a run deleted for good) starts a new run.
         assert not again._exists("0" * 32)
+
+
+def _log_at_once(uri: str, run_id: str, barrier) -> None:
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from tskd.tracking_runs import log_dataset
+
+    logging.disable(logging.CRITICAL)
+    client = MlflowClient(uri)
+    barrier.wait()
+    log_dataset(client, run_id, "synthetic-cifar100", "cifar100 manifest sha256:00", None, {"train": 1})
+
+
+def test_jobs_that_start_together_all_log_their_dataset(tmp_path):
+    """Six jobs log the same dataset at once (as a DAG's parallel jobs do): the store takes the dataset's row
+    from one of them and refuses the others' (a unique key); each must still end linked to it."""
+    import multiprocessing as mp
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("race")
+    runs = [client.create_run(exp).info.run_id for _ in range(6)]
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(len(runs))
+    procs = [ctx.Process(target=_log_at_once, args=(uri, r, barrier)) for r in runs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * len(runs)
+    assert [[d.dataset.name for d in client.get_run(r).inputs.dataset_inputs] for r in runs] == \
+        [["synthetic-cifar100"]] * len(runs)

@@ -177,11 +177,28 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, identity: str, roo
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
+    from tskd.tracking import _retry
+
     # MLflow shows a short digest; the whole identity string stays in the run's params (data_identity).
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": root or ""}),
                  profile=json.dumps(counts | {"identity": identity}))
-    client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "train")])])
+    inputs = [DatasetInput(ds, tags=[InputTag("mlflow.data.context", "train")])]
+    # Jobs that start together insert the same dataset row (one per experiment, name and digest) at once:
+    # the store refuses all but the first (a unique-key violation). The row is there by then, and a
+    # second try only links this run to it.
+    for attempt in range(3):
+        try:
+            return _retry(lambda: client.log_inputs(run_id, datasets=inputs))
+        except Exception as e:
+            if attempt == 2 or not _same_row_inserted(e):
+                raise
+
+
+def _same_row_inserted(e: Exception) -> bool:
+    """A unique-key violation, as SQLite, MySQL/MariaDB and PostgreSQL word it."""
+    text = str(e)
+    return any(s in text for s in ("UNIQUE constraint failed", "Duplicate entry", "duplicate key value"))
 
 
 def log_model(client: MlflowClient, exp_id: str, run_id: str, name: str, artifact: str, step: int,
