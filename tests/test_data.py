@@ -334,3 +334,17 @@ def test_augmentation_parts_are_separate(parts):
     names = [type(t).__name__ for t in train_transform("cifar100", parts).transforms]
     assert names[:-2] == [{"crop": "RandomCrop", "flip": "RandomHorizontalFlip"}[p] for p in parts]
     assert names[-2:] == ["ToTensor", "Normalize"]
+
+
+def test_a_staged_dataset_directory_is_all_or_nothing(tmp_path):
+    from tskd.data.integrity import staged_dir
+
+    target = tmp_path / "data"
+    with pytest.raises(RuntimeError), staged_dir(target) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("the writer died")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the partial directory is left
+    with staged_dir(target) as tmp:
+        (tmp / "whole").write_text("x")
+    assert [p.name for p in tmp_path.iterdir()] == ["data"] and (target / "whole").is_file()
+    assert target.stat().st_mode & 0o777 == 0o755

@@ -8,12 +8,13 @@ The JSON is written with sorted keys and no timestamps, so equal inputs give equ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "file_record",
     "holds_current",
     "install_dir",
+    "staged_dir",
     "read_manifest",
     "sha256_file",
     "verify_manifest",
@@ -159,3 +161,25 @@ def install_dir(tmp: Path, target: Path) -> None:
     os.rename(target, old / target.name)
     os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, same: Callable[[], bool] | None = None) -> Iterator[Path]:
+    """A new directory beside ``target`` to write a dataset into: installed as ``target`` when the
+    block ends (``install_dir``), removed when it raises, so no half-written ``target`` ever exists.
+    ``same``: whether a ``target`` that a concurrent writer installed meanwhile holds the same data;
+    then theirs is kept (without it, their install is an error)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is meant to be shared
+        yield tmp
+        try:
+            install_dir(tmp, target)
+        except OSError:
+            if same is None or not same():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

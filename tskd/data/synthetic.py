@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tskd.data.integrity import DatasetError, holds_current, install_dir, write_manifest
+from tskd.data.integrity import DatasetError, holds_current, staged_dir, write_manifest
 
 BASE_FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
@@ -274,10 +272,10 @@ def write_synthetic_cifar100(root: str | Path, *, seed: int, train_per_class: in
     if holds_current(target, params, required=FILES, what="real CIFAR-100"):
         return target
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BASE_FOLDER}.partial-", dir=root))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is meant to be shared
+    # A concurrent writer may install its copy between our check and our rename: theirs is kept if
+    # it is the same data.
+    with staged_dir(target, same=lambda: holds_current(target, params, required=FILES,
+                                                      what="real CIFAR-100")) as tmp:
         arrays = synthetic_cifar100_arrays(seed=seed, train_per_class=train_per_class,
                                            test_per_class=test_per_class, nuisance=nz)
         for split, (labels, data) in arrays.items():
@@ -285,15 +283,4 @@ def write_synthetic_cifar100(root: str | Path, *, seed: int, train_per_class: in
         meta = {"fine_label_names": list(FINE_LABEL_NAMES), "coarse_label_names": list(COARSE_LABEL_NAMES)}
         _write_file(tmp / "meta", pickle.dumps(meta, protocol=PICKLE_PROTOCOL))
         write_manifest(tmp, FILES, params=params)
-        try:
-            install_dir(tmp, target)
-        except OSError:
-            # A concurrent writer installed its copy between our check and our rename: keep
-            # theirs if it is the same data.
-            if not holds_current(target, params, required=FILES, what="real CIFAR-100"):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

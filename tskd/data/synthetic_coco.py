@@ -27,9 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from tskd.data.integrity import DatasetError, holds_current, install_dir, write_manifest
+from tskd.data.integrity import DatasetError, holds_current, staged_dir, write_manifest
 from tskd.io import atomic_write_bytes
 
 GENERATOR_VERSION = 1
@@ -302,18 +299,11 @@ def write_synthetic_coco(root: str | Path, *, seed: int, train_images: int, val_
         return root
     files = synthetic_coco_files(seed=seed, train_images=train_images, val_images=val_images,
                                  image_size=image_size, categories=categories)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is meant to be shared
+    with staged_dir(root) as tmp:
         for rel, data in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
         write_manifest(tmp, files, params=params)
-        install_dir(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

@@ -11,14 +11,11 @@ parameters; equal parameters give equal bytes, and the directory is written atom
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from tskd.data.integrity import DatasetError, holds_current, install_dir, write_manifest
+from tskd.data.integrity import DatasetError, holds_current, staged_dir, write_manifest
 
 GENERATOR_VERSION = 1
 META_FILE = "meta.bin"
@@ -60,10 +57,7 @@ def write_synthetic_imagenet(root: str | Path, *, seed: int, classes: int, train
     if holds_current(root, params, required=(META_FILE,), what="a real ImageNet"):
         return root
     arrays = synthetic_cifar100_arrays(seed=seed, train_per_class=train_per_class, test_per_class=val_per_class)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is meant to be shared
+    with staged_dir(root) as tmp:
         files = []
         val_wnids = []
         for split, (labels, data) in (("train", arrays["train"]), ("val", arrays["test"])):
@@ -88,8 +82,4 @@ def write_synthetic_imagenet(root: str | Path, *, seed: int, classes: int, train
         torch.save((wnid_to_classes, [w for _, w in sorted(val_wnids)]), tmp / META_FILE)
         files.append(META_FILE)
         write_manifest(tmp, files, params=params)
-        install_dir(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
