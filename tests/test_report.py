@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from tskd.config import parse_preset
 from tskd.grid import student_dir, student_jobs, teacher_dir
@@ -133,6 +134,19 @@ def _train_history(offset: float, review: bool) -> list[dict]:
     return rows
 
 
+def _write_evolution(d) -> None:
+    """Two watched images, two memory nodes, one tap: the maps grow brighter from node to node."""
+    import numpy as np
+    import torch
+
+    from tskd.evolution import write_evolution
+
+    ramp = torch.linspace(0, 1, 64).view(8, 8)
+    records = [{"epoch": e, "label": f"M{e}", "maps": {"tap0": torch.stack([ramp * e, ramp.T * e])}} for e in (1, 2)]
+    images = np.full((2, 8, 8, 3), 128, dtype=np.uint8)
+    write_evolution(d / "evolution.npz", images, [0, 5], {"tap0": torch.stack([ramp, ramp.T])}, records)
+
+
 def _write_tskd_runs(p, teacher_top1: float) -> None:
     d = teacher_dir(p, "resnet20")
     d.mkdir(parents=True)
@@ -146,6 +160,8 @@ def _write_tskd_runs(p, teacher_top1: float) -> None:
         if job.method == "tskd":
             grid = [[0.1 * (i + j) for j in range(8)] for i in range(8)]
             m["capture"] = {"epoch": 3, "tap": 0, "frames": [grid, grid], "forecast": grid, "target": grid}
+            if job.seed == 0:  # seed 1's is missing: its grid says so
+                _write_evolution(d)
         (d / "metrics.json").write_text(json.dumps(m))
         (d / "eval.json").write_text(json.dumps({"top1": m["last_top1"]}))
 
@@ -172,10 +188,15 @@ def test_report_in_the_papers_shape_with_delta_to_kd_and_plots(tmp_path):
     assert {f.name for f in files.values()} == {
         "teachers-test_top1.png", "student-resnet20-resnet8-test_top1.png", "student-vanilla-losses.png",
         "student-tskd-losses.png", "student-kd-losses.png", "student-tskd-review_loss.png",
-        "student-resnet20-resnet8-tskd-attention.png"}
+        "student-resnet20-resnet8-tskd-attention.png", "student-resnet20-resnet8-tskd-seed0.png",
+        "student-resnet20-resnet8-tskd-seed1.png"}
     for f in files.values():
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000, f
-        assert f"(plots/{f.name})" in md
+        assert f"(plots/{f.relative_to(p.out / 'plots').as_posix()})" in md
+    # A TSKD run's grid: the image and tap row, a column per memory node and the teacher's; a run
+    # without its evolution.npz gets a figure that says so (it is declared, so it is drawn).
+    seed0, seed1 = (Image.open(files[f"#evolution/student/resnet20-resnet8/tskd/{s}"]) for s in (0, 1))
+    assert seed0.size[0] >= 4 * 100 and seed0.size[1] >= 2 * 100 and seed1.size == (600, 200)
     # Drawn from the same runs, the plots are the same bytes (DVC outputs, hashed).
     before = {f: f.read_bytes() for f in files.values()}
     write_report(p)

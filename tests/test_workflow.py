@@ -103,7 +103,9 @@ def test_smoke_report_and_plots_show_every_method(smoke_repo):
     assert {int(r["best_epoch"]) for r in rows if r["pair"] != "teacher"} <= {1, 2, 3}  # as the logs: 1..3
     files = plot_files(p).values()
     for f in files:
-        assert (smoke_repo / f).read_bytes()[:4] == b"\x89PNG" and f"(plots/{f.name})" in md
+        assert (smoke_repo / f).read_bytes()[:4] == b"\x89PNG" and f"({f.relative_to(p.out).as_posix()})" in md
+    grids = [f for f in files if f.parent.name == "evolution"]  # TSKD's feature-map evolution, one per seed
+    assert len(grids) == len(p.seeds) and all("-tskd-seed" in f.name for f in grids)
     tskd = json.loads((smoke_repo / "results/smoke/students/student/tskd/resnet20-resnet8/seed0/metrics.json")
                       .read_text())
     assert tskd["capture"]["epoch"] == 3 and len(tskd["capture"]["frames"]) == 2  # k=2, first review: epoch 3

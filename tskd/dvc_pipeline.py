@@ -24,6 +24,7 @@ import yaml
 
 from tskd import grid
 from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, VARIANT_KEY, ParamsError, Preset, RecipeCfg, TrainCfg
+from tskd.evolution import EVOLUTION_FILE, evolution_files, keeps_evolution
 from tskd.plots import plot_files
 from tskd.report import summary_files
 from tskd.study import study_files
@@ -213,9 +214,11 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
         keys, defaults = _run_keys(p, raw, job.recipe, method, layers)
         if method != job.method:  # a variant: the registered method it runs is a param of its own
             keys.append(f"methods.{job.method}.{VARIANT_KEY}")
+        # The evolution file: written by the same job, not a Snakemake target (tskd.evolution).
+        extra = [str(d / EVOLUTION_FILE)] if keeps_evolution(p, job) else []
         out.append(Stage(f"train-{tag}", "student", files, inputs,
                          deps=_data_deps(p) + teacher + _backbone_deps(p, job.pair.student), params=keys,
-                         outs=files, persist=True, curve=job.method, defaults=defaults))
+                         outs=files + extra, persist=True, curve=job.method, defaults=defaults))
         evals.append(Stage(f"eval-{tag}", "evaluate", [str(d / "eval.json")], [files[0]],
                            deps=_data_deps(p) + [files[0]], params=keys, outs=[str(d / "eval.json")],
                            defaults=defaults))
@@ -227,7 +230,9 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
                         *(f"train.{f}" for f in _fields("train", TrainCfg)))
     files = [str(p.out / "report.md"), str(p.out / "report.csv")]
     plots = [str(f) for f in plot_files(p).values()] + [str(f) for f in study_files(p)]
-    out.append(Stage("report", "report", [*files, *summary, *plots], results, deps=results, params=report_keys,
+    evolution = [str(f) for f in evolution_files(p)]
+    out.append(Stage("report", "report", [*files, *summary, *plots], results, deps=results + evolution,
+                     params=report_keys,
                      outs=files + plots, metrics=summary))
     return out
 

@@ -112,9 +112,14 @@ def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None =
                     "pipeline's plumbing and say nothing about how the methods compare.", ""]
     warnings = teacher_warnings(p, rows)
     out += [*(w for line in warnings for w in (line, "")), *paper_tables(p, rows, official)]
+    grids = [f for f in plots if f.parent.name == "evolution"]  # one per run: linked, not shown inline
     if plots:
         out += ["## Plots", "", "PNG files beside this report, in `plots/` (readable offline).", "",
-                *(f"![{f.stem}](plots/{f.name})" for f in plots), ""]
+                *(f"![{f.stem}](plots/{f.name})" for f in plots if f not in grids), ""]
+    if grids:
+        out += ["### Feature-map evolution", "", "Per TSKD run: the student's attention maps of fixed test images at "
+                "each memory node, then the teacher's (docs/method.md, \"Feature-map evolution\").", "",
+                *(f"- [{f.stem}](plots/evolution/{f.name})" for f in grids), ""]
     out += ["# Every figure, by run kind", ""]
     pub = " published |" if official else ""
     teachers = [r for r in rows if r["pair"] == "teacher"]

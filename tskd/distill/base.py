@@ -71,6 +71,23 @@ class Distiller(nn.Module):
         every epoch; what it returns must not depend on, or change, anything the run computes."""
         return None
 
+    def evolution_images(self) -> int:
+        """How many fixed test images the method follows through training (0: none). The trainer
+        then calls ``watch`` once with them and ``take_evolution`` after every epoch."""
+        return 0
+
+    def watch(self, images: Tensor) -> dict[str, Tensor]:
+        """Start following ``images`` (a batch of the test split, on the run's device); returns the
+        reference maps to show beside the evolution (TSKD: the teacher's attention maps), by name,
+        each (N, H, W) on the CPU. Must not change anything the run computes."""
+        return {}
+
+    def take_evolution(self) -> list[dict[str, Any]]:
+        """What the method recorded of the watched images since the last call: one entry per record,
+        ``{"epoch": 1-based epoch, "label": str, "maps": {name: (N, H, W) CPU tensor}}`` (TSKD: the
+        student's attention maps at each memory node). Taking them clears them."""
+        return []
+
     # Measurements that are not loss terms come through their own channel, not as entries of
     # forward_train's dict: that dict is "the terms to sum" for the trainer, the benchmarks and the
     # tests alike, and a measurement in it would be added to the loss wherever a caller summed it.

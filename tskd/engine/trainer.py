@@ -161,9 +161,26 @@ class Trainer:
         self.partial: dict[str, Any] | None = None  # how far into start_epoch a checkpoint got
         self.history: list[dict[str, Any]] = []
         self.capture: dict[str, Any] | None = None  # see _keep_capture
+        self.evolution: list[dict[str, Any]] = []  # see _watch
         self.run_id: str | None = None
         self._orphans: list[str | None] = []  # MLflow runs of attempts that will not be continued
         self._resume()
+        self._watched = self._watch()
+
+    def _watch(self) -> dict[str, Any] | None:
+        """Hand the method its fixed test images, if it follows any (``Distiller.watch``): spread evenly
+        over the test split, taken with its deterministic test transform (no RNG is drawn). On the
+        main rank only: the others write no files."""
+        n = self.distiller.evolution_images() if self.world.main else 0
+        if not n:
+            return None
+        from tskd.evolution import shown_images, watched_indices
+
+        indices = watched_indices(len(self.data.test), n)
+        images = torch.stack([self.data.test[i][0] for i in indices])
+        reference = self.distiller.watch(self.rt.place_batch(images))
+        return {"indices": indices, "images": shown_images(images, self.data.mean, self.data.std),
+                "reference": reference}
 
     def _compile_networks(self) -> None:
         """torch.compile the student's and the teacher's forwards, in place (``Module.compile``: the
@@ -215,6 +232,7 @@ class Trainer:
         self.partial = state.get("partial")
         self.history = state["history"]
         self.capture = state.get("capture")
+        self.evolution = state.get("evolution", [])
         self.run_id = state.get("mlflow_run_id")
         log.info("resuming %s at epoch %d%s", self.out, self.start_epoch + 1,
                  f" step {self.partial['step'] + 1}" if self.partial else "")
@@ -226,7 +244,7 @@ class Trainer:
             return
         zeroed = [i for i, p in enumerate(self.params) if p.grad is not None] if self.keep_zeroed else []
         save_checkpoint(self.ckpt_path, {"key": self.key, "epoch": epochs_done, "partial": partial,
-                                         "history": self.history, "capture": self.capture,
+                                         "history": self.history, "capture": self.capture, "evolution": self.evolution,
                                          "distiller": self.distiller.state_dict(),
                                          "optimizer": self.optimizer.state_dict(), "zeroed_grads": zeroed,
                                          "mlflow_run_id": self.run_id, "spec": self.spec.model_dump(mode="json")})
@@ -332,6 +350,7 @@ class Trainer:
         captured = self.distiller.take_capture()
         if captured is not None and self.capture is None:
             self.capture = {"epoch": epoch + 1, **captured}
+        self.evolution += self.distiller.take_evolution()  # kept in the checkpoints: a resume goes on with them
 
     # -- the run ----------------------------------------------------------------------------
     def _start_tracking(self):
@@ -386,6 +405,13 @@ class Trainer:
             export_model(self.out / "model.pt", self.distiller.student, arch=spec.arch,
                          num_classes=self.data.num_classes, epoch=spec.recipe.epochs,
                          accuracy=metrics[f"last_{self.task.best}"], method=spec.method, input_spec=self.input_spec)
+            from tskd.evolution import EVOLUTION_FILE, write_evolution
+
+            if self._watched is not None:
+                w = self._watched
+                write_evolution(self.out / EVOLUTION_FILE, w["images"], w["indices"], w["reference"], self.evolution)
+            else:  # an earlier run's in this directory (with other params) must not pass for this one's
+                (self.out / EVOLUTION_FILE).unlink(missing_ok=True)
             atomic_write_json(self.out / "metrics.json", metrics)
             # The run is complete: its checkpoint must never stand in for a later run asked of this
             # directory (forced, or with other inputs), which trains from the start instead.
@@ -395,6 +421,8 @@ class Trainer:
                                      for f in self.task.figures}, step=spec.recipe.epochs)
                 tracker.log_artifact(self.out / "metrics.json")
                 tracker.log_artifact(self.out / "model.pt")
+                if self._watched is not None:
+                    tracker.log_artifact(self.out / EVOLUTION_FILE)
                 tracker.finish("FINISHED")
             return metrics
         except BaseException:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tskd.config import Preset
+from tskd.evolution import keeps_evolution
+from tskd.grid import student_jobs
 from tskd.plots.runs import Runs, read_runs
 from tskd.tasks import task_of
 
@@ -33,6 +35,10 @@ def plot_files(p: Preset) -> dict[str, Path]:
             out[f"{recipe}/tskd/review"] = d / f"{recipe}-tskd-review_loss.png"
             for q in p.pairs:
                 out[f"{recipe}/{q.name}/tskd/attention"] = d / f"{recipe}-{q.name}-tskd-attention.png"
+    for job in student_jobs(p):  # one grid per run that follows fixed test images (tskd.evolution)
+        if keeps_evolution(p, job):
+            name = f"{job.recipe}-{job.pair.name}-{job.method}-seed{job.seed}"
+            out[f"#evolution/{job.recipe}/{job.pair.name}/{job.method}/{job.seed}"] = d / "evolution" / f"{name}.png"
     return out
 
 
@@ -40,13 +46,16 @@ def write_plots(p: Preset) -> list[Path]:
     """Draw every plot of ``plot_files`` (each written to a temporary name, then renamed)."""
     from tskd.plots.attention import attention_figure
     from tskd.plots.curves import losses_figure, main_figure, review_figure, save, teachers_figure
+    from tskd.plots.evolution import evolution_figure
 
     runs = read_runs(p)
     task = task_of(p.dataset.name)
     files = plot_files(p)
     for key, path in files.items():
         parts = key.split("/")
-        if key == "teachers":
+        if parts[0] == "#evolution":
+            fig = evolution_figure(p, *parts[1:4], int(parts[4]))
+        elif key == "teachers":
             fig = teachers_figure(p, runs, task)
         elif parts[-1] == f"test_{task.best}":
             fig = main_figure(p, runs, task, parts[0], parts[1])

@@ -23,6 +23,7 @@ from tskd.distill.registry import register_method
 from tskd.distill.tskd.attention import attention_map, increment_sequence, raw_sequence, review_target
 from tskd.distill.tskd.compiled import check_compiles, maybe_compiled
 from tskd.distill.tskd.convlstm import IncrementForecaster, auto_hidden, forecast
+from tskd.distill.tskd.evolution import MapEvolution
 from tskd.distill.tskd.lifecycle import ReviewSchedule
 from tskd.distill.tskd.memory import SnapshotMemory
 from tskd.distill.tskd.prefix import TapPrefix
@@ -94,6 +95,11 @@ class TSKDParams(MethodParams):
         "summed over the branches as the review loss is: the history's train_forecast_mse, "
         "train_last_increment_mse and their ratio train_predictability (< 1: the forecast beats 'no change'). "
         "Changes no number of the run")
+    evolution_images: int = Field(
+        4, ge=0, le=64, description="how many fixed test images (spread evenly over the test split) to follow: "
+        "at every memory node the snapshot's attention maps of them, at every branch's tap, go to the run's "
+        "evolution.npz, and the report draws them as a grid (plots/evolution/). 0: none. Changes no number of "
+        "the run")
     compile: bool = Field(
         False, description="run the snapshot forwards and the attention maps as torch.compile'd kernels (fused "
         "BatchNorm/ReLU/attention passes): the same math up to float rounding, a review step 6-23% faster on "
@@ -137,6 +143,9 @@ class TSKD(ReviewSchedule, Distiller):
         self._prefix = TapPrefix(student, max(params.taps), ctx.image_size, params.snapshot_bn == "train")
         self._compile_checked = False
         self._capture: dict[str, Any] | None = None  # see take_capture
+        self._tap_sizes = [tuple(s_taps[i][-2:]) for i in params.taps]
+        self._evolution = MapEvolution(student, params.taps, ctx.image_size, params.at_norm) \
+            if params.evolution_images else None
         # The review step calls these two: the methods below, compiled when params.compile.
         self._frames_and_target = maybe_compiled(self._branch_inputs, params.compile, "the attention maps")
         # Attention maps inside the compiled region: their squares and norms fuse with the last
@@ -173,6 +182,30 @@ class TSKD(ReviewSchedule, Distiller):
             check_compiles(next(self.student.parameters()).device)
             self._compile_checked = True
         self.check_memory_for(epoch)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        super().on_epoch_end(epoch)  # stores a memory node's snapshot
+        node = self._node(epoch)
+        if self._evolution is not None and node.kind == "memory":
+            self._evolution.record(self.memory.slot(node.slot), epoch, node.slot)
+
+    def evolution_images(self) -> int:
+        return self.params.evolution_images
+
+    def watch(self, images: Tensor) -> dict[str, Tensor]:
+        if self._evolution is None:
+            return {}
+        self._evolution.images = images
+        teacher, was_training = self.teacher, self.teacher.training
+        teacher.eval()  # running statistics, and a train-mode teacher (teacher_bn) must not update them
+        try:
+            _, t_taps = self.teacher_forward(images)
+        finally:
+            teacher.train(was_training)
+        return self._evolution.reference(t_taps[self._teacher_taps], self._tap_sizes)
+
+    def take_evolution(self) -> list[dict[str, Any]]:
+        return self._evolution.take() if self._evolution is not None else []
 
     def forward_train(self, images, labels, epoch, indices=None):
         p = self.params

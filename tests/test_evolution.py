@@ -1,0 +1,105 @@
+"""Feature-map evolution (tskd.evolution, tskd.distill.tskd.evolution): a TSKD run's attention maps of
+fixed test images at each memory node, in evolution.npz; that following them changes no number of the
+run; that a resumed run ends with the same file; and the grid the report draws of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tskd.distill.tskd.attention import attention_map
+from tskd.engine.loaders import build_run_data
+from tskd.evolution import EVOLUTION_FILE, read_evolution, watched_indices
+from tskd.models import create_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+@pytest.fixture
+def teacher_path(make_spec):
+    from tskd.engine.trainer import train
+
+    teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
+    train(teacher, track=False)
+    return str(Path(teacher.out_dir) / "model.pt")
+
+
+def _spec(make_spec, teacher_path, out, **params):
+    # Nodes every epoch, k 2: memory M1, M2 | review | memory M1 (the last epoch, so model.pt is that snapshot).
+    return make_spec(out=out, method="tskd", teacher_arch="resnet8", teacher_path=teacher_path,
+                     method_params={"delta": 1, "k": 2, **params}, recipe={"epochs": 4, "milestones": [3]})
+
+
+def test_watched_images_spread_over_the_split():
+    assert watched_indices(100, 4) == [0, 25, 50, 75]
+    assert watched_indices(3, 8) == [0, 1, 2]  # a split smaller than asked for: all of it
+
+
+def test_memory_nodes_maps_of_fixed_images(make_spec, teacher_path):
+    from tskd.engine.trainer import train
+
+    spec = _spec(make_spec, teacher_path, "tskd", evolution_images=3)
+    m = train(spec, track=False)
+    ev = read_evolution(Path(spec.out_dir) / EVOLUTION_FILE)
+    assert ev["epochs"].tolist() == [1, 2, 4] and ev["labels"].tolist() == ["M1", "M2", "M1"]
+    assert ev["names"] == ["tap0", "tap1", "tap2"]
+    data = build_run_data(spec.dataset, spec.recipe)
+    assert ev["indices"].tolist() == watched_indices(len(data.test), 3)
+    assert ev["images"].shape == (3, 32, 32, 3) and ev["images"].dtype == np.uint8 and ev["images"].std() > 10
+    shapes = {"tap0": (32, 32), "tap1": (32, 32), "tap2": (16, 16)}  # resnet8: stem, stage 1, stage 2
+    for name, hw in shapes.items():
+        maps = ev[f"maps/{name}"].astype(np.float32)
+        assert maps.shape == (3, 3, *hw) and ev[f"reference/{name}"].shape == (3, *hw)
+        assert (maps >= 0).all() and np.abs(maps[0] - maps[2]).max() > 1e-3  # the student changed
+    # The last epoch was a memory node, so its record is the exported model's maps, in eval mode.
+    student = create_model("resnet8", num_classes=data.num_classes)
+    student.load_state_dict(torch.load(Path(spec.out_dir) / "model.pt", weights_only=True)["model"])
+    images = torch.stack([data.test[i][0] for i in ev["indices"]])
+    with torch.no_grad():
+        feats = student.eval()(images)[1]["feats"]
+    for tap in (0, 1, 2):
+        want = attention_map(feats[tap])[:, 0].numpy()
+        np.testing.assert_allclose(ev[f"maps/tap{tap}"][2].astype(np.float32), want, atol=2e-3, rtol=2e-3)
+    # The teacher's maps: resnet8's pre-activation taps, here at the student's resolution already.
+    teacher = create_model("resnet8", num_classes=data.num_classes)
+    teacher.load_state_dict(torch.load(teacher_path, weights_only=True)["model"])
+    with torch.no_grad():
+        t_feats = teacher.eval()(images)[1]["preact_feats"]
+    np.testing.assert_allclose(ev["reference/tap2"].astype(np.float32), attention_map(t_feats[2])[:, 0].numpy(),
+                               atol=2e-3, rtol=2e-3)
+
+    # Following the images changes nothing the run computes.
+    quiet = train(_spec(make_spec, teacher_path, "quiet", evolution_images=0), track=False)
+    assert not (Path(make_spec(out="quiet").out_dir) / EVOLUTION_FILE).exists()
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in m["history"]]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in quiet["history"]]
+    a = torch.load(Path(spec.out_dir) / "model.pt", weights_only=True)["model"]
+    b = torch.load(Path(make_spec(out="quiet").out_dir) / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_writes_the_same_evolution(make_spec, teacher_path, monkeypatch):
+    from tests.test_tskd import _kill_at
+    from tskd.engine import trainer as trainer_mod
+
+    whole = _spec(make_spec, teacher_path, "whole", evolution_images=2)
+    trainer_mod.train(whole, track=False)
+    resumed = _spec(make_spec, teacher_path, "resumed", evolution_images=2)
+    _kill_at(monkeypatch, trainer_mod, 3, lambda: trainer_mod.train(resumed, track=False))  # after M1, M2, review
+    trainer_mod.train(resumed, track=False)
+    a, b = (read_evolution(Path(s.out_dir) / EVOLUTION_FILE) for s in (whole, resumed))
+    assert a["names"] == b["names"] and a["epochs"].tolist() == [1, 2, 4]
+    for key in a:
+        if key != "names":
+            assert np.array_equal(a[key], b[key]), key
+
+
+def test_long_runs_show_evenly_spaced_nodes():
+    from tskd.plots.evolution import shown_nodes
+
+    assert shown_nodes(5) == [0, 1, 2, 3, 4]
+    picked = shown_nodes(36)  # 240 epochs, delta 5, k 3
+    assert len(picked) == 12 and picked[0] == 0 and picked[-1] == 35 and picked == sorted(set(picked))
