@@ -21,7 +21,7 @@ from tskd.dvc_pipeline import stages
 from tskd.grid import student_dir, student_jobs, teacher_dir
 from tskd.plots.runs import read_runs
 from tskd.report import write_report
-from tskd.study import cost_panels, study_files, study_rows, varied_only_in
+from tskd.study import cost_panels, study_files, study_rows, tskd_params, varied_only_in
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,6 +181,9 @@ def test_ablation_presets_validate(tmp_path):
         assert "tskd" in p.methods and study_files(p)
     full = load_preset(REPO / "params/ablations.yaml")
     assert full.seeds == [0, 1, 2] and [q.name for q in full.pairs] == ["resnet32x4-resnet8x4"]
+    params = tskd_params(full, full.student_recipes[0], full.pairs[0])  # the cost curves' entries
+    assert varied_only_in(params, "k") == ["tskd_k1", "tskd_k2", "tskd", "tskd_k4"]
+    assert varied_only_in(params, "delta") == ["tskd_d2", "tskd", "tskd_d10"]
 
 
 def test_ablations_smoke_study_end_to_end(tmp_path):

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tskd.config import Preset
+from tskd.config import PairCfg, Preset
 from tskd.io import atomic_write_text
 from tskd.plots.runs import Runs, read_runs
 from tskd.tasks import task_of
@@ -108,10 +108,17 @@ def varied_only_in(params: dict[str, dict[str, Any]], key: str, base: str = BASE
     return sorted(names, key=lambda n: params[n][key])
 
 
+def tskd_params(p: Preset, recipe: str, pair: PairCfg) -> dict[str, dict[str, Any]]:
+    """Every TSKD entry's effective params for one (recipe, pair): defaults, overrides and all."""
+    from tskd.grid import effective_method_params  # imports torch: only where the plots are made
+
+    return {n: effective_method_params(BASELINE, p.method_params(n, pair, recipe), p.dataset.name)
+            for n in p.methods if p.registered(n) == BASELINE}
+
+
 def cost_panels(p: Preset, rows: list[dict[str, Any]]) -> list[Any]:
     """The cost figure's panels: review-epoch time ÷ KD against k, whole-run time ÷ KD against δ, one
     curve per (recipe, pair) through the entries that change that param alone."""
-    from tskd.grid import effective_method_params  # imports torch: only where the plots are made
     from tskd.plots.study import CostPanel
 
     axes = {"k": ("k", "review epoch time ÷ KD's", "review_epoch_ratio"),
@@ -120,8 +127,7 @@ def cost_panels(p: Preset, rows: list[dict[str, Any]]) -> list[Any]:
     entries = dict.fromkeys(axes, 0)  # the most entries that change the param alone, in any (recipe, pair)
     for recipe in p.student_recipes:
         for q in p.pairs:
-            params = {n: effective_method_params(BASELINE, p.method_params(n, q, recipe), p.dataset.name)
-                      for n in p.methods if p.registered(n) == BASELINE}
+            params = tskd_params(p, recipe, q)
             by = {r["variant"]: r for r in rows if (r["recipe"], r["pair"]) == (recipe, q.name)}
             for key, (_, _, column) in axes.items():
                 names = varied_only_in(params, key)
