@@ -203,9 +203,11 @@ def test_ablations_smoke_study_end_to_end(tmp_path):
     for name, values in raw["methods"].items():  # TSKD's runs measured how predictable the increments were
         if name == "tskd" or values.get(VARIANT_KEY) == "tskd":
             assert float(rows[name]["predictability"]) > 0, rows[name]
+            assert float(rows[name]["review_epoch_ratio"]) > 0 and float(rows[name]["run_ratio"]) > 0, rows[name]
         assert f"| {name} | {raw['methods'][name].get(VARIANT_KEY, name)} | " in md
     assert (out / "plots/study-accuracy.png").stat().st_size > 0
     assert (out / "plots/study-predictability.png").stat().st_size > 0
+    assert rows["kd"]["run_ratio"] == "1.0" and Image.open(out / "plots/study-cost.png").size[0] > 300
     # The report lists every entry in the preset's order; MLflow has each variant's runs tagged
     # with the registered method and the variant's name, its seeds under a parent of their own.
     best = (out / "report.md").read_text().split("best test top-1")[1]
