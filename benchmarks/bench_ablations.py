@@ -6,9 +6,12 @@ The variants are the TSKD entries of a preset (default ``params/ablations.yaml``
 target, the sequence, the forecaster, the review weight), each timed on the preset's first pair
 with random inputs in interleaved rounds against KD, as ``bench_methods.py`` times methods (its
 ``Bench``). k changes the review step (k snapshot forwards, k ConvLSTM steps); δ only changes how
-many epochs review, so it shows in the whole-run ratio. Not a test:
+many epochs review, so it shows in the whole-run ratio. ``--plot FILE.png`` draws these as curves
+(review step and peak memory ÷ KD against k, whole run ÷ KD against δ, through the entries that change
+that param alone) with the study's own drawing (``tskd.plots.study.cost_figure``). Not a test:
 
-    .venv/bin/python benchmarks/bench_ablations.py [--preset params/ablations.yaml] [--batch 128] [--steps 6]
+    .venv/bin/python benchmarks/bench_ablations.py [--preset params/ablations.yaml] [--batch 128] [--steps 6] \
+        [--plot cost.png]
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import bench_methods as bm  # noqa: E402  (a sibling script, not a package)
 
 from tskd.config import VARIANT_KEY, load_preset  # noqa: E402
 from tskd.distill.tskd.schedule import summarize_schedule  # noqa: E402
+from tskd.plots.curves import save  # noqa: E402
+from tskd.plots.study import CostPanel, cost_figure  # noqa: E402
+from tskd.study import BASELINE, varied_only_in  # noqa: E402
 
 
 def variants(preset_path: str) -> tuple[dict[str, dict], object]:
@@ -38,6 +44,23 @@ def variants(preset_path: str) -> tuple[dict[str, dict], object]:
     return out, p
 
 
+def plot(path: Path, title: str, label: str, measured: dict[str, dict]) -> None:
+    """The measured ratios as the study's cost curves: ``measured`` maps an entry to its effective
+    params and its ratios (``review``, ``whole``, ``memory``: None when not measured)."""
+    params = {name: m["params"] for name, m in measured.items()}
+    axes = [("k", "review step ÷ KD's", "review"), ("delta", "whole run ÷ KD's (from the steps)", "whole")]
+    if all(m["memory"] is not None for m in measured.values()):
+        axes.append(("k", "peak memory at review ÷ KD's", "memory"))
+    panels = []
+    for key, ylabel, ratio in axes:
+        names = varied_only_in(params, key, BASELINE)
+        shown = "δ" if key == "delta" else key
+        panels.append(CostPanel(shown, ylabel, {label: [(params[n][key], measured[n][ratio]) for n in names]},
+                                f"the preset varies only {shown} from {BASELINE} in fewer than two entries"))
+    save(cost_figure(title, panels), path)
+    print(f"\nwrote {path}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="params/ablations.yaml")
@@ -46,6 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--plot", type=Path, help="also draw the ratios against k and δ into this PNG")
     ours = ap.parse_args(argv)
     found, p = variants(ours.preset)
     pair = p.pairs[0]
@@ -77,6 +101,7 @@ def main(argv=None) -> None:
           f"{'peak memory ÷ KD':>18}")
     study = 0.0
     kd_step = statistics.median(times["kd"])
+    measured = {}
     for name, (b, _, params, snapshot_s) in cases.items():
         d = b.d.params
         review = statistics.median(t / k for t, k in zip(times[name], times["kd"], strict=True))
@@ -84,17 +109,22 @@ def main(argv=None) -> None:
         # General and memory epochs run KD's ops; a memory epoch adds one snapshot.
         whole = (counts["general"] + counts["memory"] + counts["review"] * review) / recipe.epochs
         whole += counts["memory"] * snapshot_s / kd_step / (recipe.epochs * steps)
-        mem = ""
+        mem = None
         if mem_kd:
             args_v = bm.parse_args(["--teacher", pair.teacher, "--student", pair.student,
                                     "--batch", str(ours.batch), "--threads", str(ours.threads),
                                     "--epochs", str(recipe.epochs), "--tskd", json.dumps(params)])
-            mem = f"{bm.peak_memory('tskd', 'review', args_v) / mem_kd:.2f}"
+            mem = bm.peak_memory("tskd", "review", args_v) / mem_kd
         study += whole * len(p.seeds)
-        print(f"{name:<18}{d.k:>3}{d.delta:>4}{counts['review']:>9}{review:>18.2f}{whole:>16.3f}{mem:>18}")
+        measured[name] = {"params": d.model_dump(mode="json"), "review": review, "whole": whole, "memory": mem}
+        print(f"{name:<18}{d.k:>3}{d.delta:>4}{counts['review']:>9}{review:>18.2f}{whole:>16.3f}"
+              f"{'' if mem is None else f'{mem:.2f}':>18}")
     kd_runs = len(p.seeds) * (1 + study / len(p.seeds))  # the KD rows, plus every TSKD entry
     print(f"\nthe study ({len(cases)} TSKD entries and KD, {len(p.seeds)} seeds each, one pair): "
           f"{kd_runs:.1f} KD runs of {recipe.epochs} epochs")
+    if ours.plot:
+        plot(ours.plot, f"{p.preset}: TSKD entries ÷ KD, benchmarked (batch {ours.batch}, {ours.steps} rounds)",
+             f"{pair.teacher} → {pair.student}", measured)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 A preset that lists ``tskd`` and variants of it (``methods.<name>.method: tskd``) gets, beside its
 report, ``study.md`` and ``study.csv`` (one row per recipe, pair and method entry, in the preset's
-order) and two plots. Seeds are paired: a variant's run with seed s is compared with ``tskd``'s run
+order) and three plots. Seeds are paired: a variant's run with seed s is compared with ``tskd``'s run
 with seed s (the same data order and initialisation), so the spread of the differences excludes the
 seed-to-seed variation that both share. Only seeds present for both count in the paired columns.
+
+Each row also has its cost ÷ KD, from the runs' own wall-clock ``seconds`` per epoch: its review
+epochs against KD's same epochs, and its whole run. Those runs shared the machine with whatever
+else ran; ``benchmarks/bench_ablations.py`` is the controlled measurement.
 """
 
 from __future__ import annotations
@@ -15,16 +19,18 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tskd.config import Preset
+from tskd.config import PairCfg, Preset
 from tskd.io import atomic_write_text
 from tskd.plots.runs import Runs, read_runs
 from tskd.tasks import task_of
 
 BASELINE = "tskd"  # the default TSKD: the entry every variant is compared with
+KD = "kd"  # the unit of the cost columns
 PREDICTABILITY = "train_predictability"  # forecast MSE / last-increment MSE, per review epoch
+REVIEW = "train_review"  # TSKD's review loss: not None exactly in its review epochs
 
 COLUMNS = ["recipe", "pair", "variant", "method", "n", "best_mean", "best_std", "paired_n", "diff_mean", "diff_std",
-           "predictability"]
+           "predictability", "review_epoch_ratio", "run_ratio"]
 
 
 def study_applies(p: Preset) -> bool:
@@ -39,7 +45,7 @@ def study_files(p: Preset) -> list[Path]:
     if not study_applies(p):
         return []
     return [p.out / "study.md", p.out / "study.csv", p.out / "plots" / "study-accuracy.png",
-            p.out / "plots" / "study-predictability.png"]
+            p.out / "plots" / "study-predictability.png", p.out / "plots" / "study-cost.png"]
 
 
 def _std(xs: list[float]) -> float | None:
@@ -52,12 +58,33 @@ def _predictability(runs: list[dict[str, Any]]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def review_epoch_ratio(runs: list[dict[str, Any]], kd: list[dict[str, Any]]) -> float | None:
+    """Mean seconds of the runs' review epochs ÷ KD's mean at the same epoch numbers (over every seed
+    of each). The same epochs, not KD's average: epoch 1 carries start-up costs (loaders, a compile)
+    that would otherwise weigh on one side only. None without review epochs or KD runs."""
+    review = [(r["epoch"], r["seconds"]) for m in runs for r in m["history"] if r.get(REVIEW) is not None]
+    epochs = {e for e, _ in review}
+    same = [r["seconds"] for m in kd for r in m["history"] if r["epoch"] in epochs]
+    if not review or not same:
+        return None
+    return statistics.fmean(s for _, s in review) / statistics.fmean(same)
+
+
+def run_ratio(runs: list[dict[str, Any]], kd: list[dict[str, Any]]) -> float | None:
+    """Mean over seeds of a run's total seconds ÷ KD's mean total; None without runs of either."""
+    if not runs or not kd:
+        return None
+    total = [sum(r["seconds"] for r in m["history"]) for m in runs]
+    return statistics.fmean(total) / statistics.fmean(sum(r["seconds"] for r in m["history"]) for m in kd)
+
+
 def study_rows(p: Preset, runs: Runs) -> list[dict[str, Any]]:
     key = f"best_{task_of(p.dataset.name).best}"
     rows = []
     for recipe in p.student_recipes:
         for q in p.pairs:
             base = {m["seed"]: m[key] for m in runs.students.get((recipe, q.name, BASELINE), [])}
+            kd = runs.students.get((recipe, q.name, KD), []) if KD in p.methods else []
             for name in p.methods:
                 if name == "vanilla":
                     continue
@@ -68,8 +95,49 @@ def study_rows(p: Preset, runs: Runs) -> list[dict[str, Any]]:
                              "n": len(best), "best_mean": statistics.fmean(best) if best else None,
                              "best_std": _std(best), "paired_n": len(diffs),
                              "diff_mean": statistics.fmean(diffs) if diffs else None, "diff_std": _std(diffs),
-                             "predictability": _predictability(sel)})
+                             "predictability": _predictability(sel),
+                             "review_epoch_ratio": review_epoch_ratio(sel, kd), "run_ratio": run_ratio(sel, kd)})
     return rows
+
+
+def varied_only_in(params: dict[str, dict[str, Any]], key: str, base: str = BASELINE) -> list[str]:
+    """The entries whose effective params equal ``base``'s but for ``key`` (``base`` among them), by
+    their value of ``key``: the points of a curve that changes that param alone."""
+    rest = {k: v for k, v in params[base].items() if k != key}
+    names = [n for n, v in params.items() if {k: x for k, x in v.items() if k != key} == rest]
+    return sorted(names, key=lambda n: params[n][key])
+
+
+def tskd_params(p: Preset, recipe: str, pair: PairCfg) -> dict[str, dict[str, Any]]:
+    """Every TSKD entry's effective params for one (recipe, pair): defaults, overrides and all."""
+    from tskd.grid import effective_method_params  # imports torch: only where the plots are made
+
+    return {n: effective_method_params(BASELINE, p.method_params(n, pair, recipe), p.dataset.name)
+            for n in p.methods if p.registered(n) == BASELINE}
+
+
+def cost_panels(p: Preset, rows: list[dict[str, Any]]) -> list[Any]:
+    """The cost figure's panels: review-epoch time ÷ KD against k, whole-run time ÷ KD against δ, one
+    curve per (recipe, pair) through the entries that change that param alone."""
+    from tskd.plots.study import CostPanel
+
+    axes = {"k": ("k", "review epoch time ÷ KD's", "review_epoch_ratio"),
+            "delta": ("δ", "whole-run time ÷ KD's", "run_ratio")}
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {key: {} for key in axes}
+    entries = dict.fromkeys(axes, 0)  # the most entries that change the param alone, in any (recipe, pair)
+    for recipe in p.student_recipes:
+        for q in p.pairs:
+            params = tskd_params(p, recipe, q)
+            by = {r["variant"]: r for r in rows if (r["recipe"], r["pair"]) == (recipe, q.name)}
+            for key, (_, _, column) in axes.items():
+                names = varied_only_in(params, key)
+                entries[key] = max(entries[key], len(names))
+                curves[key][f"{q.name}, recipe {recipe}"] = [
+                    (params[n][key], by[n][column]) for n in names if by[n][column] is not None]
+    return [CostPanel(param, ylabel, curves[key],
+                      f"the preset varies only {param} from {BASELINE} in fewer than two entries" if entries[key] < 2
+                      else f"fewer than two of the entries that vary only {param} have a time ÷ KD")
+            for key, (param, ylabel, _) in axes.items()]
 
 
 def _f(x: float | None, digits: int = 2, sign: bool = False) -> str:
@@ -82,11 +150,16 @@ def format_study(p: Preset, rows: list[dict[str, Any]]) -> str:
            f"Best test {label} (%) per variant, mean ± std (n seeds); Δ vs tskd: the mean ± std of the per-seed "
            "differences (variant − tskd, same seed; n pairs); predictability: the mean over review epochs of the "
            "forecast's MSE ÷ the last-increment predictor's (< 1: the forecaster beats the parameter-free guess; "
-           "blank where the runs do not log it).", ""]
+           "blank where the runs do not log it). Review epoch ÷ kd: the mean seconds of the entry's review epochs ÷ "
+           "kd's mean at the same epochs; run ÷ kd: the mean over seeds of a run's total seconds ÷ kd's (both blank "
+           "without a kd entry, the first also without review epochs). These are the wall-clock times of the runs "
+           "themselves, which shared the machine with whatever else ran then; benchmarks/bench_ablations.py is the "
+           "controlled measurement.", ""]
     for recipe in p.student_recipes:
         for q in p.pairs:
             out += [f"## Recipe `{recipe}`, pair {q.name}", "",
-                    f"| variant | method | best {label} | Δ vs tskd | predictability |", "|---|---|---|---|---|"]
+                    f"| variant | method | best {label} | Δ vs tskd | predictability | review epoch ÷ kd | run ÷ kd |",
+                    "|---|---|---|---|---|---|---|"]
             for r in (r for r in rows if (r["recipe"], r["pair"]) == (recipe, q.name)):
                 acc = "" if r["best_mean"] is None else (
                     f"{_f(r['best_mean'])}" + (f" ± {_f(r['best_std'])}" if r["best_std"] is not None else "")
@@ -96,10 +169,12 @@ def format_study(p: Preset, rows: list[dict[str, Any]]) -> str:
                     + f" ({r['paired_n']})")
                 if r["variant"] == BASELINE:
                     diff = "(reference)"
-                out.append(f"| {r['variant']} | {r['method']} | {acc} | {diff} | {_f(r['predictability'], 3)} |")
+                out.append(f"| {r['variant']} | {r['method']} | {acc} | {diff} | {_f(r['predictability'], 3)} | "
+                           f"{_f(r['review_epoch_ratio'])} | {_f(r['run_ratio'])} |")
             out.append("")
     out += ["Plots: plots/study-accuracy.png (Δ vs tskd per variant, mean and ± std over seeds), "
-            "plots/study-predictability.png (predictability by review epoch per variant).", ""]
+            "plots/study-predictability.png (predictability by review epoch per variant), plots/study-cost.png "
+            "(review epoch ÷ kd against k, run ÷ kd against δ, through the entries that change that param alone).", ""]
     return "\n".join(out)
 
 
@@ -114,16 +189,18 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def write_study(p: Preset) -> list[Path]:
     """Write study.md, study.csv and the study's plots (each to a temporary name, then renamed)."""
     from tskd.plots.curves import save
-    from tskd.plots.study import accuracy_figure, predictability_figure
+    from tskd.plots.study import accuracy_figure, cost_figure, predictability_figure
 
     files = study_files(p)
     if not files:
         return []
     runs = read_runs(p)
     rows = study_rows(p, runs)
-    md, csv_path, acc_png, pred_png = files
+    md, csv_path, acc_png, pred_png, cost_png = files
     save(accuracy_figure(p, rows), acc_png)
     save(predictability_figure(p, runs), pred_png)
+    save(cost_figure(f"{p.preset}: what each TSKD entry's runs took ÷ KD's (wall clock)", cost_panels(p, rows)),
+         cost_png)
     atomic_write_text(csv_path, _csv(rows))
     atomic_write_text(md, format_study(p, rows))
     return files

@@ -1,8 +1,10 @@
 """The ablation study's plots (tskd.study): each variant's paired difference to the default TSKD,
-and the forecaster's predictability by review epoch."""
+the forecaster's predictability by review epoch, and what the variants cost ÷ KD as one param varies
+(also drawn by benchmarks/bench_ablations.py from its own measurements)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -55,4 +57,34 @@ def predictability_figure(p: Preset, runs: Runs) -> Figure:
         ax.set_ylabel("forecast MSE / last-increment MSE")
         ax.set_title(f"{pair}, recipe {recipe}", fontsize=9)
     fig.suptitle(f"{p.preset}: how well the forecast matches the target (< 1: better than the last increment)")
+    return fig
+
+
+@dataclass(frozen=True)
+class CostPanel:
+    param: str  # the x axis: the one param the curve's entries change ("k", "δ")
+    ylabel: str  # what was divided by KD's
+    curves: dict[str, list[tuple[float, float]]]  # a line's label -> its (param value, cost ÷ KD) points
+    note: str  # shown when no curve has two points: why there is no curve to read
+
+
+def cost_figure(title: str, panels: list[CostPanel]) -> Figure:
+    """One panel per param, side by side: each curve's points joined in the order of the param, KD at 1."""
+    fig = Figure(figsize=(4.5 * len(panels), 3.8), layout="constrained")
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        for label, points in panel.curves.items():
+            if points:
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, ys, marker="o", label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="KD")
+        if max((len(pts) for pts in panel.curves.values()), default=0) < 2:
+            ax.text(0.5, 0.5, panel.note, ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
+        values = sorted({x for points in panel.curves.values() for x, _ in points})
+        if values:  # a tick at each value the preset runs (a lone point would get fractional ticks)
+            ax.set_xticks(values)
+        ax.set_xlabel(panel.param)
+        ax.set_ylabel(panel.ylabel)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     return fig
