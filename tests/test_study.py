@@ -17,7 +17,9 @@ from tests.conftest import copy_repo
 from tests.test_report import _metrics, _train_history
 from tests.test_workflow import snakemake
 from tskd.config import VARIANT_KEY, load_preset, parse_preset
+from tskd.distill.tskd.schedule import summarize_schedule
 from tskd.dvc_pipeline import stages
+from tskd.evolution import EVOLUTION_FILE, read_evolution
 from tskd.grid import student_dir, student_jobs, teacher_dir
 from tskd.plots.runs import read_runs
 from tskd.report import write_report
@@ -93,6 +95,10 @@ def test_study_table_pairs_each_variant_with_tskd_by_seed(tmp_path):
     assert "| kd | kd | 32.50 ± 3.54 (2) | -3.00 ± 0.00 (2) |  |  | 1.00 |" in md
     assert "| tskd | tskd | 35.50 ± 3.54 (2) | (reference) | 0.550 | 2.00 | 1.61 |" in md
     assert "wall-clock times of the runs themselves" in md and "benchmarks/bench_ablations.py" in md
+    # Each TSKD entry links its runs' feature-map evolution grids; KD has none.
+    assert ("- tskd_k1 (resnet20-resnet8, recipe student): [seed 0](plots/evolution/student-resnet20-resnet8-tskd_k1-"
+            "seed0.png), [seed 1](plots/evolution/student-resnet20-resnet8-tskd_k1-seed1.png)") in md
+    assert "- kd (" not in md
     for png in ("study-accuracy.png", "study-predictability.png", "study-cost.png"):
         assert Image.open(p.out / "plots" / png).size[0] > 300
 
@@ -208,6 +214,18 @@ def test_ablations_smoke_study_end_to_end(tmp_path):
     assert (out / "plots/study-accuracy.png").stat().st_size > 0
     assert (out / "plots/study-predictability.png").stat().st_size > 0
     assert rows["kd"]["run_ratio"] == "1.0" and Image.open(out / "plots/study-cost.png").size[0] > 300
+    # Every TSKD run followed the fixed test images through its memory nodes, drawn as one grid per run.
+    p = load_preset(repo / "params/ablations_smoke.yaml")
+    for job in student_jobs(p):
+        if p.registered(job.method) != "tskd":
+            assert not (repo / student_dir(p, job) / EVOLUTION_FILE).exists()
+            continue
+        values = p.method_params(job.method, job.pair, job.recipe)
+        memory = summarize_schedule(p.recipes[job.recipe].epochs, values["delta"], values["k"]).memory_epochs
+        ev = read_evolution(repo / student_dir(p, job) / EVOLUTION_FILE)
+        assert ev["epochs"].tolist() == sorted(e + 1 for slot in memory for e in slot), job
+        grid = out / "plots/evolution" / f"{job.recipe}-{job.pair.name}-{job.method}-seed{job.seed}.png"
+        assert Image.open(grid).size[1] > 300 and f"(plots/evolution/{grid.name})" in md
     # The report lists every entry in the preset's order; MLflow has each variant's runs tagged
     # with the registered method and the variant's name, its seeds under a parent of their own.
     best = (out / "report.md").read_text().split("best test top-1")[1]

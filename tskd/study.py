@@ -175,7 +175,24 @@ def format_study(p: Preset, rows: list[dict[str, Any]]) -> str:
     out += ["Plots: plots/study-accuracy.png (Δ vs tskd per variant, mean and ± std over seeds), "
             "plots/study-predictability.png (predictability by review epoch per variant), plots/study-cost.png "
             "(review epoch ÷ kd against k, run ÷ kd against δ, through the entries that change that param alone).", ""]
+    out += _evolution_links(p)
     return "\n".join(out)
+
+
+def _evolution_links(p: Preset) -> list[str]:
+    """Each entry's feature-map evolution grids (tskd.plots.evolution), one link per seed."""
+    from tskd.plots import plot_files
+
+    grids: dict[tuple[str, str, str], list[str]] = {}
+    for key, path in plot_files(p).items():
+        if key.startswith("#evolution/"):
+            _, recipe, pair, name, seed = key.split("/")
+            grids.setdefault((recipe, pair, name), []).append(f"[seed {seed}](plots/evolution/{path.name})")
+    if not grids:
+        return []
+    return ["Feature-map evolution, the student's attention maps of fixed test images at each memory node "
+            "(one grid per run):", "", *(f"- {name} ({pair}, recipe {recipe}): {', '.join(links)}"
+                                         for (recipe, pair, name), links in grids.items()), ""]
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
