@@ -174,6 +174,23 @@ def test_declared_defaults_are_what_snakemake_reruns_for(preset, monkeypatch):
     assert _snakemake_params(parse_preset(raw)) == base  # every default restored
 
 
+@pytest.mark.parametrize("preset", ["smoke", "ablations_smoke"])
+def test_a_new_results_format_reruns_every_run_in_both(preset, monkeypatch):
+    """What a run writes (tskd.grid.RESULTS_FORMAT) is part of every run's identity: a new version
+    reruns every training and evaluation job in Snakemake, and DVC's stages declare it."""
+    from tskd.dvc_pipeline import code_defaults
+
+    raw = _raw(preset)
+    p = parse_preset(raw)
+    base = _snakemake_params(p)
+    monkeypatch.setattr(grid, "RESULTS_FORMAT", grid.RESULTS_FORMAT + 1)
+    after = _snakemake_params(p)
+    runs = {n for n in base if n.split("-")[0] in ("teacher", "train", "eval")}
+    assert runs and {n for n in base if after[n] != base[n]} == runs
+    assert code_defaults()["results_format"] == grid.RESULTS_FORMAT
+    assert {s.name for s in stages(p, raw, f"params/{preset}.yaml") if "results_format" in s.defaults} == runs
+
+
 def test_stale_pipeline_names_the_stages_and_the_fix(tmp_path):
     from tskd.dvc_pipeline import DEFAULTS_FILE, render_defaults
 

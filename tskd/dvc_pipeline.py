@@ -142,7 +142,8 @@ def _run_keys(p: Preset, raw: dict[str, Any], recipe: str, method: str,
              _declare(raw, _fields("train", TrainCfg), ["train"], "train", whole=False),
              _declare(raw, list(method_class(method, task).Params.model_fields), method_layers,
                       f"{METHOD_DEFAULTS[task]}.{method}")]
-    return [k for keys, _ in parts for k in keys], [k for _, defaults in parts for k in defaults]
+    # results_format: what the run writes (tskd.grid.RESULTS_FORMAT), a code default of every run.
+    return [k for keys, _ in parts for k in keys], [k for _, defaults in parts for k in defaults] + ["results_format"]
 
 
 # The defaults file's section of each task's method defaults (a name like `kd` exists for both).
@@ -160,6 +161,7 @@ def code_defaults() -> dict[str, Any]:
 
     return {**{section: {m: method_class(m, task).Params().model_dump(mode="json") for m in list_methods(task)}
                for task, section in METHOD_DEFAULTS.items() if list_methods(task)},
+            "results_format": grid.RESULTS_FORMAT,
             "recipe": defaults("recipe", RecipeCfg, "methods", "by_method"), "train": defaults("train", TrainCfg),
             "datasets": {fam: defaults("dataset", model, "synthetic") for fam, model in DATASET_MODELS.items()},
             "synthetic": {fam: defaults("synthetic", model) for fam, model in SYNTHETIC_MODELS.items()}}
@@ -361,8 +363,10 @@ def _check_defaults(root: Path, params_file: str) -> None:
     if defaults.is_file() and defaults.read_text() == render_defaults():
         return
     have = (yaml.safe_load(defaults.read_text()) or {}) if defaults.is_file() else {}
-    changed = sorted(f"{section}.{k}" for section, values in code_defaults().items() for k, v in values.items()
-                     if (have.get(section) or {}).get(k) != v)
+    code = code_defaults()
+    changed = sorted(f"{section}.{k}" for section, values in code.items() if isinstance(values, dict)
+                     for k, v in values.items() if (have.get(section) or {}).get(k) != v)
+    changed += [k for k, v in code.items() if not isinstance(v, dict) and have.get(k) != v]  # results_format
     raise ParamsError(f"{DEFAULTS_FILE} no longer holds the code's defaults (changed: "
                       f"{', '.join(changed[:5]) or 'its layout'}{' ...' if len(changed) > 5 else ''}); "
                       f"regenerate it: tskd dvc write {params_file}")

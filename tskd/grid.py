@@ -20,6 +20,14 @@ PLACEMENT = ("preset", "recipe_name", "variant", "teacher_path", "backbone_path"
              *(f"train.{f}" for f in TrainCfg.RESULT_NEUTRAL))
 
 
+# What a run writes, as a version. Part of every run's identity: bumped whenever the files of a run
+# change meaning or content (metrics.json's fields, a new file), so that a result written by earlier
+# code never passes for a current one, in Snakemake (the identity is a rule param), in DVC (the
+# training and evaluation stages declare it from DEFAULTS_FILE) and for a checkpoint's resume.
+#   1: the first; 2: epochs counted from 1 in every file; 3: TSKD runs write evolution.npz.
+RESULTS_FORMAT = 3
+
+
 class RunSpec(Strict):
     """Everything one training call reads. Passed to ``tskd train`` as JSON.
 
@@ -60,7 +68,7 @@ class RunSpec(Strict):
             for part in parents:
                 node = node[part]
             node.pop(leaf, None)
-        return d
+        return d | {"results_format": RESULTS_FORMAT}
 
     def placement(self) -> dict[str, Any]:
         """Only the placement fields, nested as in the spec."""
