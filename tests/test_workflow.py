@@ -76,9 +76,13 @@ def test_smoke_dag_produces_report_and_mlflow_runs(smoke_repo):
     assert {r.data.tags["recipe"] for r in runs} == {"teacher", "student"}
     assert all(r.info.run_name == f"teacher:{r.data.tags['student']}:seed{r.data.tags['seed']}" if
                r.data.tags["role"] == "teacher" else f":{r.data.tags['recipe']}:seed" in r.info.run_name for r in runs)
-    for r in runs:  # TSKD's runs also keep their feature-map evolution
-        want = {"metrics.json", "model.pt"} | ({"evolution.npz"} if r.data.tags["method"] == "tskd" else set())
+    for r in runs:  # TSKD's runs also keep their feature-map evolution, and the report logs its grid on them
+        tskd = r.data.tags["method"] == "tskd"
+        want = {"metrics.json", "model.pt"} | ({"evolution.npz", "plots"} if tskd else set())
         assert {a.path for a in client.list_artifacts(r.info.run_id)} >= want, r.info.run_name
+        if tskd:
+            grid = f"student-resnet20-resnet8-tskd-seed{r.data.tags['seed']}.png"
+            assert [a.path for a in client.list_artifacts(r.info.run_id, "plots")] == [f"plots/{grid}"]
     # One parent per group of seeds, made once (onstart), holding its seeds' mean and std (the report).
     parents = client.search_runs([exp.experiment_id], "tags.run_kind = 'seeds'")
     assert len(parents) == len(p.teachers) + len(p.methods)

@@ -271,6 +271,41 @@ def summarize_after_report(p: Preset) -> None:
         return
     if n:
         log.info("MLflow: %d parent runs carry their seeds' mean and std", n)
+    try:
+        n = log_run_grids(p)
+    except Exception as e:
+        log.warning("MLflow: the runs' evolution grids were not logged: %s", e)
+        return
+    if n:
+        log.info("MLflow: %d runs carry their feature-map evolution grid", n)
+
+
+def log_run_grids(p: Preset) -> int:
+    """Log each run's own figure of the report (TSKD's feature-map evolution grid) on that run, under
+    ``plots/``: the run's page then shows the picture drawn from its evolution.npz. The run is the
+    one its directory's mlflow_run.json names; a run without one (tracking off) is skipped. Logging
+    again replaces the file. Returns how many runs got their grid."""
+    from tskd.grid import StudentJob, student_dir
+    from tskd.plots import plot_files
+    from tskd.tracking import existing_experiment
+
+    grids = {k: v for k, v in plot_files(p).items() if k.startswith("#evolution/") and v.is_file()}
+    found = existing_experiment(grid_experiment(p)) if grids else None
+    if found is None:
+        return 0
+    client, _ = found
+    pairs = {q.name: q for q in p.pairs}
+    logged = 0
+    for key, png in grids.items():
+        _, recipe, pair, method, seed = key.split("/")
+        run_file = student_dir(p, StudentJob(recipe, method, pairs[pair], int(seed))) / "mlflow_run.json"
+        try:
+            run_id = json.loads(run_file.read_text())["run_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        client.log_artifact(run_id, str(png), "plots")
+        logged += 1
+    return logged
 
 
 def parent_of(client: MlflowClient, exp_id: str, spec: RunSpec) -> dict[str, str]:
