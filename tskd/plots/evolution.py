@@ -43,7 +43,7 @@ def evolution_grid(ev: dict, title: str) -> Figure:
     names, images = ev["names"], ev["images"]
     rows = [(i, name) for i in range(len(images)) for name in names]
     cols = 1 + len(nodes) + 1  # the image, the nodes, the teacher
-    fig = Figure(figsize=(1.15 * cols, 1.2 * len(rows) + 0.6), layout="constrained")
+    fig = Figure(figsize=(max(1.15 * cols, 4.8), 1.2 * len(rows) + 0.7), layout="constrained")
     axes = fig.subplots(len(rows), cols, squeeze=False)
     for r, (i, name) in enumerate(rows):
         maps = [ev[f"maps/{name}"][j, i].astype(np.float32) for j in nodes]
@@ -67,6 +67,6 @@ def evolution_grid(ev: dict, title: str) -> Figure:
         ax.set_xticks([])
         ax.set_yticks([])
     shown = "" if len(nodes) == len(ev["epochs"]) else f" ({len(nodes)} of {len(ev['epochs'])} nodes)"
-    fig.suptitle(f"{title}: the student's attention maps at its memory nodes{shown}, fixed test images",
-                 fontsize=9)
+    # Two short lines: a run with few nodes makes a narrow figure, which would clip one long line.
+    fig.suptitle(f"{title}\nstudent's attention maps at its memory nodes{shown}", fontsize=8)
     return fig
