@@ -170,8 +170,11 @@ class Distiller(nn.Module):
     def on_step_end(self, step: int) -> None:
         """Called after each training step's optimiser step (before any mid-epoch checkpoint)."""
 
-    def teacher_forward(self, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def teacher_forward(self, images: Tensor, eager: bool = False) -> tuple[Tensor, dict[str, Any]]:
+        """The frozen teacher's logits and taps of ``images`` (renormalised for it when the recipe says
+        so). ``eager``: its plain ``forward``, past a ``train.compile`` wrapper, for a one-off batch
+        whose shape or mode the compiled graph has not seen (it would compile again for it)."""
         with torch.no_grad():
             if self._teacher_scale is not None:
                 images = images * self._teacher_scale.to(images.dtype) + self._teacher_shift.to(images.dtype)
-            return self.teacher(images)
+            return self.teacher.forward(images) if eager else self.teacher(images)

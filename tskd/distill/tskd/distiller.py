@@ -199,7 +199,7 @@ class TSKD(ReviewSchedule, Distiller):
         teacher, was_training = self.teacher, self.teacher.training
         teacher.eval()  # running statistics, and a train-mode teacher (teacher_bn) must not update them
         try:
-            _, t_taps = self.teacher_forward(images)
+            _, t_taps = self.teacher_forward(images, eager=True)
         finally:
             teacher.train(was_training)
         return self._evolution.reference(t_taps[self._teacher_taps], self._tap_sizes)
