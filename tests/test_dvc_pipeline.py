@@ -223,6 +223,12 @@ def test_stale_pipeline_names_the_stages_and_the_fix(tmp_path):
     r = run_cli("dvc", "check", "params/smoke.yaml", cwd=tmp_path)
     assert r.returncode == 2 and f"{DEFAULTS_FILE} no longer holds the code's defaults" in r.stderr, r.stderr
     assert "changed: methods." in r.stderr and "tskd dvc write params/smoke.yaml" in r.stderr
+    # Written by an earlier tskd whose runs wrote another results format: named alone, no other key.
+    old = text.replace(f"results_format: {grid.RESULTS_FORMAT}\n", f"results_format: {grid.RESULTS_FORMAT - 1}\n")
+    assert old != text
+    (tmp_path / DEFAULTS_FILE).write_text(old)
+    r = run_cli("dvc", "check", "params/smoke.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "(changed: results_format)" in r.stderr, r.stderr
     (tmp_path / DEFAULTS_FILE).write_text(text)
     (tmp_path / "dvc.yaml").unlink()
     r = run_cli("dvc", "check", "params/smoke.yaml", cwd=tmp_path)

@@ -363,7 +363,7 @@ def _check_defaults(root: Path, params_file: str) -> None:
     if defaults.is_file() and defaults.read_text() == render_defaults():
         return
     have = (yaml.safe_load(defaults.read_text()) or {}) if defaults.is_file() else {}
-    code = code_defaults()
+    code = yaml.safe_load(render_defaults())  # as the file would hold them: tuples are lists there
     changed = sorted(f"{section}.{k}" for section, values in code.items() if isinstance(values, dict)
                      for k, v in values.items() if (have.get(section) or {}).get(k) != v)
     changed += [k for k, v in code.items() if not isinstance(v, dict) and have.get(k) != v]  # results_format
