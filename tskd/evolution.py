@@ -40,6 +40,12 @@ def keeps_evolution(p: Preset, job: StudentJob) -> bool:
     return params["evolution_images"] > 0
 
 
+def evolution_grids(p: Preset) -> list[tuple[StudentJob, Path]]:
+    """Every run that keeps an evolution file, with the report's grid of it (tskd.plots.evolution)."""
+    return [(job, p.out / "plots" / "evolution" / f"{job.recipe}-{job.pair.name}-{job.method}-seed{job.seed}.png")
+            for job in student_jobs(p) if keeps_evolution(p, job)]
+
+
 def evolution_files(p: Preset) -> list[Path]:
     """Every student run's evolution file, in the grid's order."""
     return [student_dir(p, job) / EVOLUTION_FILE for job in student_jobs(p) if keeps_evolution(p, job)]

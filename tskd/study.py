@@ -181,13 +181,12 @@ def format_study(p: Preset, rows: list[dict[str, Any]]) -> str:
 
 def _evolution_links(p: Preset) -> list[str]:
     """Each entry's feature-map evolution grids (tskd.plots.evolution), one link per seed."""
-    from tskd.plots import plot_files
+    from tskd.evolution import evolution_grids
 
     grids: dict[tuple[str, str, str], list[str]] = {}
-    for key, path in plot_files(p).items():
-        if key.startswith("#evolution/"):
-            _, recipe, pair, name, seed = key.split("/")
-            grids.setdefault((recipe, pair, name), []).append(f"[seed {seed}](plots/evolution/{path.name})")
+    for job, path in evolution_grids(p):
+        grids.setdefault((job.recipe, job.pair.name, job.method), []).append(
+            f"[seed {job.seed}](plots/evolution/{path.name})")
     if not grids:
         return []
     return ["Feature-map evolution, the student's attention maps of fixed test images at each memory node "

@@ -285,20 +285,18 @@ def log_run_grids(p: Preset) -> int:
     ``plots/``: the run's page then shows the picture drawn from its evolution.npz. The run is the
     one its directory's mlflow_run.json names; a run without one (tracking off) is skipped. Logging
     again replaces the file. Returns how many runs got their grid."""
-    from tskd.grid import StudentJob, student_dir
-    from tskd.plots import plot_files
+    from tskd.evolution import evolution_grids
+    from tskd.grid import student_dir
     from tskd.tracking import existing_experiment
 
-    grids = {k: v for k, v in plot_files(p).items() if k.startswith("#evolution/") and v.is_file()}
+    grids = [(job, png) for job, png in evolution_grids(p) if png.is_file()]
     found = existing_experiment(grid_experiment(p)) if grids else None
     if found is None:
         return 0
     client, _ = found
-    pairs = {q.name: q for q in p.pairs}
     logged = 0
-    for key, png in grids.items():
-        _, recipe, pair, method, seed = key.split("/")
-        run_file = student_dir(p, StudentJob(recipe, method, pairs[pair], int(seed))) / "mlflow_run.json"
+    for job, png in grids:
+        run_file = student_dir(p, job) / "mlflow_run.json"
         try:
             run_id = json.loads(run_file.read_text())["run_id"]
         except (OSError, ValueError, KeyError, TypeError):

@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tskd.config import Preset
-from tskd.evolution import keeps_evolution
-from tskd.grid import student_jobs
+from tskd.evolution import evolution_grids
 from tskd.plots.runs import Runs, read_runs
 from tskd.tasks import task_of
 
@@ -35,10 +34,8 @@ def plot_files(p: Preset) -> dict[str, Path]:
             out[f"{recipe}/tskd/review"] = d / f"{recipe}-tskd-review_loss.png"
             for q in p.pairs:
                 out[f"{recipe}/{q.name}/tskd/attention"] = d / f"{recipe}-{q.name}-tskd-attention.png"
-    for job in student_jobs(p):  # one grid per run that follows fixed test images (tskd.evolution)
-        if keeps_evolution(p, job):
-            name = f"{job.recipe}-{job.pair.name}-{job.method}-seed{job.seed}"
-            out[f"#evolution/{job.recipe}/{job.pair.name}/{job.method}/{job.seed}"] = d / "evolution" / f"{name}.png"
+    for job, path in evolution_grids(p):  # one grid per run that follows fixed test images
+        out[f"#evolution/{job.recipe}/{job.pair.name}/{job.method}/{job.seed}"] = path
     return out
 
 
@@ -51,10 +48,11 @@ def write_plots(p: Preset) -> list[Path]:
     runs = read_runs(p)
     task = task_of(p.dataset.name)
     files = plot_files(p)
+    grids = {path: job for job, path in evolution_grids(p)}
     for key, path in files.items():
         parts = key.split("/")
-        if parts[0] == "#evolution":
-            fig = evolution_figure(p, *parts[1:4], int(parts[4]))
+        if path in grids:
+            fig = evolution_figure(p, grids[path])
         elif key == "teachers":
             fig = teachers_figure(p, runs, task)
         elif parts[-1] == f"test_{task.best}":

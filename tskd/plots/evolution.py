@@ -27,12 +27,11 @@ def _message(text: str) -> Figure:
     return fig
 
 
-def evolution_figure(p: Preset, recipe: str, pair: str, method: str, seed: int) -> Figure:
-    job = StudentJob(recipe, method, next(q for q in p.pairs if q.name == pair), seed)
+def evolution_figure(p: Preset, job: StudentJob) -> Figure:
     path = student_dir(p, job) / EVOLUTION_FILE
     if not path.is_file():
         return _message(f"{path}: missing (written by the training job; rerun it to draw this grid)")
-    return evolution_grid(read_evolution(path), f"{method} {pair}, recipe {recipe}, seed {seed}")
+    return evolution_grid(read_evolution(path), f"{job.method} {job.pair.name}, recipe {job.recipe}, seed {job.seed}")
 
 
 def evolution_grid(ev: dict, title: str) -> Figure:
