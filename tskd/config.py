@@ -444,7 +444,6 @@ def _check_registered(preset: Preset, source: str) -> None:
                               f"or pairs ({', '.join(detectors) or 'it has none'})")
     _check_variants(preset, list_methods(task), task, source)
     for recipe in preset.student_recipes:
-        epochs = preset.recipes[recipe].epochs
         for i, pair in enumerate(preset.pairs):
             seen: dict[str, str] = {}  # a run's content (registered method and params) -> the entry's name
             for name in preset.methods:
@@ -454,11 +453,16 @@ def _check_registered(preset: Preset, source: str) -> None:
                 try:
                     params = parse_method_params(method, preset.method_params(name, pair, recipe), where=where,
                                                  task=task)
-                    method_class(method, task).check_schedule(params, epochs=epochs)
                 except ValueError as e:
                     # The registry names the registered method's key; the file's key is the entry's name.
                     raise ParamsError(f"{source}: " + str(e).replace(f"  {where}.{method}.", f"  {where}.{name}."))\
                         from None
+                # The epochs the job trains: the recipe with by_method of the entry's registered method.
+                epochs = preset.recipe_for(recipe, name).epochs
+                try:
+                    method_class(method, task).check_schedule(params, epochs=epochs)
+                except ValueError as e:
+                    raise ParamsError(_schedule_message(preset, source, recipe, name, where, epochs, str(e))) from None
                 # Results are keyed by content, not by name: two entries that train the same run would
                 # be the same result twice under two names.
                 content = json.dumps([method, params.model_dump(mode="json")], sort_keys=True)
@@ -468,6 +472,24 @@ def _check_registered(preset: Preset, source: str) -> None:
                                       "a variant must change at least one param")
                 seen[content] = name
         _check_student_alone(preset, recipe, source)
+
+
+def _schedule_message(preset: Preset, source: str, recipe: str, name: str, where: str, epochs: int,
+                      problem: str) -> str:
+    """A method's schedule refused for runs of ``epochs``: the entry, and the key those epochs come from."""
+    method = preset.registered(name)
+    entry = f"methods.{name}" + (f" (a variant of {method})" if name != method else "")
+    if name != method:  # the method names its own keys; the file's are the entry's
+        problem = problem.replace(f"methods.{method}.", f"methods.{name}.")
+    if "epochs" in preset.recipes[recipe].by_method.get(method, {}):
+        key = f"recipes.{recipe}.by_method.{method}.epochs"
+        also = (f", not recipes.{recipe}.epochs={preset.recipes[recipe].epochs}"
+                + (f": a variant trains with the by_method of its registered method {method}" if name != method
+                   else ""))
+    else:
+        key, also = f"recipes.{recipe}.epochs", ""
+    return (f"{source}: {entry}, recipe {recipe}: {problem}. Its runs train {key}={epochs} epochs{also}; "
+            f"change that key or the params of {where}.{name}")
 
 
 def _check_variants(preset: Preset, registered: list[str], task: str, source: str) -> None:
