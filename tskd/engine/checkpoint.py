@@ -1,9 +1,15 @@
 """Training checkpoints (resume state) and exported model files.
 
 The latest checkpoint is ``checkpoint.pt``; the one before it is kept as ``checkpoint.prev.pt``
-until the next is in place, so a checkpoint damaged on disk (a full disk, a node that died
-mid-write on a filesystem without atomic rename) costs one epoch, not the run: the loader
-falls back to the previous one with a warning.
+until the next is in place, so a checkpoint damaged on disk (a node that died mid-write on a
+filesystem without atomic rename) costs one epoch, not the run: the loader falls back to the
+previous one with a warning.
+
+A disk (or quota) that fills while a checkpoint or model file is written raises ``DiskFullError``
+(``tskd.io.atomic_write``): the temporary file is removed and the files already there are left
+as they were, so the last complete checkpoint survives and a rerun, once there is space, resumes
+from it. Writing a checkpoint needs room for a third copy while it is written (the new one beside
+``checkpoint.pt`` and ``checkpoint.prev.pt``); an exported model needs its own size.
 """
 
 from __future__ import annotations
