@@ -69,7 +69,7 @@ def sync_mtimes(p: Preset, raw: dict, params_file: str, root: Path = Path("."),
         return [], {}  # the usual case, decided from stat() alone
     present = [s for s in all_stages if all(_mtime(root / f) is not None for f in s.targets)]
     current = dvc_current(root, pipeline, [s.name for s in present])
-    damaged = _damaged(root, current)  # all of them: touching one puts the next out of order
+    damaged = _damaged(root, pipeline, current)  # all of them: touching one puts the next out of order
     touched = []
     for s in all_stages:  # DAG order: a touched output is seen by the stages after it
         if s.name in current and s.name not in damaged and _out_of_order(s, root):
@@ -80,18 +80,26 @@ def sync_mtimes(p: Preset, raw: dict, params_file: str, root: Path = Path("."),
     return touched, damaged
 
 
-def _damaged(root: Path, names: set[str]) -> dict[str, list[str]]:
-    """Stages whose files differ from their dvc.lock hashes, though DVC reports them current.
+def _damaged(root: Path, pipeline: Path, names: set[str]) -> dict[str, list[str]]:
+    """Stages of ``pipeline`` whose files differ from their dvc.lock hashes, though DVC reports them current.
 
     DVC trusts its cache and its record of what it checked out, so a damaged cache file comes
-    back as a 'current' output; only re-hashing the bytes tells.
+    back as a 'current' output; only re-hashing the bytes tells. Only this pipeline's stages: the
+    others have stages of the same names (every pipeline has `data` and `report`).
     """
     from tskd.dvc_verify import verify
 
+    if pipeline.is_absolute():
+        pipeline = pipeline.relative_to(root.resolve())
     out: dict[str, list[str]] = {}
-    for pr in verify(root, only=names) if names else []:
+    for pr in verify(root, only={(pipeline.as_posix(), n) for n in names}) if names else []:
         out.setdefault(pr.owner.split(",")[0].rpartition(":")[2], []).append(str(pr))
     return out
+
+
+def _address(pipeline: Path, name: str) -> str:
+    """How DVC's commands name a stage (run from the repository root)."""
+    return name if pipeline.as_posix() == "dvc.yaml" else f"{pipeline.as_posix()}:{name}"
 
 
 def sync_for_snakemake(p: Preset, raw: dict, params_file: str) -> None:
@@ -135,13 +143,13 @@ def sync(p: Preset, raw: dict, params_file: str, root: Path = Path(".")) -> list
     if not (root / pipeline).with_name("dvc.lock").is_file() or not present:
         return []
     current = dvc_current(root, pipeline, [s.name for s in present])
-    damaged = _damaged(root, current)
+    damaged = _damaged(root, pipeline, current)
     if damaged:
         lines = [pr for prs in damaged.values() for pr in prs]
         raise SyncError("files that dvc.lock records differ from their hashes (nothing synced):\n  "
                            + "\n  ".join(lines) + "\nremove damaged cache files with `tskd dvc verify "
                            "--remove-corrupt`, then rebuild each stage with `dvc repro -f -s <stage>`: "
-                           + ", ".join(sorted(damaged)))
+                           + ", ".join(_address(pipeline, n) for n in sorted(damaged)))
     chosen = _closure(all_stages, current)
     if not chosen:
         return []

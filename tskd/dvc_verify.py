@@ -50,8 +50,12 @@ def cache_dir(root: Path) -> Path:
         return root / ".dvc" / "cache" / "files" / "md5"
 
 
-def _recorded_outputs(root: Path) -> list[tuple[str, str, str]]:
-    """(owner, output path relative to root, md5) from every dvc.lock and .dvc file."""
+def _recorded_outputs(root: Path) -> list[tuple[str, tuple[str, str] | None, str, str]]:
+    """(owner, stage, output path relative to root, md5) from every dvc.lock and .dvc file.
+
+    ``stage``: (its dvc.yaml relative to root, its name), as stage names repeat from one pipeline to
+    the next (every one has `data` and `report`); None for a .dvc file.
+    """
     found = []
     # Only where `tskd dvc write` puts pipelines: a recursive search would walk every dataset file.
     for lock in [root / "dvc.lock", *sorted(root.glob("pipelines/*/dvc.lock"))]:
@@ -66,12 +70,13 @@ def _recorded_outputs(root: Path) -> list[tuple[str, str, str]]:
             for out in stage.get("outs", []):
                 if "md5" in out:
                     rel = (wdir / out["path"]).resolve().relative_to(root.resolve())
-                    found.append((f"{lock.relative_to(root)}:{name}", str(rel), out["md5"]))
+                    found.append((f"{lock.relative_to(root)}:{name}",
+                                  (pipeline.relative_to(root).as_posix(), name), str(rel), out["md5"]))
     for dvcfile in sorted(f for f in root.glob("*.dvc") if f.is_file()):
         doc = yaml.safe_load(dvcfile.read_text()) or {}
         for out in doc.get("outs", []):
             if "md5" in out:
-                found.append((dvcfile.name, out["path"], out["md5"]))
+                found.append((dvcfile.name, None, out["path"], out["md5"]))
     return found
 
 
@@ -102,16 +107,17 @@ def _shown(path: Path, root: Path) -> str:
 
 
 def verify(root: Path = Path("."), cache: Path | None = None, workspace: bool = True,
-           only: set[str] | None = None) -> list[Problem]:
+           only: set[tuple[str, str]] | None = None) -> list[Problem]:
     """Every corrupt cache object and, with ``workspace``, every output differing from its lock.
 
-    ``only``: stage names (of any dvc.lock) to check; default all stages and .dvc files.
+    ``only``: the stages to check, as (dvc.yaml path relative to ``root``, stage name): a name alone
+    would also pick the stages of that name in every other pipeline. Default: all stages and .dvc files.
     """
     cache = cache or cache_dir(root)
     problems: list[Problem] = []
     checked: dict[str, bool] = {}
-    for owner, out_path, md5 in _recorded_outputs(root):
-        if only is not None and owner.rpartition(":")[2] not in only:
+    for owner, stage, out_path, md5 in _recorded_outputs(root):
+        if only is not None and stage not in only:
             continue
         try:
             entries = [(out_path, md5)] + (_files(cache, md5, out_path) if md5.endswith(".dir") else [])
