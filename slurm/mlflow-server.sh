@@ -2,26 +2,51 @@
 # One MLflow tracking server for every job of a cluster run: many writers on a real database
 # (MariaDB/MySQL or PostgreSQL) instead of one SQLite file on a network filesystem.
 #
-#   bash slurm/mlflow-server.sh start    # start (idempotent); prints the MLFLOW_TRACKING_URI to export
+#   bash slurm/mlflow-server.sh start    # start (idempotent); prints the shell lines to run
 #   bash slurm/mlflow-server.sh stop     # stop it (the database and the artifacts stay)
 #   bash slurm/mlflow-server.sh status   # exit 0 only when it answers
 #
+# `start` prints, on stdout, only shell lines: `export MLFLOW_TRACKING_URI=...` and, with
+# authentication on, `source <credentials file>` (never the password itself); its messages go to
+# stderr, so `eval "$(bash slurm/mlflow-server.sh start)"` sets up the shell that runs Snakemake.
+#
+# No secret is ever on a command line (`ps` shows every user's) or in the log: the backend URI
+# reaches `mlflow server` through its environment (MLFLOW_BACKEND_STORE_URI), the test cluster's
+# database password through a MySQL option file (mode 600), MLflow's own users through an ini file
+# (mode 600).
+#
 # Environment:
-#   TSKD_MLFLOW_DB_URI      the backend store, e.g. mysql+pymysql://user:pw@dbhost/mlflow or
-#                           postgresql://user:pw@dbhost/mlflow. Unset: a database in the MariaDB of
-#                           slurm/local-cluster.sh (the test cluster), created here (needs root).
-#   TSKD_MLFLOW_DB_NAME     that database's name                              [tskd_mlflow]
+#   TSKD_MLFLOW_DB_URI      the backend store, e.g. mysql+pymysql://user@dbhost/mlflow?read_default_file=~/.my.cnf
+#                           (the password in the [client] section of that file, mode 600) or
+#                           postgresql://user@dbhost/mlflow (the password in ~/.pgpass, mode 600).
+#                           A password inside the URI works too; it stays out of every command line.
+#                           Unset: a database in the MariaDB of slurm/local-cluster.sh (the test
+#                           cluster), created here (needs root).
+#   TSKD_MLFLOW_DB_NAME     that database's name (letters, digits, _); its MariaDB user has the same name [tskd_mlflow]
 #   TSKD_MLFLOW_ARTIFACTS   artifact root, a directory every job's files reach the server in
 #                           (the server stores what jobs upload there)   [$TSKD_MLFLOW_DIR/artifacts]
+#   TSKD_MLFLOW_UMASK       umask of the artifact root and of everything the server writes there;
+#                           022 (or 027) shares the artifacts with every user (the group); the state dir
+#                           stays private whatever this says                                     [077]
 #   TSKD_MLFLOW_HOST        address to listen on; 0.0.0.0 for compute nodes on other hosts [127.0.0.1]
 #   TSKD_MLFLOW_PORT        port                                                        [5000]
 #   TSKD_MLFLOW_ALLOWED_HOSTS  host names clients may use (MLflow's --allowed-hosts), when listening on
-#                           0.0.0.0                  [this host's short and full name,localhost]
-#   TSKD_MLFLOW_DIR         state: pid file, log                            [/var/tmp/tskd-mlflow]
-#   TSKD_MLFLOW_PYTHON      the Python that has mlflow (and pymysql / psycopg2 for the database)
+#                           0.0.0.0; a name without a port is allowed with this server's port too
+#                           [this host's short and full name,localhost,127.0.0.1]
+#   TSKD_MLFLOW_AUTH        1: MLflow's basic authentication (its `basic-auth` app): every request
+#                           needs a user and password; 0: none. [1 when listening beyond loopback, else 0]
+#   TSKD_MLFLOW_CREDENTIALS the credentials file, mode 600, lines
+#                           `export MLFLOW_TRACKING_USERNAME=...` and `export MLFLOW_TRACKING_PASSWORD=...`
+#                           (at least 12 characters of A-Z a-z 0-9 . _ @ + / = : , -); the server's admin
+#                           user. Unset: $TSKD_MLFLOW_DIR/client.env, generated at the first start.
+#   TSKD_MLFLOW_DIR         state, private to its owner (mode 700): pid file, log, database
+#                           password, credentials, MLflow's user database        [/var/tmp/tskd-mlflow]
+#   TSKD_MLFLOW_PYTHON      the Python that has mlflow (and pymysql / psycopg2 for the database,
+#                           Flask-WTF for authentication: mlflow[auth])
 #                           [.venv/bin/python of this checkout, else python3]
 #   TSKD_SLURM_DIR, TSKD_SLURM_DB_PORT   where slurm/local-cluster.sh keeps its MariaDB
 set -Eeuo pipefail
+umask 077 # every file of the state dir is its owner's alone
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE="${TSKD_MLFLOW_DIR:-/var/tmp/tskd-mlflow}"
@@ -29,19 +54,27 @@ HOST="${TSKD_MLFLOW_HOST:-127.0.0.1}"
 PORT="${TSKD_MLFLOW_PORT:-5000}"
 ARTIFACTS="${TSKD_MLFLOW_ARTIFACTS:-$STATE/artifacts}"
 DB_NAME="${TSKD_MLFLOW_DB_NAME:-tskd_mlflow}"
-DB_USER=tskd_mlflow
+DB_USER="$DB_NAME" # a user per database: two state dirs on two databases never reset each other's password
+ART_UMASK="${TSKD_MLFLOW_UMASK:-077}"
 PY="${TSKD_MLFLOW_PYTHON:-}"
 if [[ -z $PY ]]; then
     if [[ -x $HERE/../.venv/bin/python ]]; then PY="$HERE/../.venv/bin/python"; else PY=python3; fi
 fi
 PIDFILE="$STATE/server.pid"
 LOG="$STATE/server.log"
+SETTINGS="$STATE/server.settings" # how the running server was started: host, port, auth
+DBPASS="$STATE/dbpass"
+MYCNF="$STATE/my.cnf"
+AUTH_INI="$STATE/auth.ini"
+AUTH_DB="$STATE/auth.db"
+CREDS="${TSKD_MLFLOW_CREDENTIALS:-$STATE/client.env}"
 # The address clients use: the listening one, or this host's name when it listens everywhere.
 CLIENT_HOST="$HOST"
 [[ $HOST == 0.0.0.0 ]] && CLIENT_HOST="$(hostname -f 2>/dev/null || hostname)"
 URL="http://$CLIENT_HOST:$PORT"
 
-say() { printf 'mlflow-server: %s\n' "$*"; }
+# Messages go to stderr: stdout carries only the shell lines of `start`.
+say() { printf 'mlflow-server: %s\n' "$*" >&2; }
 fail() {
     printf 'mlflow-server: ERROR: %s\n' "$1" >&2
     if [[ -n ${2:-} && -r $2 ]]; then
@@ -49,6 +82,45 @@ fail() {
         tail -n 40 -- "$2" >&2
     fi
     exit 1
+}
+
+is_loopback() {
+    case $1 in
+    127.* | localhost | ::1 | '[::1]') return 0 ;;
+    *) return 1 ;;
+    esac
+}
+
+check_input() {
+    [[ $PORT =~ ^[0-9]{1,5}$ ]] && ((PORT >= 1 && PORT <= 65535)) ||
+        fail "TSKD_MLFLOW_PORT='$PORT' is not a port number (1-65535)"
+    [[ $DB_NAME =~ ^[A-Za-z0-9_]{1,64}$ ]] ||
+        fail "TSKD_MLFLOW_DB_NAME='$DB_NAME': use 1 to 64 letters, digits or _"
+    [[ $ART_UMASK =~ ^0?[0-7]{3}$ ]] || fail "TSKD_MLFLOW_UMASK='$ART_UMASK' is not a umask (e.g. 077, 027, 022)"
+    case ${TSKD_MLFLOW_AUTH:-} in
+    1 | 0) AUTH=$TSKD_MLFLOW_AUTH ;;
+    '') if is_loopback "$HOST"; then AUTH=0; else AUTH=1; fi ;;
+    *) fail "TSKD_MLFLOW_AUTH='$TSKD_MLFLOW_AUTH': use 1 (MLflow's basic authentication) or 0 (none)" ;;
+    esac
+    # The state dir holds passwords: it must be ours, and a name in a world-writable /var/tmp must
+    # not be someone else's link.
+    if [[ -L $STATE && $(stat -c %u -- "$STATE") != "$EUID" ]]; then
+        fail "TSKD_MLFLOW_DIR=$STATE is a link made by another user; set TSKD_MLFLOW_DIR to a directory of your own"
+    fi
+    if [[ -e $STATE && ! -O $STATE ]]; then
+        fail "TSKD_MLFLOW_DIR=$STATE belongs to another user; set TSKD_MLFLOW_DIR to a directory of your own"
+    fi
+}
+
+# A file holding a secret: a regular file of ours that no one else may read.
+check_private_file() { # FILE WHAT
+    local f=$1 what=$2 mode
+    [[ -f $f ]] || fail "$what $f is not a regular file"
+    [[ -O $f ]] || fail "$what $f belongs to another user; it must be yours (mode 600)"
+    mode=$(stat -c %a -- "$f")
+    if ((8#$mode & 8#077)); then
+        fail "$what $f is readable or writable by other users (mode $mode): chmod 600 $f"
+    fi
 }
 
 running_pid() {
@@ -60,17 +132,102 @@ running_pid() {
 }
 healthy() { "$PY" -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('$URL/health', timeout=3).status != 200)" 2>/dev/null; }
 
+# The credentials file: USER and PASSWORD from its MLFLOW_TRACKING_USERNAME / _PASSWORD lines.
+read_credentials() {
+    local line re='^[[:space:]]*(export[[:space:]]+)?(MLFLOW_TRACKING_USERNAME|MLFLOW_TRACKING_PASSWORD)=(.*)$' k v
+    USER_NAME="" USER_PW=""
+    while IFS= read -r line || [[ -n $line ]]; do
+        [[ $line =~ $re ]] || continue
+        k=${BASH_REMATCH[2]} v=${BASH_REMATCH[3]}
+        if [[ $v =~ ^\'(.*)\'$ || $v =~ ^\"(.*)\"$ ]]; then v=${BASH_REMATCH[1]}; fi
+        if [[ $k == MLFLOW_TRACKING_USERNAME ]]; then USER_NAME=$v; else USER_PW=$v; fi
+    done <"$CREDS"
+    [[ -n $USER_NAME ]] || fail "credentials file $CREDS has no line MLFLOW_TRACKING_USERNAME=<user>"
+    [[ -n $USER_PW ]] || fail "credentials file $CREDS has no line MLFLOW_TRACKING_PASSWORD=<password>"
+    [[ $USER_NAME =~ ^[A-Za-z0-9._@-]+$ ]] ||
+        fail "credentials file $CREDS: MLFLOW_TRACKING_USERNAME may hold only A-Z a-z 0-9 . _ @ -"
+    # No quotes, spaces, $, ~ or %: the file is sourced by a shell and copied into an ini file.
+    [[ $USER_PW =~ ^[A-Za-z0-9._@+/=:,-]+$ ]] ||
+        fail "credentials file $CREDS: MLFLOW_TRACKING_PASSWORD may hold only A-Z a-z 0-9 . _ @ + / = : , -"
+    ((${#USER_PW} >= 12)) || fail "credentials file $CREDS: MLFLOW_TRACKING_PASSWORD must have at least 12 characters (MLflow's rule)"
+}
+
+# The credentials of the server's admin user: the user's file, or one generated at the first start.
+ensure_credentials() {
+    if [[ -n ${TSKD_MLFLOW_CREDENTIALS:-} ]]; then
+        [[ -e $CREDS ]] || fail "TSKD_MLFLOW_CREDENTIALS=$CREDS does not exist; write it (mode 600) with the lines
+  export MLFLOW_TRACKING_USERNAME=<user>
+  export MLFLOW_TRACKING_PASSWORD=<at least 12 characters>
+or unset TSKD_MLFLOW_CREDENTIALS to have one generated in $STATE"
+    elif [[ ! -s $CREDS ]]; then
+        local pw tmp="$CREDS.tmp.$$"
+        pw=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+        printf '# MLflow credentials for the tracking server of slurm/mlflow-server.sh; keep it mode 600.\nexport MLFLOW_TRACKING_USERNAME=%s\nexport MLFLOW_TRACKING_PASSWORD=%s\n' \
+            "$(id -un)" "$pw" >"$tmp"
+        mv -f -- "$tmp" "$CREDS"
+        say "generated the credentials $CREDS (mode 600)"
+    fi
+    check_private_file "$CREDS" "credentials file (TSKD_MLFLOW_CREDENTIALS)"
+    read_credentials
+}
+
+# MLflow's basic-auth app reads this ini (MLFLOW_AUTH_CONFIG_PATH); written afresh at every start.
+# admin_password only counts when the user database has no such user yet (the first start).
+write_auth_ini() {
+    local tmp="$AUTH_INI.tmp.$$"
+    cat >"$tmp" <<EOF
+[mlflow]
+default_permission = READ
+database_uri = sqlite:///${AUTH_DB//%/%%}
+admin_username = $USER_NAME
+admin_password = $USER_PW
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+EOF
+    mv -f -- "$tmp" "$AUTH_INI"
+}
+
+# Does the server take these credentials? 0 yes, 1 refused, 2 no answer. Credentials through the
+# environment of the check, never its command line.
+credentials_accepted() {
+    MLFLOW_TRACKING_USERNAME=$USER_NAME MLFLOW_TRACKING_PASSWORD=$USER_PW "$PY" - "$URL" <<'EOF'
+import base64, os, sys, urllib.error, urllib.parse, urllib.request
+user, pw = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+req = urllib.request.Request(f"{sys.argv[1]}/api/2.0/mlflow/users/get?" + urllib.parse.urlencode({"username": user}))
+req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode())
+try:
+    urllib.request.urlopen(req, timeout=10)
+except urllib.error.HTTPError as e:
+    sys.exit(1 if e.code in (401, 403) else 2)
+except OSError:
+    sys.exit(2)
+EOF
+}
+
+check_credentials_accepted() {
+    local rc=0
+    credentials_accepted || rc=$?
+    case $rc in
+    0) ;;
+    1) fail "the server at $URL refuses the credentials in $CREDS: its user database $AUTH_DB set the password of user $USER_NAME at its first start, and this file has another one. Put the old password back in $CREDS, or change it with MLflow's users/update-password API, or stop the server and remove $AUTH_DB to create the user afresh" ;;
+    *) fail "the server at $URL did not answer an authenticated request" "$LOG" ;;
+    esac
+}
+
 # The test cluster's MariaDB (slurm/local-cluster.sh): a database and a user for MLflow, the
-# password kept in the state dir (root only). Prints the backend store URI.
+# password kept in the state dir (an option file pymysql reads). Prints the backend store URI,
+# which holds no password.
 local_cluster_db() {
     local slurm_state="${TSKD_SLURM_DIR:-/var/tmp/tskd-slurm}" db_port="${TSKD_SLURM_DB_PORT:-3306}" sock pw
     sock="$slurm_state/mysql/run/mariadbd.sock"
     [[ -S $sock ]] || fail "no TSKD_MLFLOW_DB_URI and no MariaDB of slurm/local-cluster.sh at $sock: start the test cluster (bash slurm/local-cluster.sh start) or give TSKD_MLFLOW_DB_URI"
     [[ $EUID -eq 0 ]] || fail "creating the database in the test cluster's MariaDB needs root (or give TSKD_MLFLOW_DB_URI)"
-    if [[ ! -s $STATE/dbpass ]]; then
-        (umask 077 && od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$STATE/dbpass")
+    if [[ ! -s $DBPASS ]]; then
+        od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$DBPASS"
     fi
-    pw=$(<"$STATE/dbpass")
+    chmod 600 "$DBPASS"
+    pw=$(<"$DBPASS")
+    [[ $pw =~ ^[0-9a-f]+$ ]] || fail "$DBPASS does not hold a generated password; remove it to make a new one"
+    # The SQL (and the password in it) goes through stdin, not the command line.
     mariadb --no-defaults --protocol=socket --socket="$sock" -uroot -N -B <<EOF >/dev/null ||
 CREATE DATABASE IF NOT EXISTS \`$DB_NAME\`;
 CREATE USER IF NOT EXISTS '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$pw';
@@ -78,23 +235,98 @@ ALTER USER '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$pw';
 GRANT ALL PRIVILEGES ON \`$DB_NAME\`.* TO '$DB_USER'@'127.0.0.1';
 EOF
         fail "could not create database $DB_NAME in the MariaDB at $sock"
-    printf 'mysql+pymysql://%s:%s@127.0.0.1:%s/%s\n' "$DB_USER" "$pw" "$db_port" "$DB_NAME"
+    printf '[client]\nuser = %s\npassword = %s\n' "$DB_USER" "$pw" >"$MYCNF"
+    printf 'mysql+pymysql://%s@127.0.0.1:%s/%s?read_default_file=%s\n' "$DB_USER" "$db_port" "$DB_NAME" "$MYCNF"
+}
+
+# A URI naming an option file (pymysql's read_default_file): the file must exist (pymysql
+# silently ignores a missing one) and be private.
+check_uri_option_file() {
+    local f
+    [[ $1 =~ [?\&]read_default_file=([^\&]+) ]] || return 0
+    f=${BASH_REMATCH[1]}
+    [[ $f == '~/'* ]] && f="$HOME/${f#\~/}"
+    [[ -e $f ]] || fail "TSKD_MLFLOW_DB_URI names the option file $f (read_default_file), which does not exist"
+    check_private_file "$f" "option file of TSKD_MLFLOW_DB_URI (read_default_file)"
+}
+
+# The artifact root: made under TSKD_MLFLOW_UMASK; an existing one may grant no more than it.
+prepare_artifacts() {
+    local mode
+    if [[ ! -e $ARTIFACTS ]]; then
+        (umask "$ART_UMASK" && mkdir -p -- "$ARTIFACTS") || fail "could not create the artifact root TSKD_MLFLOW_ARTIFACTS=$ARTIFACTS"
+        return 0
+    fi
+    [[ -d $ARTIFACTS ]] || fail "TSKD_MLFLOW_ARTIFACTS=$ARTIFACTS is not a directory"
+    mode=$(stat -c %a -- "$ARTIFACTS")
+    if ((8#$mode & 8#$ART_UMASK & 8#077)); then
+        if [[ -z ${TSKD_MLFLOW_ARTIFACTS:-} && -O $ARTIFACTS ]]; then
+            chmod "$(printf '%o' $((8#$mode & ~8#$ART_UMASK & 8#777)))" -- "$ARTIFACTS" # ours, in the state dir
+        else
+            fail "the artifact root TSKD_MLFLOW_ARTIFACTS=$ARTIFACTS is open to other users (mode $mode) beyond TSKD_MLFLOW_UMASK=$ART_UMASK: chmod go-rwx $ARTIFACTS, or set TSKD_MLFLOW_UMASK (e.g. 022) to share the artifacts"
+        fi
+    fi
+}
+
+allowed_hosts() {
+    # MLflow compares the whole Host header, port included: each name is allowed with and without it.
+    local given="${TSKD_MLFLOW_ALLOWED_HOSTS:-$(hostname),$(hostname -f 2>/dev/null || hostname),localhost,127.0.0.1}"
+    local out=() h
+    IFS=, read -r -a names <<<"$given"
+    for h in "${names[@]}"; do
+        [[ -n $h ]] || continue
+        out+=("$h")
+        [[ $h == *:* || $h == *'*'* ]] || out+=("$h:$PORT")
+    done
+    (IFS=, && printf '%s\n' "${out[*]}")
+}
+
+print_exports() {
+    printf 'export MLFLOW_TRACKING_URI=%s\n' "$URL"
+    if ((AUTH)); then
+        printf 'source %q  # MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD\n' "$CREDS"
+    fi
 }
 
 cmd_start() {
-    mkdir -p "$STATE" "$ARTIFACTS"
+    check_input
+    mkdir -p -- "$STATE"
     chmod 700 "$STATE"
-    if running_pid >/dev/null && healthy; then
-        say "already running (pid $(running_pid)) at $URL"
-        printf 'export MLFLOW_TRACKING_URI=%s\n' "$URL"
-        return 0
+    # A state dir of an earlier version: its files may have been made under a wider umask.
+    local f
+    for f in "$LOG" "$PIDFILE" "$DBPASS" "$SETTINGS"; do [[ -e $f ]] && chmod go-rwx -- "$f"; done
+    prepare_artifacts
+    if ((AUTH)); then
+        "$PY" -c 'import flask_wtf' 2>/dev/null ||
+            fail "TSKD_MLFLOW_AUTH=1 (the default beyond loopback) needs MLflow's auth extra, which $PY lacks: pip install 'mlflow[auth]'"
+        ensure_credentials
+    elif ! is_loopback "$HOST"; then
+        say "WARNING: TSKD_MLFLOW_AUTH=0 on $HOST: anyone who reaches port $PORT can change or delete runs"
+    fi
+    local want="host=$HOST port=$PORT auth=$AUTH"
+    if running_pid >/dev/null; then
+        local had=""
+        [[ -r $SETTINGS ]] && had=$(<"$SETTINGS")
+        if [[ -n $had && $had != "$want" ]]; then
+            fail "a server of $STATE runs (pid $(running_pid)) with $had, not $want: stop it first (bash slurm/mlflow-server.sh stop)"
+        fi
+        if healthy; then
+            say "already running (pid $(running_pid)) at $URL"
+            ((AUTH)) && check_credentials_accepted
+            print_exports
+            return 0
+        fi
     fi
     local uri="${TSKD_MLFLOW_DB_URI:-}"
     [[ -n $uri ]] || uri=$(local_cluster_db)
     case $uri in
     sqlite:*) fail "TSKD_MLFLOW_DB_URI is SQLite: the point of the server is a database many jobs can write; give mysql+pymysql:// or postgresql://" ;;
-    mysql*) "$PY" -c 'import pymysql' 2>/dev/null || fail "$PY has no pymysql (pip install -e . installs it)" ;;
+    mysql*)
+        "$PY" -c 'import pymysql' 2>/dev/null || fail "$PY has no pymysql (pip install -e . installs it)"
+        check_uri_option_file "$uri"
+        ;;
     postgresql*) "$PY" -c 'import psycopg2' 2>/dev/null || fail "$PY has no psycopg2 (pip install psycopg2-binary)" ;;
+    *) fail "TSKD_MLFLOW_DB_URI is neither mysql+pymysql:// nor postgresql://" ;;
     esac
     if "$PY" -c "import socket, sys; s = socket.socket(); sys.exit(s.connect_ex(('$CLIENT_HOST', $PORT)) != 0)" 2>/dev/null; then
         fail "$CLIENT_HOST:$PORT is in use by another process; stop it or set TSKD_MLFLOW_PORT"
@@ -102,13 +334,30 @@ cmd_start() {
     local extra=()
     if [[ $HOST == 0.0.0.0 ]]; then
         # MLflow refuses requests whose Host header it does not know (DNS rebinding protection).
-        extra=(--allowed-hosts "${TSKD_MLFLOW_ALLOWED_HOSTS:-$(hostname),$(hostname -f 2>/dev/null || hostname),localhost}")
+        extra+=(--allowed-hosts "$(allowed_hosts)")
     fi
-    say "starting mlflow server at $URL (artifacts in $ARTIFACTS, log $LOG)"
+    if ((AUTH)); then
+        write_auth_ini
+        extra+=(--app-name basic-auth)
+    fi
+    [[ -e $LOG ]] || : >"$LOG"
+    say "starting mlflow server at $URL (artifacts in $ARTIFACTS, log $LOG, authentication $( ((AUTH)) && echo on || echo off))"
     # Its own session, stdin/out closed: it outlives this script and no caller's pipe stays open.
-    setsid -f "$PY" -m mlflow server --host "$HOST" --port "$PORT" --workers 2 \
-        --backend-store-uri "$uri" --artifacts-destination "$ARTIFACTS" "${extra[@]}" \
-        </dev/null >>"$LOG" 2>&1 9>&-
+    # Secrets reach it through its environment (readable by its owner only; `env VAR=...` would
+    # put them on a command line), never argv. What it writes gets TSKD_MLFLOW_UMASK.
+    (
+        umask "$ART_UMASK"
+        export MLFLOW_BACKEND_STORE_URI="$uri"
+        unset MLFLOW_AUTH_ADMIN_USERNAME MLFLOW_AUTH_ADMIN_PASSWORD # the ini names the admin, not the caller's env
+        if ((AUTH)); then
+            export MLFLOW_AUTH_CONFIG_PATH="$AUTH_INI"
+            MLFLOW_FLASK_SERVER_SECRET_KEY="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
+            export MLFLOW_FLASK_SERVER_SECRET_KEY
+        fi
+        exec setsid -f "$PY" -m mlflow server --host "$HOST" --port "$PORT" --workers 2 \
+            --artifacts-destination "$ARTIFACTS" "${extra[@]}" \
+            </dev/null >>"$LOG" 2>&1 9>&-
+    )
     local pid t0=$SECONDS
     # The server's own process (its session leader): found by its port on its command line.
     # A first start on an empty database creates MLflow's schema: a minute or so.
@@ -116,8 +365,10 @@ cmd_start() {
         if healthy; then
             pid=$(pgrep -o -f -- "mlflow server --host $HOST --port $PORT " || true)
             [[ -n $pid ]] && printf '%s\n' "$pid" >"$PIDFILE"
+            printf '%s\n' "$want" >"$SETTINGS"
+            ((AUTH)) && check_credentials_accepted
             say "up (pid ${pid:-?}) after $((SECONDS - t0)) s"
-            printf 'export MLFLOW_TRACKING_URI=%s\n' "$URL"
+            print_exports
             return 0
         fi
         if ! pgrep -f -- "mlflow server --host $HOST --port $PORT " >/dev/null; then
