@@ -74,34 +74,40 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
     assert parent.data.metrics["best_top1_mean"] == pytest.approx(statistics.fmean(best))
     assert parent.data.metrics["best_top1_std"] == pytest.approx(statistics.stdev(best))
     assert parent.info.run_name == "vanilla:resnet8:student" and parent.data.tags["run_kind"] == "seeds"
-    # A group none of whose seeds ran stays RUNNING, without figures.
-    assert client.get_run(parents["kd:resnet20-resnet8:student"]).info.status == "RUNNING"
+    # A group none of whose seeds ran is not RUNNING (nothing runs it), and has no figures.
+    kd = client.get_run(parents["kd:resnet20-resnet8:student"])
+    assert kd.info.status == "SCHEDULED" and "best_top1_mean" not in kd.data.metrics
 
 
-def test_a_store_that_fails_on_resume_raises_instead_of_starting_a_duplicate_run(tmp_path, monkeypatch):
-    """A checkpoint's run id checked against a server that is down: no "not found", no new run; once
-    the server is back, the same run continues."""
+def test_a_resume_while_the_server_is_down_makes_no_second_run(make_spec, tmp_path, monkeypatch):
+    """A run killed after an epoch resumes while the server is down: it finishes, and once the server
+    is back its records go on in the run it had, not in a new one."""
     from mlflow.tracking import MlflowClient
 
-    from tskd.tracking import RunTracker
+    from tskd.engine.trainer import Trainer, train
+    from tskd.tracking_journal import sync_dirs
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    backend = f"sqlite:///{tmp_path / 'server.db'}"
-    with mlflow_server(backend, tmp_path / "artifacts") as url:
+    spec = make_spec(recipe={"epochs": 2, "milestones": []})
+    out = Path(spec.out_dir)
+    backend, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts"
+    with mlflow_server(backend, artifacts) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        first = RunTracker("resume", "a", {}, {"x": 1})
-        port = url.rsplit(":", 1)[1]
-    with pytest.raises(Exception, match=f"127.0.0.1:{port}"):  # the server is down: an error, not "not found"
-        RunTracker("resume", "a", {}, {"x": 1}, run_id=first.run_id)
-    with pytest.raises(Exception, match=f"127.0.0.1:{port}"):
-        first._exists(first.run_id)
-    with mlflow_server(backend, tmp_path / "artifacts", port=int(port)):
-        again = RunTracker("resume", "a", {}, {"x": 1}, run_id=first.run_id)
-        assert again.run_id == first.run_id and not again.created
+        t = Trainer(spec)  # what a job killed after its first epoch leaves
+        tracker = t._start_tracking()
+        row = {"epoch": 1, **t._train_epoch(0), **t._evaluate(), "seconds": 1.0}
+        t.history.append(row)
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=1)
+        t._save(1)
+        first = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    train(spec)  # the server is down: the run finishes all the same
+    assert (out / "metrics.json").is_file()
+    with mlflow_server(backend, artifacts, port=int(url.rsplit(":", 1)[1])):
+        assert sync_dirs([out])["pending"] == 0
         client = MlflowClient(tracking_uri=url)
-        assert len(client.search_runs([client.get_experiment_by_name("resume").experiment_id])) == 1
-        # A genuine "not found" (a run deleted for good) starts a new run.
-        assert not again._exists("0" * 32)
+        (run,) = client.search_runs([client.get_experiment_by_name("tskd-test").experiment_id])
+        assert run.info.run_id == first and run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(first, "test_top1")) == [1, 2]
 
 
 def _log_at_once(uri: str, run_id: str, barrier) -> None:

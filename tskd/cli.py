@@ -143,6 +143,19 @@ def cmd_report(a) -> None:
     print(md.read_text() if a.print else f"wrote {md}")
 
 
+def cmd_sync(a) -> None:
+    from tskd.config import load_preset
+    from tskd.tracking_journal import grid_dirs, sync_dirs
+
+    dirs = [Path(d) for d in a.dirs] if a.dirs else grid_dirs(load_preset(a.params))
+    n = sync_dirs(dirs)
+    print(f"MLflow: {n['applied']} records of {n['runs']} runs logged; {n['pending']} still wait (the store did "
+          f"not answer)" + (f"; {n['live']} runs left to the jobs writing them" if n["live"] else ""))
+    if n["pending"]:
+        raise UsageError(f"{n['pending']} records could not be logged; run `tskd sync` again once MLflow answers "
+                         "(MLFLOW_TRACKING_URI)")
+
+
 def cmd_models(a) -> None:
     from tskd.models.summary import format_model_table, model_table
 
@@ -297,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="the preset's params as JSON (what the workflow passes)")
     p.add_argument("--print", action="store_true")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("sync", help="log to MLflow what finished or stopped runs recorded while it could not be "
+                       "reached (each run directory's tracking/ journal)")
+    p.add_argument("params", nargs="?", default="params/smoke.yaml", help="params/<preset>.yaml: its grid's runs")
+    p.add_argument("--dirs", nargs="+", metavar="DIR", help="these run directories instead of a preset's")
+    p.set_defaults(fn=cmd_sync)
 
     p = sub.add_parser("models", help="list registered architectures with parameter counts")
     p.add_argument("--family", default=None)

@@ -2,8 +2,11 @@
 
 Nothing is asked of Snakemake or SLURM and nothing is written: a job is *done* when its
 ``metrics.json`` exists, *failed* when its log ends in tskd's one-line error (``tskd --log``),
-*running* when it has a log or a checkpoint (epochs done and the seconds they took, from
-``checkpoint.pt``: the ETA is their mean times the epochs left), else *waiting*.
+*running* when a live process holds its directory's lock (tskd.engine.run_lock; epochs done and the
+seconds they took, from ``checkpoint.pt``: the ETA is their mean times the epochs left), *stopped*
+when it has a lock file, a log or a checkpoint but no process writes it (killed from outside, or
+queued to resume), else *waiting*. Directories written before the lock existed count as running
+when they have a log or a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tskd.config import Preset
+from tskd.engine.run_lock import describe, holder, lock_path
 from tskd.grid import student_dir, student_jobs, teacher_dir
 
 # tskd --log writes this line last when a job fails (tskd.cli.main).
@@ -27,11 +31,12 @@ class JobStatus:
     out_dir: Path
     log: Path
     epochs: int
-    state: str  # done | failed | running | waiting
+    state: str  # done | failed | running | stopped | waiting
     epochs_done: int = 0
     eta_seconds: float | None = None
     reason: str = ""
     updated: float | None = None  # mtime of the newest checkpoint or log
+    writer: str = ""  # who holds the directory's lock (running)
 
 
 def log_path(p: Preset, out_dir: Path) -> Path:
@@ -77,7 +82,14 @@ def job_status(name: str, out_dir: Path, log: Path, epochs: int) -> JobStatus:
     done = ckpt["epoch"] if ckpt else 0
     seconds = [row["seconds"] for row in (ckpt or {}).get("history", []) if "seconds" in row]
     eta = sum(seconds) / len(seconds) * (epochs - done) if seconds else None
-    return JobStatus(**base, state="running", epochs_done=done, eta_seconds=eta, updated=max(stamps, default=None))
+    updated = max(stamps, default=None)
+    if lock_path(out_dir).is_file():
+        owner = holder(out_dir)
+        if owner is None:
+            return JobStatus(**base, state="stopped", epochs_done=done, updated=updated)
+        return JobStatus(**base, state="running", epochs_done=done, eta_seconds=eta, updated=updated,
+                         writer=describe(owner))
+    return JobStatus(**base, state="running", epochs_done=done, eta_seconds=eta, updated=updated)
 
 
 def preset_status(p: Preset) -> list[JobStatus]:
@@ -106,16 +118,21 @@ def _bar(done: int, total: int, width: int = 20) -> str:
 
 def format_status(rows: list[JobStatus], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    counts = {s: sum(r.state == s for r in rows) for s in ("done", "running", "failed", "waiting")}
+    counts = {s: sum(r.state == s for r in rows) for s in ("done", "running", "stopped", "failed", "waiting")}
     lines = [f"{len(rows)} training jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
     width = max((len(r.name) for r in rows), default=0)
-    order = {"running": 0, "failed": 1, "waiting": 2, "done": 3}
+    order = {"running": 0, "stopped": 1, "failed": 2, "waiting": 3, "done": 4}
     for r in sorted(rows, key=lambda r: order[r.state]):
         line = f"  {r.name:<{width}}  {r.state:<7}  {_bar(r.epochs_done, r.epochs)} {r.epochs_done}/{r.epochs}"
         if r.state == "running":
             line += f"  ETA {_duration(r.eta_seconds)}" if r.eta_seconds is not None else "  ETA after epoch 1"
             if r.updated is not None:
                 line += f"  (written {_duration(now - r.updated)} ago; log: {r.log})"
+            if r.writer:
+                line += f"  [{r.writer}]"
+        elif r.state == "stopped":
+            line += "  no process writes it (killed, or queued to resume)" + (
+                f"; last written {_duration(now - r.updated)} ago" if r.updated is not None else "")
         lines.append(line)
     for r in rows:
         if r.state == "failed":

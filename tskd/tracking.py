@@ -5,7 +5,8 @@ default store is ``sqlite:///mlflow.db`` in the working directory (MLflow's file
 deprecated); ``MLFLOW_TRACKING_URI`` overrides it, e.g. with an ``mlflow server`` that many
 cluster jobs share (slurm/mlflow-server.sh). What a run carries (names, tags, parent, dataset,
 model) is decided in ``tskd.tracking_runs``; the DAG sets the store up once before its jobs start,
-so a job's start only reads it.
+so a job's start only reads it. A training run's records go through its journal
+(``tskd.tracking_journal``): kept in its directory first, applied when the store answers.
 """
 
 from __future__ import annotations
@@ -96,77 +97,3 @@ def existing_experiment(experiment: str) -> tuple[Any, str] | None:
     client = _client(uri)
     exp = _retry(lambda: client.get_experiment_by_name(experiment))
     return (client, exp.experiment_id) if exp is not None else None
-
-
-class RunTracker:
-    """One MLflow run; ``run_id`` is kept in the training checkpoint so a resume continues it.
-
-    ``on_create(client, experiment_id)`` returns tags only a new run needs (its parent);
-    ``model``, when given, names the logged model that ``finish("FINISHED")`` records for the
-    ``model.pt`` artifact (tskd.tracking_runs.log_model)."""
-
-    def __init__(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any],
-                 run_id: str | None = None, on_create: Callable[[Any, str], dict[str, str]] | None = None,
-                 model: dict[str, Any] | None = None):
-        self.client, self.experiment_id = open_experiment(experiment)
-        self.model = model
-        self.artifacts: set[str] = set()
-        self.created = False
-        # Only a genuine "not found" (``_exists``) starts a new run: a store that fails now raises,
-        # rather than leaving the checkpoint's run behind with a duplicate beside it.
-        if run_id is not None and self._exists(run_id):
-            self.run_id = run_id
-            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
-        else:
-            tags = tags | (on_create(self.client, self.experiment_id) if on_create else {})
-            run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=run_name, tags=tags))
-            self.run_id = run.info.run_id
-            self.created = True
-            flat = flatten(params)
-            from mlflow.entities import Param
-
-            items = [Param(k, v) for k, v in flat.items()]
-            for i in range(0, len(items), 100):
-                _retry(lambda chunk=items[i:i + 100]: self.client.log_batch(self.run_id, params=chunk))
-
-    def _exists(self, run_id: str) -> bool:
-        """Only MLflow's "does not exist" means not found; any other error (a locked or unreachable
-        store) is raised, rather than answered with a duplicate run."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            _retry(lambda: self.client.get_run(run_id))
-            return True
-        except MlflowException as e:
-            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return False
-            raise
-
-    def mark_killed(self, run_ids: set[str]) -> None:
-        """Runs of earlier attempts that will not be continued: those still RUNNING (their process
-        died before it could say so) become KILLED."""
-        for run_id in sorted(run_ids):
-            if self._exists(run_id) and self.client.get_run(run_id).info.status == "RUNNING":
-                _retry(lambda r=run_id: self.client.set_terminated(r, status="KILLED"))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            _retry(lambda k=k, v=v: self.client.set_tag(self.run_id, k, v))
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
-
-    def log_artifact(self, path: Path) -> None:
-        _retry(lambda: self.client.log_artifact(self.run_id, str(path)))
-        self.artifacts.add(Path(path).name)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        if status == "FINISHED" and self.model and self.model["artifact"] in self.artifacts:
-            from tskd.tracking_runs import log_model
-
-            _retry(lambda: log_model(self.client, self.experiment_id, self.run_id, **self.model))
-        _retry(lambda: self.client.set_terminated(self.run_id, status=status))

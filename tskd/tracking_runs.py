@@ -1,5 +1,5 @@
 """How training runs look in MLflow's UI: names, tags, the parent run that groups a run's seeds,
-the dataset input and the logged model. ``tskd.tracking.RunTracker`` writes one run; this module
+the dataset input and the logged model. a run's journal (``tskd.tracking_journal``) writes one run; this module
 decides what it carries, and sets the store up once for a whole grid (``prepare_store``).
 
 Grouping: every (preset, recipe, pair, method) of the grid, and every teacher, has one *parent*
@@ -101,10 +101,10 @@ def _parent_filter(preset: str, group: str) -> str:
     return f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{preset}' and tags.{GROUP_TAG} = '{group}'"
 
 
-def find_parent(client: MlflowClient, exp_id: str, spec: RunSpec) -> str | None:
-    """The parent run of ``spec``'s group (made by ``prepare_store``), or None (a run trained
-    outside the DAG has none). Several (made by racing set-ups): the oldest, the same for every child."""
-    runs = client.search_runs([exp_id], _parent_filter(spec.preset, group_name(spec)), max_results=50,
+def find_parent_id(client: MlflowClient, exp_id: str, preset: str, group: str) -> str | None:
+    """The parent run of a group (made by ``prepare_store``), or None (a run trained outside the DAG
+    has none). Several (made by racing set-ups): the oldest, the same for every child."""
+    runs = client.search_runs([exp_id], _parent_filter(preset, group), max_results=50,
                               order_by=["attributes.start_time ASC"])
     return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
 
@@ -158,6 +158,9 @@ def prepare_store(p: Preset) -> dict[str, str]:
         if group not in existing:
             run = client.create_run(exp_id, run_name=group, tags=_parent_tags(spec) | standard_tags(spec) | {
                 "mlflow.runName": group})
+            # Not RUNNING: a DAG that fails before its report (which marks the parents FINISHED) must not
+            # leave runs that claim to be running forever.
+            client.update_run(run.info.run_id, status="SCHEDULED")
             existing[group] = run.info.run_id
         parents[group] = existing[group]
     if stamp:
@@ -261,9 +264,19 @@ def summarize_after_report(p: Preset) -> None:
     """``tskd report``'s one line: the parents' mean ± std, without failing the report when the
     store cannot be reached (the tables are the report's result; MLflow is a view of it)."""
     from tskd.tasks import task_of
+    from tskd.tracking_journal import grid_dirs, sync_dirs
 
     task = task_of(p.dataset.name)
     figures = [f"{w}_{f}" for w in ("best", "last") for f in task.figures]
+    try:  # first what runs recorded while the store was away: their parents' figures need them
+        synced = sync_dirs(grid_dirs(p))
+    except Exception as e:
+        log.warning("MLflow: the runs' waiting records were not logged: %s", e)
+    else:
+        if synced["applied"] or synced["pending"]:
+            log.log(logging.WARNING if synced["pending"] else logging.INFO,
+                    "MLflow: %d waiting records logged, %d still wait (`tskd sync` once the store answers)",
+                    synced["applied"], synced["pending"])
     try:
         n = summarize_parents(p, figures)
     except Exception as e:  # an unreachable server, a locked file: the report stands without it
@@ -304,12 +317,6 @@ def log_run_grids(p: Preset) -> int:
         client.log_artifact(run_id, str(png), "plots")
         logged += 1
     return logged
-
-
-def parent_of(client: MlflowClient, exp_id: str, spec: RunSpec) -> dict[str, str]:
-    """The ``mlflow.parentRunId`` tag for a new run of ``spec`` ({} when its group has no parent)."""
-    pid = find_parent(client, exp_id, spec)
-    return {PARENT_TAG: pid} if pid else {}
 
 
 def identity_counts(data: Any) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,6 +24,7 @@ from tskd.engine.checkpoint import export_model, load_latest_checkpoint, remove_
 from tskd.engine.distributed import SINGLE, World
 from tskd.engine.epoch_state import EpochTotals, restore_rng
 from tskd.engine.loaders import build_run_data
+from tskd.engine.run_lock import run_dir_lock
 from tskd.engine.runtime import Runtime, seed_epoch, select_runtime, uses_cuda
 from tskd.errors import TskdError
 from tskd.grid import RunSpec
@@ -85,19 +87,28 @@ def run_identity(spec: RunSpec, method_params: dict[str, Any], teacher_sha256: s
                               "data_identity": data_identity, "device": device}
 
 
-def _tracker(spec: RunSpec, identity: dict[str, Any], run_id: str | None, world: World,
-             extra_tags: dict[str, str]):
-    """The run's MLflow run: named and tagged as tskd.tracking_runs says, under its group's parent
-    run, with the exported model logged at the end. Params: the identity, every default filled in."""
+def _start_record(spec: RunSpec, identity: dict[str, Any], world: World, extra_tags: dict[str, str],
+                  data: Any, supersedes: list[str]) -> dict[str, Any]:
+    """The journal's first record of a run: its MLflow name, tags (tskd.tracking_runs), params (the
+    identity, every default filled in), its group's parent and its dataset input."""
     from tskd import tracking_runs as tr
-    from tskd.tracking import RunTracker
+
+    return {"experiment": spec.experiment, "name": tr.run_name(spec), "params": identity,
+            "tags": tr.run_tags(spec, world.size, extra_tags),
+            "parent": {"preset": spec.preset, "group": tr.group_name(spec)},
+            "dataset": {"name": data.name, "identity": data.identity, "root": getattr(spec.dataset, "root", None),
+                        "counts": tr.identity_counts(data)},
+            "supersedes": supersedes}
+
+
+def _model_record(spec: RunSpec) -> dict[str, Any]:
+    """The logged model that the run's end records for its model.pt artifact."""
+    from tskd import tracking_runs as tr
 
     # Logged-model names allow no ":" (MLflow refuses it).
-    model = {"name": tr.run_name(spec).replace(":", "-"), "artifact": "model.pt", "step": spec.recipe.epochs,
-             "tags": {"role": spec.role, "method": spec.method, "variant": spec.variant or spec.method,
-                      tr.GROUP_TAG: tr.group_name(spec)}}
-    return RunTracker(spec.experiment, tr.run_name(spec), tr.run_tags(spec, world.size, extra_tags), identity,
-                      run_id=run_id, on_create=lambda client, exp_id: tr.parent_of(client, exp_id, spec), model=model)
+    return {"name": tr.run_name(spec).replace(":", "-"), "artifact": "model.pt", "step": spec.recipe.epochs,
+            "tags": {"role": spec.role, "method": spec.method, "variant": spec.variant or spec.method,
+                     tr.GROUP_TAG: tr.group_name(spec)}}
 
 
 class Trainer:
@@ -162,8 +173,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.capture: dict[str, Any] | None = None  # see _keep_capture
         self.evolution: list[dict[str, Any]] = []  # see _watch
-        self.run_id: str | None = None
-        self._orphans: list[str | None] = []  # MLflow runs of attempts that will not be continued
+        self.journal_id: str | None = None  # the tracking journal this attempt goes on with (tskd.tracking_journal)
+        self._orphans: list[str] = []  # MLflow runs of earlier attempts kept outside any journal (older tskd)
         self._resume()
         self._watched = self._watch()
 
@@ -222,7 +233,8 @@ class Trainer:
             # this run's to continue.
             log.warning("%s: written for another run (teacher, data or params differ); training from the start",
                         self.ckpt_path)
-            self._orphans.append(state.get("mlflow_run_id"))
+            if state.get("mlflow_run_id"):
+                self._orphans.append(state["mlflow_run_id"])
             return
         self.distiller.load_state_dict(state["distiller"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -233,7 +245,7 @@ class Trainer:
         self.history = state["history"]
         self.capture = state.get("capture")
         self.evolution = state.get("evolution", [])
-        self.run_id = state.get("mlflow_run_id")
+        self.journal_id = state.get("journal")
         log.info("resuming %s at epoch %d%s", self.out, self.start_epoch + 1,
                  f" step {self.partial['step'] + 1}" if self.partial else "")
 
@@ -247,7 +259,7 @@ class Trainer:
                                          "history": self.history, "capture": self.capture, "evolution": self.evolution,
                                          "distiller": self.distiller.state_dict(),
                                          "optimizer": self.optimizer.state_dict(), "zeroed_grads": zeroed,
-                                         "mlflow_run_id": self.run_id, "spec": self.spec.model_dump(mode="json")})
+                                         "journal": self.journal_id, "spec": self.spec.model_dump(mode="json")})
 
     # -- one epoch ----------------------------------------------------------------------------
     def _train_epoch(self, epoch: int, partial: dict[str, Any] | None = None) -> dict[str, float]:
@@ -353,25 +365,42 @@ class Trainer:
         self.evolution += self.distiller.take_evolution()  # kept in the checkpoints: a resume goes on with them
 
     # -- the run ----------------------------------------------------------------------------
-    def _start_tracking(self):
-        """This run's MLflow run: the checkpoint's when resuming, else a new one. An earlier attempt's
-        run that is still RUNNING (killed before its first checkpoint, or superseded) is marked KILLED."""
-        run_file = self.out / "mlflow_run.json"
-        earlier = list(self._orphans)
-        if run_file.is_file():
-            try:
-                earlier.append(json.loads(run_file.read_text()).get("run_id"))
-            except (OSError, ValueError, AttributeError):
-                log.warning("%s: unreadable; ignored", run_file)
-        tracker = _tracker(self.spec, self.identity, self.run_id, self.world, self.tags)
-        self.run_id = tracker.run_id
-        if tracker.created:  # the dataset input: the UI's Dataset column
-            from tskd.tracking_runs import identity_counts, log_dataset
+    def finished_result(self) -> dict[str, Any] | None:
+        """The directory's metrics.json when a run of this very identity finished there (the writer
+        this call waited for), else None."""
+        try:
+            metrics = json.loads((self.out / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        done = isinstance(metrics, dict) and metrics.get("run_key") == self.key and (self.out / "model.pt").is_file()
+        return metrics if done else None
 
-            log_dataset(tracker.client, tracker.run_id, self.data.name, self.data.identity,
-                        getattr(self.spec.dataset, "root", None), identity_counts(self.data))
-        atomic_write_json(run_file, {"run_id": tracker.run_id, "experiment": self.spec.experiment})
-        tracker.mark_killed({r for r in earlier if r and r != tracker.run_id})
+    def _start_tracking(self):
+        """This attempt's tracker: the checkpoint's journal when resuming, else a new one. Earlier
+        attempts' journals still open end KILLED (a run killed before its first checkpoint, or
+        superseded). Nothing here fails for want of a tracking server (tskd.tracking_journal)."""
+        from tskd.tracking_journal import RUN_FILE, Journal, JournaledRun, apply, close_earlier
+
+        journal = Journal(self.out, self.journal_id) if self.journal_id else None
+        if journal is not None and journal.path.is_file():
+            journal.append("resume")
+        else:
+            journal = Journal.begin(self.out)
+            close_earlier(self.out, journal)
+            earlier = list(self._orphans)
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                legacy = json.loads((self.out / RUN_FILE).read_text())
+                if "journal" not in legacy and legacy.get("run_id"):  # written by a tskd before journals
+                    earlier.append(legacy["run_id"])
+            journal.append("start", **_start_record(self.spec, self.identity, self.world, self.tags, self.data,
+                                                    sorted(set(earlier))))
+        self.journal_id = journal.id
+        tracker = JournaledRun(journal)
+        if tracker.flush(force=True):
+            for other in Journal.all_in(self.out):  # the closed ones, while the store answers
+                if other.id != journal.id and other.pending():
+                    with contextlib.suppress(Exception):
+                        apply(other)
         return tracker
 
     def run(self) -> dict[str, Any]:
@@ -397,7 +426,7 @@ class Trainer:
                     test = " ".join(f"{f} {row[f'test_{f}']:.2f}" for f in self.task.figures)
                     log.info("%s epoch %d/%d lr %.4g loss %.4f test %s (%.1fs)", spec.arch, epoch + 1,
                              spec.recipe.epochs, row["lr"], row["train_loss"], test, row["seconds"])
-            metrics = summarize(self.history, spec, self.task) | {"dataset": self.data.name}
+            metrics = summarize(self.history, spec, self.task) | {"dataset": self.data.name, "run_key": self.key}
             if self.capture is not None:
                 metrics["capture"] = self.capture
             if not self.world.main:
@@ -417,13 +446,18 @@ class Trainer:
             # directory (forced, or with other inputs), which trains from the start instead.
             remove_checkpoints(self.ckpt_path)
             if tracker:
+                # Recorded first, applied once: a store that is down costs one attempt here, and the
+                # records reach it later (`tskd sync`); the run's result is complete either way.
                 tracker.log_metrics({f"{w}_{f}": metrics[f"{w}_{f}"] for w in ("best", "last")
-                                     for f in self.task.figures}, step=spec.recipe.epochs)
-                tracker.log_artifact(self.out / "metrics.json")
-                tracker.log_artifact(self.out / "model.pt")
+                                     for f in self.task.figures}, step=spec.recipe.epochs, flush=False)
+                tracker.log_artifact(self.out / "metrics.json", flush=False)
+                tracker.log_artifact(self.out / "model.pt", flush=False)
                 if self._watched is not None:
-                    tracker.log_artifact(self.out / EVOLUTION_FILE)
-                tracker.finish("FINISHED")
+                    tracker.log_artifact(self.out / EVOLUTION_FILE, flush=False)
+                tracker.finish("FINISHED", model=_model_record(spec), flush=False)
+                if not tracker.flush(force=True):
+                    log.warning("%s: %d MLflow records wait in %s; `tskd sync` logs them once the store answers",
+                                self.out, tracker.journal.pending(), tracker.journal.path)
             return metrics
         except BaseException:
             if tracker:
@@ -456,5 +490,18 @@ def train(spec: RunSpec, *, track: bool = True) -> dict[str, Any]:
     With ``WORLD_SIZE > 1`` in the environment, this process is one rank of a data-parallel
     run (see ``tskd.engine.distributed``); every rank returns the same metrics.
     """
-    with distributed.process_group(uses_cuda(spec.train)) as world:
-        return Trainer(spec, track=track, world=world).run()
+    # One writer per directory: a second call (a restarted Snakemake's) waits for the first and, when
+    # that one finished this very run, takes its result instead of training it again. The other
+    # ranks read the checkpoint only after rank 0 holds the lock (the DDP set-up in Trainer waits
+    # for rank 0), and learn from it whether it waited.
+    with distributed.process_group(uses_cuda(spec.train)) as world, \
+            run_dir_lock(spec.out_dir) if world.main else contextlib.nullcontext(False) as waited:
+        trainer = Trainer(spec, track=track, world=world)
+        if world.distributed:  # rank 0's answer, on every rank
+            waited = bool(distributed.any_rank(torch.tensor(waited, device=trainer.rt.device)))
+        done = trainer.finished_result() if waited else None
+        if done is not None:
+            log.info("%s: the process this one waited for trained it to the end with these inputs "
+                     "(metrics.json); not trained again", spec.out_dir)
+            return done
+        return trainer.run()

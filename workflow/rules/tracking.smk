@@ -9,3 +9,15 @@ onstart:
         from tskd.tracking_runs import prepare_store
 
         prepare_store(P)
+
+
+# A DAG that fails (a missing dataset, a job that fails) never reaches the report, which would end
+# what jobs left open: runs whose job was killed are ended KILLED here (tskd sync; a job still
+# writing its directory is left to it). Best effort: the DAG's own error is what the user needs.
+onerror:
+    try:
+        from tskd.tracking_journal import grid_dirs, sync_dirs
+
+        sync_dirs(grid_dirs(P))
+    except Exception as e:
+        print(f"tskd: MLflow runs of killed jobs not ended: {e}")
