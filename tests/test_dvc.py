@@ -76,7 +76,8 @@ def set_param(repo: Path, edit) -> None:
 def md5s(repo: Path, root: str = "results") -> dict[str, str]:
     return {str(f.relative_to(repo)): hashlib.md5(f.read_bytes()).hexdigest()
             for f in sorted((repo / root).rglob("*"))
-            if f.is_file() and "logs" not in f.parts and f.name != "mlflow_run.json"}  # not DVC outputs
+            # Not DVC outputs: logs, and a run's MLflow id, tracking journal and writer's lock.
+            if f.is_file() and not {"logs", "tracking"} & set(f.parts) and f.name not in ("mlflow_run.json", ".lock")}
 
 
 def lock_out(repo: Path, stage: str, name: str) -> dict:
