@@ -50,6 +50,17 @@ def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 300) -> None
         time.sleep(0.05)
 
 
+def _job_then_server_gone(make_spec, tmp_path, epochs: int, applied: int):
+    """A training job logging to a real server that is stopped once the store has ``applied`` of the
+    job's records. Returns (spec, job, server backend, port)."""
+    spec = make_spec(recipe={"epochs": epochs, "milestones": []})
+    out, backend, port = Path(spec.out_dir), f"sqlite:///{tmp_path / 'store.db'}", free_port()
+    with mlflow_server(backend, tmp_path / "artifacts", port=port) as url:
+        proc = _start_job(spec, url)
+        _wait(lambda: _applied(out) >= applied, proc, f"{applied} records in MLflow")
+    return spec, proc, backend, port
+
+
 def _metric_steps(client, run_id: str, key: str = "test_top1") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
@@ -73,12 +84,8 @@ def test_server_killed_mid_run_and_back_the_run_finishes_and_mlflow_gets_every_e
     from mlflow.tracking import MlflowClient
 
     epochs = 6
-    spec = make_spec(recipe={"epochs": epochs, "milestones": []})
-    out, backend, port = Path(spec.out_dir), f"sqlite:///{tmp_path / 'store.db'}", free_port()
-    with mlflow_server(backend, tmp_path / "artifacts", port=port) as url:
-        proc = _start_job(spec, url)
-        _wait(lambda: _applied(out) >= 2, proc,
-              "first epoch in MLflow")
+    spec, proc, backend, port = _job_then_server_gone(make_spec, tmp_path, epochs, applied=2)  # the first epoch
+    out = Path(spec.out_dir)
     # The server is gone: the job goes on, its records wait in its journal.
     _wait(lambda: _journal(out).pending() > 0, proc, "an epoch kept while the server is down")
     # Held while the server restarts (seconds on a loaded machine), so that it is back within the run.
@@ -100,12 +107,8 @@ def test_server_down_through_the_end_keeps_the_result_and_sync_logs_it_later(mak
     from mlflow.tracking import MlflowClient
 
     epochs = 3
-    spec = make_spec(recipe={"epochs": epochs, "milestones": []})
-    out, backend, port = Path(spec.out_dir), f"sqlite:///{tmp_path / 'store.db'}", free_port()
-    with mlflow_server(backend, tmp_path / "artifacts", port=port) as url:
-        proc = _start_job(spec, url)
-        _wait(lambda: _applied(out) >= 1, proc,
-              "the run in MLflow")
+    spec, proc, backend, port = _job_then_server_gone(make_spec, tmp_path, epochs, applied=1)  # the run
+    out = Path(spec.out_dir)
     t0 = time.monotonic()
     assert proc.wait(300) == 0, proc.stdout.read()[-3000:]
     waited = time.monotonic() - t0
@@ -202,17 +205,20 @@ def test_applying_again_after_a_lost_answer_makes_no_second_run(make_spec, mlflo
     _assert_complete(MlflowClient(mlflow_uri), out, 1)
 
 
-def test_http_limits_of_a_job_bound_a_request_and_leave_a_users_own_settings(monkeypatch, tmp_path):
-    from tskd.tracking_journal import JOB_HTTP_DEFAULTS, Journal, JournaledRun
+def test_http_limits_of_a_job_bound_a_request_and_leave_a_users_own_settings(monkeypatch):
+    """While a job applies its records, a request is bounded; the user's own settings win, and nothing
+    else in the process sees the job's limits."""
+    from tskd.tracking_journal import JOB_HTTP_DEFAULTS, job_http_limits
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "5")
-    JournaledRun(Journal.begin(tmp_path))
-    assert int(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]) * (1 + int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])) \
-        <= 30
-    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == JOB_HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]
-    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "5"  # the user's
+    with job_http_limits():
+        assert int(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]) * (
+            1 + int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])) <= 30
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == JOB_HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]
+        assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "5"  # the user's
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "5"
 
 
 def test_a_stopped_run_is_killed_by_sync_and_its_resume_goes_on_in_the_same_run(make_spec, mlflow_uri):

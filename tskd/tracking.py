@@ -28,7 +28,7 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
-def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
+def retry_locked(fn: Callable[[], T], attempts: int = 8) -> T:
     # Several local jobs share one SQLite file; a writer may briefly hold the lock.
     for i in range(attempts):
         try:
@@ -68,7 +68,7 @@ def open_experiment(experiment: str) -> tuple[Any, str]:
     db = _sqlite_path(uri)
     if db is None or db.is_file():
         client = _client(uri)
-        exp = _retry(lambda: client.get_experiment_by_name(experiment))
+        exp = retry_locked(lambda: client.get_experiment_by_name(experiment))
         if exp is not None:
             return client, exp.experiment_id
     from filelock import FileLock
@@ -95,5 +95,5 @@ def existing_experiment(experiment: str) -> tuple[Any, str] | None:
     if db is not None and not db.is_file():
         return None
     client = _client(uri)
-    exp = _retry(lambda: client.get_experiment_by_name(experiment))
+    exp = retry_locked(lambda: client.get_experiment_by_name(experiment))
     return (client, exp.experiment_id) if exp is not None else None

@@ -15,16 +15,18 @@ starts from nothing begins a new one and closes the older ones still open (their
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tskd.io import atomic_write_json
+from tskd.tracking import open_experiment, retry_locked
 
 log = logging.getLogger("tskd.tracking")
 
@@ -35,9 +37,22 @@ RUN_FILE = "mlflow_run.json"  # the run id once the store has the run: what othe
 # What one request to a tracking server may cost a training job. MLflow's own defaults (120 s
 # timeout, 7 retries with exponential back-off: about four minutes a call) suit a client with
 # nothing else to do; a job keeps its records in its journal and tries again later instead.
-# A user's own settings of these variables win.
+# A user's own settings of these variables win. Set only while a job applies its records
+# (``job_http_limits``): MLflow reads them at each request, and nothing else in the process changes.
 JOB_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+@contextlib.contextmanager
+def job_http_limits() -> Iterator[None]:
+    """``JOB_HTTP_DEFAULTS`` for the block, where the environment does not set them."""
+    added = [k for k in JOB_HTTP_DEFAULTS if k not in os.environ]
+    os.environ.update({k: JOB_HTTP_DEFAULTS[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def now_ms() -> int:
@@ -110,16 +125,11 @@ class Journal:
 
 
 # -- applying records to the store -------------------------------------------------------------
-def _client_and_experiment(name: str):
-    from tskd.tracking import open_experiment
-
-    return open_experiment(name)
-
-
-def apply(journal: Journal) -> int:
+def apply(journal: Journal, store: tuple[Any, str] | None = None) -> int:
     """Apply the records the store does not have yet, in order; returns how many were applied.
-    Raises whatever the store raises (the caller decides what a failure costs); what was applied
-    before the failure is recorded."""
+    ``store``: (client, experiment id) when the caller has them (a job applies every epoch), else
+    opened here. Raises whatever the store raises (the caller decides what a failure costs); what
+    was applied before the failure is recorded."""
     ops = journal.ops()
     state = journal.state()
     done = int(state.get("applied", 0))
@@ -128,7 +138,7 @@ def apply(journal: Journal) -> int:
     start = next((o for o in ops if o["op"] == "start"), None)
     if start is None:
         raise ValueError(f"{journal.path}: no start record")
-    client, exp_id = _client_and_experiment(start["experiment"])
+    client, exp_id = store or open_experiment(start["experiment"])
     run_id = state.get("run_id")
     applied = 0
     for i in range(done, len(ops)):
@@ -146,20 +156,14 @@ def apply(journal: Journal) -> int:
     return applied
 
 
-def _retry(fn: Callable[[], Any]) -> Any:
-    from tskd.tracking import _retry as retry_locked
-
-    return retry_locked(fn)
-
-
 def _apply_start(client, exp_id: str, journal: Journal, op: dict[str, Any]) -> str:
     from mlflow.entities import Param
 
     from tskd.tracking import flatten
-    from tskd.tracking_runs import find_parent_id, log_dataset
+    from tskd.tracking_runs import PARENT_TAG, find_parent_id, log_dataset
 
     # Created before a kill or a lost answer, but not recorded: the same run, not a second one.
-    found = _retry(lambda: client.search_runs([exp_id], f"tags.`{JOURNAL_TAG}` = '{journal.id}'", max_results=1))
+    found = retry_locked(lambda: client.search_runs([exp_id], f"tags.`{JOURNAL_TAG}` = '{journal.id}'", max_results=1))
     if found:
         run_id = found[0].info.run_id
     else:
@@ -167,12 +171,12 @@ def _apply_start(client, exp_id: str, journal: Journal, op: dict[str, Any]) -> s
         parent = op.get("parent")
         pid = find_parent_id(client, exp_id, parent["preset"], parent["group"]) if parent else None
         if pid:
-            tags["mlflow.parentRunId"] = pid
-        run_id = _retry(lambda: client.create_run(exp_id, start_time=op["time"], run_name=op["name"],
+            tags[PARENT_TAG] = pid
+        run_id = retry_locked(lambda: client.create_run(exp_id, start_time=op["time"], run_name=op["name"],
                                                   tags=tags)).info.run_id
     items = [Param(k, v) for k, v in flatten(op.get("params", {})).items()]
     for i in range(0, len(items), 100):
-        _retry(lambda chunk=items[i:i + 100]: client.log_batch(run_id, params=chunk))
+        retry_locked(lambda chunk=items[i:i + 100]: client.log_batch(run_id, params=chunk))
     if op.get("dataset"):
         ds = op["dataset"]
         log_dataset(client, run_id, ds["name"], ds["identity"], ds.get("root"), ds["counts"])
@@ -185,24 +189,24 @@ def _kill_if_running(client, run_id: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        status = _retry(lambda: client.get_run(run_id)).info.status
+        status = retry_locked(lambda: client.get_run(run_id)).info.status
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return
         raise
     if status == "RUNNING":
-        _retry(lambda: client.set_terminated(run_id, status="KILLED"))
+        retry_locked(lambda: client.set_terminated(run_id, status="KILLED"))
 
 
 def _apply_resume(client, exp_id, run_id, journal, before, op) -> None:
-    _retry(lambda: client.update_run(run_id, status="RUNNING"))
+    retry_locked(lambda: client.update_run(run_id, status="RUNNING"))
 
 
 def _apply_metrics(client, exp_id, run_id, journal, before, op) -> None:
     from mlflow.entities import Metric
 
     batch = [Metric(k, float(v), op["time"], op["step"]) for k, v in op["values"].items()]
-    _retry(lambda: client.log_batch(run_id, metrics=batch))
+    retry_locked(lambda: client.log_batch(run_id, metrics=batch))
 
 
 def _apply_artifact(client, exp_id, run_id, journal, before, op) -> None:
@@ -210,19 +214,19 @@ def _apply_artifact(client, exp_id, run_id, journal, before, op) -> None:
     if not path.is_file():  # removed since (a rerun's cleaning): nothing to upload
         log.warning("%s: no longer there; not logged on MLflow run %s", path, run_id)
         return
-    _retry(lambda: client.log_artifact(run_id, str(path), op.get("dir")))
+    retry_locked(lambda: client.log_artifact(run_id, str(path), op.get("dir")))
 
 
 def _apply_finish(client, exp_id, run_id, journal, before, op) -> None:
     model = op.get("model")
     logged = {o["path"] for o in before if o["op"] == "artifact"}
     if op["status"] == "FINISHED" and model and model["artifact"] in logged:
-        run = _retry(lambda: client.get_run(run_id))
+        run = retry_locked(lambda: client.get_run(run_id))
         if not run.outputs or not run.outputs.model_outputs:  # not logged by an earlier, interrupted apply
             from tskd.tracking_runs import log_model
 
-            _retry(lambda: log_model(client, exp_id, run_id, **model))
-    _retry(lambda: client.set_terminated(run_id, status=op["status"], end_time=op["time"]))
+            retry_locked(lambda: log_model(client, exp_id, run_id, **model))
+    retry_locked(lambda: client.set_terminated(run_id, status=op["status"], end_time=op["time"]))
 
 
 _APPLY = {"resume": _apply_resume, "metrics": _apply_metrics, "artifact": _apply_artifact, "finish": _apply_finish}
@@ -241,12 +245,7 @@ class JournaledRun:
         self._next_try = 0.0
         self._wait = retry_s
         self._down_since: float | None = None
-        for k, v in JOB_HTTP_DEFAULTS.items():
-            os.environ.setdefault(k, v)
-
-    @property
-    def run_id(self) -> str | None:
-        return self.journal.state().get("run_id")
+        self._store: tuple[Any, str] | None = None  # (client, experiment id), opened once
 
     def record(self, op: str, flush: bool = True, **fields: Any) -> None:
         self.journal.append(op, **fields)
@@ -268,7 +267,10 @@ class JournaledRun:
         if not force and time.monotonic() < self._next_try:
             return False
         try:
-            apply(self.journal)
+            with job_http_limits():
+                if self._store is None:
+                    self._store = open_experiment(self.journal.ops()[0]["experiment"])
+                apply(self.journal, self._store)
         except Exception as e:
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -293,7 +295,7 @@ def close_earlier(out_dir: Path, current: Journal | None) -> None:
             j.append("finish", status="KILLED", model=None)
 
 
-def sync_dir(out_dir: Path) -> tuple[int, int]:
+def _sync_dir(out_dir: Path) -> tuple[int, int]:
     """Apply every journal of a run directory whose writer is gone; ``(applied, still pending)``.
     An open journal here belongs to a run that was stopped: its run ends KILLED (a resume makes
     it RUNNING again)."""
@@ -309,7 +311,7 @@ def sync_dir(out_dir: Path) -> tuple[int, int]:
 
 
 def sync_dirs(dirs: list[Path]) -> dict[str, int]:
-    """``sync_dir`` on every directory that has journals and no live writer (a running job applies
+    """``_sync_dir`` on every directory that has journals and no live writer (a running job applies
     its own). Returns counts: ``runs`` synced, records ``applied``, records still ``pending``
     (the store did not answer), ``live`` directories left to their writer."""
     from tskd.engine.run_lock import lock_if_free
@@ -322,7 +324,7 @@ def sync_dirs(dirs: list[Path]) -> dict[str, int]:
             if not free:
                 totals["live"] += 1
                 continue
-            applied, pending = sync_dir(d)
+            applied, pending = _sync_dir(d)
         totals["runs"] += 1
         totals["applied"] += applied
         totals["pending"] += pending

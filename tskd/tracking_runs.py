@@ -1,6 +1,6 @@
 """How training runs look in MLflow's UI: names, tags, the parent run that groups a run's seeds,
-the dataset input and the logged model. a run's journal (``tskd.tracking_journal``) writes one run; this module
-decides what it carries, and sets the store up once for a whole grid (``prepare_store``).
+the dataset input and the logged model. A run's journal (``tskd.tracking_journal``) writes one run;
+this module decides what it carries, and sets the store up once for a whole grid (``prepare_store``).
 
 Grouping: every (preset, recipe, pair, method) of the grid, and every teacher, has one *parent*
 run (tag ``run_kind: seeds``) whose children are its seeds (tag ``mlflow.parentRunId``, which
@@ -180,7 +180,7 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, identity: str, roo
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from tskd.tracking import _retry
+    from tskd.tracking import retry_locked
 
     # MLflow shows a short digest; the whole identity string stays in the run's params (data_identity).
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -192,7 +192,7 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, identity: str, roo
     # second try only links this run to it.
     for attempt in range(3):
         try:
-            return _retry(lambda: client.log_inputs(run_id, datasets=inputs))
+            return retry_locked(lambda: client.log_inputs(run_id, datasets=inputs))
         except Exception as e:
             if attempt == 2 or not _same_row_inserted(e):
                 raise

@@ -36,6 +36,12 @@ def _owner() -> dict[str, Any]:
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def _open(out_dir: str | Path) -> int:
+    path = lock_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+
+
 def _try_lock(fd: int) -> bool:
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -76,9 +82,7 @@ def describe(info: dict[str, Any]) -> str:
 def run_dir_lock(out_dir: str | Path, poll_s: float = 5.0) -> Iterator[bool]:
     """Hold ``out_dir``'s lock for the block; wait (saying for whom) while another process holds it.
     Yields whether it waited for another writer."""
-    path = lock_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open(out_dir)
     try:
         waited = not _try_lock(fd)
         if waited:
@@ -98,9 +102,7 @@ def run_dir_lock(out_dir: str | Path, poll_s: float = 5.0) -> Iterator[bool]:
 @contextlib.contextmanager
 def lock_if_free(out_dir: str | Path) -> Iterator[bool]:
     """Hold ``out_dir``'s lock for the block when nobody does (yields True), else yield False at once."""
-    path = lock_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open(out_dir)
     try:
         yield _try_lock(fd)
     finally:
