@@ -221,6 +221,20 @@ def test_http_limits_of_a_job_bound_a_request_and_leave_a_users_own_settings(mon
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "5"
 
 
+def test_a_journal_that_cannot_be_written_never_fails_the_run(tmp_path, caplog):
+    """A full disk (here: the journal's path taken by a directory) loses the record, not the run: the
+    error the run meets elsewhere stays its own."""
+    from tskd.tracking_journal import Journal, JournaledRun
+
+    j = Journal.begin(tmp_path)
+    j.path.mkdir()
+    tracker = JournaledRun(j)
+    with caplog.at_level("WARNING"):
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.finish("FAILED")
+    assert "MLflow record 'metrics' not kept" in caplog.text and "'finish' not kept" in caplog.text
+
+
 def test_a_stopped_run_is_killed_by_sync_and_its_resume_goes_on_in_the_same_run(make_spec, mlflow_uri):
     """A job killed after its first epoch: `tskd sync` ends its run KILLED (nobody writes it); the resume
     continues the same MLflow run, which ends FINISHED with every epoch once."""

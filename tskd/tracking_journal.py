@@ -248,7 +248,13 @@ class JournaledRun:
         self._store: tuple[Any, str] | None = None  # (client, experiment id), opened once
 
     def record(self, op: str, flush: bool = True, **fields: Any) -> None:
-        self.journal.append(op, **fields)
+        try:
+            self.journal.append(op, **fields)
+        except OSError as e:
+            # A full disk, most likely: the record is lost, but the training (or the error it is
+            # failing with) is not replaced by tracking's; the checkpoint's write says what is wrong.
+            log.warning("%s: MLflow record %r not kept (%s)", self.journal.path, op, e)
+            return
         if flush:
             self.flush()
 
