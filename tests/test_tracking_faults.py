@@ -221,6 +221,11 @@ def test_http_limits_of_a_job_bound_a_request_and_leave_a_users_own_settings(mon
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "5"
 
 
+def test_sync_refuses_a_directory_that_does_not_exist(tmp_path):
+    r = run_cli("sync", "--dirs", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and f"--dirs: not a run directory: {tmp_path / 'nowhere'}" in r.stderr, r.stderr
+
+
 def test_a_journal_that_cannot_be_written_never_fails_the_run(tmp_path, caplog):
     """A full disk (here: the journal's path taken by a directory) loses the record, not the run: the
     error the run meets elsewhere stays its own."""

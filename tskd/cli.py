@@ -148,6 +148,9 @@ def cmd_sync(a) -> None:
     from tskd.tracking_journal import grid_dirs, sync_dirs
 
     dirs = [Path(d) for d in a.dirs] if a.dirs else grid_dirs(load_preset(a.params))
+    missing = [str(d) for d in (a.dirs or []) if not Path(d).is_dir()]
+    if missing:
+        raise UsageError(f"--dirs: not a run directory: {', '.join(missing)}")
     n = sync_dirs(dirs)
     print(f"MLflow: {n['applied']} records of {n['runs']} runs logged; {n['pending']} still wait (the store did "
           f"not answer)" + (f"; {n['live']} runs left to the jobs writing them" if n["live"] else ""))
