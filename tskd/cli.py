@@ -186,6 +186,24 @@ def cmd_check(a) -> None:
     print(f"{a.params}: ok ({len(p.teachers)} teachers, {len(student_jobs(p))} student runs)")
 
 
+def cmd_scale_preset(a) -> None:
+    import yaml
+
+    from tskd.config import parse_preset
+    from tskd.io import atomic_write_text
+    from tskd.params_yaml import read_params_yaml
+    from tskd.scale_preset import derive, job_counts
+
+    raw = derive(read_params_yaml(a.params), epochs=a.epochs, per_class=a.per_class, pairs=a.pairs,
+                 seeds=a.seeds, recipes=a.recipes, name=a.name)
+    out = Path(a.out) if a.out else Path(a.params).with_name(f"{raw['preset']}.yaml")
+    head = (f"# {raw['preset']}: derived from {a.params} by `tskd scale-preset` (synthetic data, "
+            f"{a.epochs} epochs a job): its grid at full shape and tiny cost. Derive it again instead of editing it.\n")
+    atomic_write_text(out, head + yaml.safe_dump(raw, sort_keys=False, width=110))
+    counts = job_counts(parse_preset(raw, str(out)))
+    print(f"{out}: {sum(counts.values())} jobs (" + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")")
+
+
 def cmd_status(a) -> None:
     from tskd.config import load_preset
     from tskd.status import format_status, preset_status, watch
@@ -330,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a params file")
     p.add_argument("params")
     p.set_defaults(fn=cmd_check)
+
+    p = sub.add_parser("scale-preset", help="derive a preset's grid at its real shape (architectures, methods, "
+                       "seeds, job count) on synthetic data and a few epochs: a rehearsal of a cluster run")
+    p.add_argument("params", help="params/<preset>.yaml")
+    p.add_argument("-o", "--out", help="where to write it [params/<preset>_scale.yaml beside the preset]")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of every job (TSKD's get enough for a review)")
+    p.add_argument("--per-class", type=int, default=None, help="synthetic images per class (COCO: images) "
+                   "[one batch of the largest recipe]")
+    p.add_argument("--pairs", type=int, default=None, metavar="N", help="keep the first N pairs (a reduced grid)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="keep the first N seeds")
+    p.add_argument("--recipes", type=int, default=None, metavar="N", help="keep the first N student recipes")
+    p.add_argument("--name", default=None, help="the derived preset's name [<preset>_scale]")
+    p.set_defaults(fn=cmd_scale_preset)
 
     p = sub.add_parser("status", help="each training job of a preset: done, running (epoch n/N, ETA), failed "
                        "(why), waiting; read from its files, while Snakemake or SLURM runs it")
