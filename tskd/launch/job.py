@@ -22,8 +22,11 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "
 def run_verb(verb: str, spec: RunSpec, options: dict[str, Any]) -> Any:
     """Run one call in this process: ``train`` or ``import-teacher``."""
     if verb == "train":
+        t0 = time.perf_counter()
         from tskd.engine.trainer import train
 
+        # One of the per-job overheads benchmarks/bench_scale.py adds up (torch and tskd's import).
+        print(f"tskd-job: imports {time.perf_counter() - t0:.2f} s", flush=True)
         return train(spec, track=options.get("track", True))
     if verb == "import-teacher":
         from tskd.engine.eval_run import import_teacher
@@ -50,8 +53,11 @@ class RunJob(submitit.helpers.Checkpointable):
         _log_to_stderr()
         os.environ.update(dict.fromkeys(_THREAD_VARS, str(self.cpus)))  # before torch is imported
         env = submitit.JobEnvironment()
+        # "process up": how much of that the job's own Python start and unpickling took, the rest
+        # being SLURM's (queue, launch).
         print(f"tskd-job: {self.verb} {self.spec['out_dir']} as {env} started "
-              f"{time.time() - self.submitted_at:.2f} s after submission", flush=True)
+              f"{time.time() - self.submitted_at:.2f} s after submission (process up {_process_age():.2f} s)",
+              flush=True)
         if _package_dir() != self.package:
             # The job starts in the submitting directory, whose tskd comes first on sys.path.
             print(f"tskd-job: WARNING: this job runs the tskd package in {_package_dir()}, but it was "
@@ -60,6 +66,15 @@ class RunJob(submitit.helpers.Checkpointable):
         if env.num_tasks > 1:
             _export_rank_env()
         return run_verb(self.verb, RunSpec.model_validate(self.spec), self.options)
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux: its start time in /proc, 10 ms ticks); 0 elsewhere."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def _package_dir() -> str:
