@@ -6,6 +6,9 @@
 #   bash slurm/local-cluster.sh start    # install if needed, configure, start, wait for the node
 #   bash slurm/local-cluster.sh stop     # stop all five daemons (state is kept)
 #   bash slurm/local-cluster.sh status   # print state; exit 0 only if the node is up
+#   bash slurm/local-cluster.sh stop-db  # stop MariaDB alone (a fault for tests: the MLflow server
+#   bash slurm/local-cluster.sh start-db #   of slurm/mlflow-server.sh and slurmdbd lose their database)
+#   bash slurm/local-cluster.sh restart-db   # both: the database restarts under its clients
 #
 # Environment:
 #   TSKD_SLURM_DIR      state dir (configs, logs, pid files, spool, database)  [/var/tmp/tskd-slurm]
@@ -566,6 +569,28 @@ cmd_stop() {
     step "stopped ($(elapsed_since "$t0") s)"
 }
 
+# The database alone, under the daemons and servers that use it: slurmdbd and the MLflow server
+# reconnect when it is back (tests/test_cluster_faults.py). Under the start lock, so that a
+# concurrent `start` does not race it.
+cmd_stop_db() {
+    ensure_root stop-db
+    exec 9>"$STATE/.lock"
+    flock -w 300 9 || fail "could not lock $STATE/.lock"
+    stop_pidfile mariadbd "$DB_PID" mariadbd 60
+}
+
+cmd_start_db() {
+    ensure_root start-db
+    local t0
+    t0=$(now)
+    exec 9>"$STATE/.lock"
+    flock -w 300 9 || fail "could not lock $STATE/.lock"
+    [[ -e $DB/.initialized ]] || fail "no MariaDB data dir in $DB_DATA: run start first"
+    make_dirs
+    start_mariadbd
+    step "mariadbd up ($(elapsed_since "$t0") s)"
+}
+
 cmd_status() {
     local name pid ok=0
     for name in munged mariadbd slurmdbd slurmctld slurmd; do
@@ -593,8 +618,14 @@ status)
     trap - ERR
     cmd_status || exit $?
     ;;
+stop-db) cmd_stop_db ;;
+start-db) cmd_start_db ;;
+restart-db)
+    bash "${BASH_SOURCE[0]}" stop-db
+    bash "${BASH_SOURCE[0]}" start-db
+    ;;
 *)
-    echo "usage: $0 start|stop|status" >&2
+    echo "usage: $0 start|stop|status|stop-db|start-db|restart-db" >&2
     exit 2
     ;;
 esac

@@ -20,6 +20,12 @@ from tskd.launch.settings import LaunchError, LaunchSettings
 _FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
           "DEADLINE", "REVOKED", "SPECIAL_EXIT")
 _PREEMPTED_FINAL_S = 120  # PREEMPTED for this long without a requeue: the job is over
+# A job whose node fails is requeued by SLURM when it may be (JobRequeue=1, the default): sacct shows
+# its run NODE_FAIL for a few seconds, then the requeued job PENDING, while the controller (squeue)
+# queues it again at once. A NODE_FAIL taken for the end failed the waiting call of a job that was
+# going to resume (the message then said "state PENDING"); the job is over only when squeue no longer
+# has it in one of these states (tests/test_cluster_faults.py).
+_QUEUED_AGAIN = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING", "SUSPENDED")
 _RESULT_GRACE_S = 15  # a shared filesystem may show the result file late (submitit waits as long)
 _STARTED = re.compile(r"^tskd-job: .* started ([0-9.]+) s after submission", re.M)
 
@@ -64,6 +70,15 @@ def sacct_row(job_id: str, fields: str = "State,ExitCode,Submit,Start,End") -> d
     return dict(zip(fields.split(","), lines[-1].split("|"), strict=False)) if lines else {}
 
 
+def squeue_state(job_id: str) -> str:
+    """The controller's state of the job (``squeue``); '' once it has forgotten the job, or when squeue fails."""
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return r.stdout.split()[0] if r.returncode == 0 and r.stdout.split() else ""
+
+
 def _results_written(job: submitit.Job) -> bool:
     return all(job.task(i).paths.result_pickle.exists() for i in range(job.num_tasks))
 
@@ -83,10 +98,15 @@ def wait_slurm(job: submitit.Job, settings: LaunchSettings, t_submit: float) -> 
             next_poll = now + settings.poll_s
             # Not in sacct yet: it lags a job's start by a few seconds.
             state = (sacct_row(job.job_id).get("State") or "SUBMITTED").split()[0]
-            if state != last:
+            changed = state != last
+            if changed:
                 say(f"tskd: SLURM job {job.job_id}: {state} ({now - t_submit:.1f} s after submission)")
                 last = state
-            if state.startswith(_FINAL):
+            if state == "NODE_FAIL" and (queued := squeue_state(job.job_id)) in _QUEUED_AGAIN:
+                if changed:
+                    say(f"tskd: SLURM job {job.job_id}: its node failed and SLURM requeued it ({queued}); "
+                        "it resumes from its last checkpoint when it runs again")
+            elif state.startswith(_FINAL):
                 return state
             # Preemption normally requeues (state goes back to PENDING); one that stays is final.
             preempted_since = (preempted_since or now) if state == "PREEMPTED" else None
@@ -137,7 +157,10 @@ def _failure_message(job: submitit.Job, kind: str, state: str, failures: list[tu
     else:
         info = sacct_row(job.job_id) if kind == "SLURM" else {}
         exit_code = f", exit code {info['ExitCode']}" if info.get("ExitCode") else ""
-        what = f"no result (state {info.get('State') or state}{exit_code}): killed, cancelled or crashed"
+        final = info.get("State") or state
+        how = ("its node failed and SLURM did not requeue it; run it again to resume from its last checkpoint"
+               if final == "NODE_FAIL" else "killed, cancelled or crashed")
+        what = f"no result (state {final}{exit_code}): {how}"
     lines = [f"{kind} job {job.job_id} failed: {what}"]
     for task, trace in failures:
         stdout, stderr = job_paths(job, task)
