@@ -67,17 +67,28 @@ def _launch_settings(a, spec):
     return load_settings(a.launch, a.launch_rule or spec.role)
 
 
+def _launched_spec(a):
+    """The spec, with its task's main figure (name, label), for ``train``/``import-teacher``."""
+    if a.launch and a.job and a.preset and not a.spec:
+        # Submitted (SLURM, local): this process only waits, so it never imports torch (tskd.job_spec).
+        from tskd.job_spec import spec_of_job_light
+
+        spec, figure = spec_of_job_light(a.preset, a.job)
+        return spec, figure["best"], figure["label"]
+    from tskd.tasks import task_of
+
+    spec = _spec(a)
+    task = task_of(spec.dataset.name)
+    return spec, task.best, task.labels[task.best]
+
+
 def cmd_train(a) -> None:
     from tskd.launch import launch
 
-    spec = _spec(a)
-    from tskd.tasks import task_of
-
+    spec, best, label = _launched_spec(a)
     m = launch(spec, _launch_settings(a, spec), "train", track=not a.no_track)
-    task = task_of(spec.dataset.name)
-    main = task.labels[task.best]
-    print(f"{m['method']} {m['student']}: best {main} {m[f'best_{task.best}']:.2f} (epoch {m['best_epoch']}), "
-          f"last {m[f'last_{task.best}']:.2f}")
+    print(f"{m['method']} {m['student']}: best {label} {m[f'best_{best}']:.2f} (epoch {m['best_epoch']}), "
+          f"last {m[f'last_{best}']:.2f}")
 
 
 def cmd_evaluate(a) -> None:
@@ -90,12 +101,9 @@ def cmd_evaluate(a) -> None:
 def cmd_import_teacher(a) -> None:
     from tskd.launch import launch
 
-    spec = _spec(a)
+    spec, best, label = _launched_spec(a)
     res = launch(spec, _launch_settings(a, spec), "import-teacher", checkpoint=str(Path(a.checkpoint)))
-    from tskd.tasks import task_of
-
-    task = task_of(spec.dataset.name)
-    print(f"imported {a.checkpoint} as {res['student']}: {task.labels[task.best]} {res[f'last_{task.best}']:.2f}")
+    print(f"imported {a.checkpoint} as {res['student']}: {label} {res[f'last_{best}']:.2f}")
 
 
 def cmd_data_synth(a) -> None:

@@ -9,6 +9,8 @@ spec from the same grid the DAG was built from. The spec's identity stays the ru
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +53,41 @@ def spec_of_job(preset_file: str | Path, job_dir: str | Path):
             return grid.student_spec(p, job)
     raise ParamsError(f"--job {want}: not the run directory of a teacher or student of {path} "
                       f"(e.g. {grid.teacher_dir(p, next(iter(p.teachers)))})")
+
+
+def spec_of_job_light(preset_file: str | Path, job_dir: str | Path) -> tuple[Any, dict[str, str]]:
+    """``spec_of_job`` computed in a child process, for a process that only submits the job and waits for
+    it: the grid's defaults come from the methods' and models' registries, which import torch, and a
+    waiting launcher that imported it would hold ~500 MB for the job's whole life (a login node holds
+    one per job in flight). Returns the spec and how its task names its main figure ({best, label})."""
+    import subprocess
+
+    from tskd.grid import RunSpec
+
+    r = subprocess.run([sys.executable, "-m", "tskd.job_spec", str(preset_file), str(job_dir)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = r.stderr.strip().splitlines()
+        raise ParamsError(lines[-1] if r.returncode == 2 and lines else
+                          f"could not build the spec of {job_dir} from {preset_file}:\n{r.stderr[-3000:]}")
+    out = json.loads(r.stdout)
+    return RunSpec.model_validate(out["spec"]), out["figure"]
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m tskd.job_spec PRESET_FILE JOB_DIR``: the job's spec and main figure, as JSON."""
+    from tskd.tasks import task_of
+
+    try:
+        spec = spec_of_job(*argv)
+    except ParamsError as e:
+        print(e, file=sys.stderr)
+        return 2
+    task = task_of(spec.dataset.name)
+    print(json.dumps({"spec": spec.model_dump(mode="json"), "figure": {"best": task.best,
+                                                                       "label": task.labels[task.best]}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
