@@ -14,6 +14,8 @@
 #   TSKD_SLURM_DIR      state dir (configs, logs, pid files, spool, database)  [/var/tmp/tskd-slurm]
 #   TSKD_SLURM_DB_PORT  MariaDB TCP port on 127.0.0.1                           [3306]
 #   TSKD_SLURM_FORCE=1  overwrite an /etc/slurm/slurm.conf this script did not write
+#   TSKD_SLURM_CPUS     CPUs the node declares, when more than the machine has: jobs then share
+#                       its cores (a rehearsal of many jobs in flight, benchmarks/bench_scale.py) [the machine's]
 set -Eeuo pipefail
 
 STATE="${TSKD_SLURM_DIR:-/var/tmp/tskd-slurm}"
@@ -103,7 +105,7 @@ node_up() {
 ensure_root() {
     [[ $EUID -eq 0 ]] && return 0
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        exec sudo -n --preserve-env=TSKD_SLURM_DIR,TSKD_SLURM_DB_PORT,TSKD_SLURM_FORCE \
+        exec sudo -n --preserve-env=TSKD_SLURM_DIR,TSKD_SLURM_DB_PORT,TSKD_SLURM_FORCE,TSKD_SLURM_CPUS \
             bash "${BASH_SOURCE[0]}" "$@"
     fi
     fail "must run as root (or with passwordless sudo)"
@@ -201,6 +203,15 @@ write_configs() {
     cpus=$(sed -n 's/.*\bCPUs=\([0-9]*\).*/\1/p' <<<"$layout")
     mem=$(sed -n 's/.*\bRealMemory=\([0-9]*\).*/\1/p' <<<"$layout")
     [[ -n $cpus && -n $mem ]] || fail "cannot parse CPUs/RealMemory from 'slurmd -C': $layout"
+    # More CPUs than the machine has (TSKD_SLURM_CPUS): slurmd takes the declared layout
+    # (config_overrides) and jobs share the real cores.
+    local overrides=""
+    if [[ -n ${TSKD_SLURM_CPUS:-} && ${TSKD_SLURM_CPUS} != "$cpus" ]]; then
+        [[ $TSKD_SLURM_CPUS =~ ^[1-9][0-9]*$ ]] || fail "TSKD_SLURM_CPUS must be a positive integer, got '$TSKD_SLURM_CPUS'"
+        cpus=$TSKD_SLURM_CPUS
+        layout="CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem"
+        overrides="SlurmdParameters=config_overrides"
+    fi
     # a job without --mem gets its CPU share of the memory instead of the whole node
     defmem=$((mem / cpus))
 
@@ -256,6 +267,7 @@ AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
+$overrides
 NodeName=$NODE NodeAddr=127.0.0.1 $layout Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
