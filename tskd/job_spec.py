@@ -9,6 +9,7 @@ spec from the same grid the DAG was built from. The spec's identity stays the ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -55,15 +56,42 @@ def spec_of_job(preset_file: str | Path, job_dir: str | Path):
                       f"(e.g. {grid.teacher_dir(p, next(iter(p.teachers)))})")
 
 
+def specs_file(preset_file: str | Path) -> Path:
+    """Where the workflow keeps every training job's spec of the preset file ``preset-<hash>.json``."""
+    path = Path(preset_file)
+    return path.with_name(path.name.replace("preset-", "specs-", 1))
+
+
+def write_specs(preset_file: str | Path, specs: dict[str, Any]) -> Path:
+    """Every training job's spec (run directory -> spec), with its task's main figure, beside the preset
+    file: what ``spec_of_job_light`` reads. Written by the Snakemake that builds the DAG, whose code
+    computed the specs, and rewritten whenever they differ (a changed default in the code)."""
+    from tskd.tasks import task_of
+
+    data = {}
+    for job_dir, spec in specs.items():
+        task = task_of(spec.dataset.name)
+        data[str(job_dir)] = {"spec": spec.model_dump(mode="json"),
+                              "figure": {"best": task.best, "label": task.labels[task.best]}}
+    path, text = specs_file(preset_file), canonical_json(data) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return path
+
+
 def spec_of_job_light(preset_file: str | Path, job_dir: str | Path) -> tuple[Any, dict[str, str]]:
-    """``spec_of_job`` computed in a child process, for a process that only submits the job and waits for
-    it: the grid's defaults come from the methods' and models' registries, which import torch, and a
-    waiting launcher that imported it would hold ~500 MB for the job's whole life (a login node holds
-    one per job in flight). Returns the spec and how its task names its main figure ({best, label})."""
+    """``spec_of_job`` for a process that only submits the job and waits for it, without importing torch:
+    the grid's defaults come from the methods' and models' registries, which import it, and a waiting
+    launcher that did would hold ~500 MB for the job's whole life (a login node holds one per job in
+    flight). Read from the specs the workflow wrote (``write_specs``), else computed in a child process.
+    Returns the spec and how its task names its main figure ({best, label})."""
     import subprocess
 
     from tskd.grid import RunSpec
 
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        entry = json.loads(specs_file(preset_file).read_text())[str(Path(job_dir))]
+        return RunSpec.model_validate(entry["spec"]), entry["figure"]
     r = subprocess.run([sys.executable, "-m", "tskd.job_spec", str(preset_file), str(job_dir)],
                        capture_output=True, text=True)
     if r.returncode != 0:

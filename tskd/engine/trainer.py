@@ -24,6 +24,7 @@ from tskd.engine.checkpoint import export_model, load_latest_checkpoint, remove_
 from tskd.engine.distributed import SINGLE, World
 from tskd.engine.epoch_state import EpochTotals, restore_rng
 from tskd.engine.loaders import build_run_data
+from tskd.engine.phase_clock import PhaseClock
 from tskd.engine.run_lock import run_dir_lock
 from tskd.engine.runtime import Runtime, seed_epoch, select_runtime, uses_cuda
 from tskd.errors import TskdError
@@ -128,12 +129,11 @@ class Trainer:
         self.rt: Runtime = select_runtime(spec.train)
         torch.use_deterministic_algorithms(spec.train.deterministic and self.rt.device.type == "cpu")
         self.task = task_of(spec.dataset.name)  # what is learnt and how it is scored
-        t0 = time.perf_counter()
-        self.data = build_run_data(spec.dataset, spec.recipe)
         # Seconds of each phase outside the epochs, logged at the end (the per-job overhead that
         # benchmarks/bench_scale.py reads from a grid's logs).
-        self.timing = {"data": time.perf_counter() - t0}
-        t0 = time.perf_counter()
+        self.clock = PhaseClock()
+        self.data = build_run_data(spec.dataset, spec.recipe)
+        self.clock.lap("data")
         torch.manual_seed(spec.seed)  # model initialisation
         # Global-batch BatchNorm statistics, so that N ranks train as one process would. The networks
         # are converted before the method is built on them: a method may keep its own references to
@@ -182,7 +182,7 @@ class Trainer:
         self._orphans: list[str] = []  # MLflow runs of earlier attempts kept outside any journal (older tskd)
         self._resume()
         self._watched = self._watch()
-        self.timing["models"] = time.perf_counter() - t0
+        self.clock.lap("models")
 
     def _watch(self) -> dict[str, Any] | None:
         """Hand the method its fixed test images, if it follows any (``Distiller.watch``): spread evenly
@@ -412,10 +412,9 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         spec = self.spec
         self.out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
+        self.clock.restart()
         tracker = self._start_tracking() if self.track else None
-        self.timing["tracking start"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        self.clock.lap("tracking start")
         try:
             for epoch in range(self.start_epoch, spec.recipe.epochs):
                 t0 = time.perf_counter()
@@ -435,8 +434,7 @@ class Trainer:
                     test = " ".join(f"{f} {row[f'test_{f}']:.2f}" for f in self.task.figures)
                     log.info("%s epoch %d/%d lr %.4g loss %.4f test %s (%.1fs)", spec.arch, epoch + 1,
                              spec.recipe.epochs, row["lr"], row["train_loss"], test, row["seconds"])
-            self.timing["epochs"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            self.clock.lap("epochs")
             metrics = summarize(self.history, spec, self.task) | {"dataset": self.data.name, "run_key": self.key}
             if self.capture is not None:
                 metrics["capture"] = self.capture
@@ -469,8 +467,9 @@ class Trainer:
                 if not tracker.flush(force=True):
                     log.warning("%s: %d MLflow records wait in %s; `tskd sync` logs them once the store answers",
                                 self.out, tracker.journal.pending(), tracker.journal.path)
-            self.timing["teardown"] = time.perf_counter() - t0
-            log.info("%s: seconds: %s", self.out, ", ".join(f"{k} {v:.2f}" for k, v in self.timing.items()))
+            self.clock.lap("teardown")
+            log.info("%s: seconds: %s", self.out, self.clock.wall_line())
+            log.info("%s: CPU seconds: %s", self.out, self.clock.cpu_line())
             return metrics
         except BaseException:
             if tracker:

@@ -22,11 +22,12 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "
 def run_verb(verb: str, spec: RunSpec, options: dict[str, Any]) -> Any:
     """Run one call in this process: ``train`` or ``import-teacher``."""
     if verb == "train":
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         from tskd.engine.trainer import train
 
         # One of the per-job overheads benchmarks/bench_scale.py adds up (torch and tskd's import).
-        print(f"tskd-job: imports {time.perf_counter() - t0:.2f} s", flush=True)
+        print(f"tskd-job: imports {time.perf_counter() - t0:.2f} s (CPU {time.process_time() - c0:.2f} s)",
+              flush=True)
         return train(spec, track=options.get("track", True))
     if verb == "import-teacher":
         from tskd.engine.eval_run import import_teacher
@@ -56,7 +57,8 @@ class RunJob(submitit.helpers.Checkpointable):
         # "process up": how much of that the job's own Python start and unpickling took, the rest
         # being SLURM's (queue, launch).
         print(f"tskd-job: {self.verb} {self.spec['out_dir']} as {env} started "
-              f"{time.time() - self.submitted_at:.2f} s after submission (process up {_process_age():.2f} s)",
+              f"{time.time() - self.submitted_at:.2f} s after submission (process up {_process_age():.2f} s, "
+              f"CPU {time.process_time():.2f} s)",
               flush=True)
         if _package_dir() != self.package:
             # The job starts in the submitting directory, whose tskd comes first on sys.path.

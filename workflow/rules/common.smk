@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tskd.config import ParamsError, canonical_json, parse_preset
 from tskd.params_yaml import read_params_yaml
-from tskd.job_spec import write_preset
+from tskd.job_spec import write_preset, write_specs
 from tskd import grid
 from tskd.data.integrity import sha256_file
 from tskd.errors import TskdError
@@ -77,6 +77,9 @@ def q(obj):
 
 TEACHER_SPECS = {str(grid.teacher_dir(P, arch)): grid.teacher_spec(P, arch) for arch in P.teachers}
 STUDENT_SPECS = {str(grid.student_dir(P, job)): grid.student_spec(P, job) for job in grid.student_jobs(P)}
+# Every training job's spec beside the preset file: a rule that submits its job reads it there instead
+# of importing torch to compute it (tskd.job_spec.spec_of_job_light).
+write_specs(PRESET_JSON, TEACHER_SPECS | STUDENT_SPECS)
 
 
 def student_spec(wc):
