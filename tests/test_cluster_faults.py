@@ -265,3 +265,27 @@ def test_a_node_failing_under_a_job_costs_at_most_the_epoch_in_progress(slurm_cl
             f"epoch {at}; its run went on to epoch {logged} (SIGTERM ignored until SIGKILL); {held}; resumed at "
             f"epoch {m.group(1)} (job {rerun}); fault to result {total_s:.1f} s ({fault_s:.1f} s to "
             f"{'the requeue' if requeue else 'the failed call'}); inline reference {ref_s:.1f} s")
+
+
+def test_status_tells_a_queued_job_from_one_whose_waiting_rule_was_killed(slurm_cluster, tmp_path):
+    """A job submitted and not started has no lock yet: `tskd status` asks SLURM's queue whether it is
+    still pending (waiting) or gone with its killed Snakemake (stopped), instead of calling it running."""
+    from tskd.status import job_status
+
+    r = subprocess.run(["sbatch", "--hold", "--parsable", "--job-name", "tskd-status-test", "--wrap", "sleep 60"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    out.mkdir()
+    log.write_text(f"tskd: train {out}: submitted SLURM job {job} (partition (default), ...)\n")
+    try:
+        pending = job_status("kd r8 seed0", out, log, epochs=2)
+        assert (pending.state, pending.writer) == ("waiting", f"SLURM job {job} pending"), pending
+    finally:
+        subprocess.run(["scancel", job], timeout=60)
+    queue = ["squeue", "-h", "-o", "%i"]
+    _wait(lambda: job not in subprocess.run(queue, capture_output=True, text=True).stdout.split(), 60,
+          "the cancelled job to leave the queue")
+    time.sleep(1.1)  # squeue is asked once a second
+    assert job_status("kd r8 seed0", out, log, epochs=2).state == "stopped"

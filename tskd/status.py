@@ -1,17 +1,21 @@
 """``tskd status [params]``: what each training job of a preset's grid is doing, read from its files.
 
-Nothing is asked of Snakemake or SLURM and nothing is written: a job is *done* when its
+Nothing is written, and nothing is asked of Snakemake: a job is *done* when its
 ``metrics.json`` exists, *failed* when its log ends in tskd's one-line error (``tskd --log``),
 *running* when a live process holds its directory's lock (tskd.engine.run_lock; epochs done and the
 seconds they took, from ``checkpoint.pt``: the ETA is their mean times the epochs left), *stopped*
 when it has a lock file, a log or a checkpoint but no process writes it (killed from outside, or
-queued to resume), else *waiting*. Directories written before the lock existed count as running
+queued to resume), else *waiting*. A job submitted to SLURM that has not started (no lock yet) is
+*waiting* while SLURM's queue has it and *stopped* when it is gone (its waiting rule was killed); this
+one case asks ``squeue``. Directories written before the lock existed count as running
 when they have a log or a checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ from tskd.engine.run_lock import describe, holder, lock_path
 from tskd.grid import student_dir, student_jobs, teacher_dir
 
 # tskd --log writes this line last when a job fails (tskd.cli.main).
+_SUBMITTED = re.compile(r"submitted SLURM job (\d+)")
 _FAILURE = re.compile(r"^tskd [\w-]+(?: [\w-]+)?: (?:error|failed): .*")
 
 
@@ -89,7 +94,33 @@ def job_status(name: str, out_dir: Path, log: Path, epochs: int) -> JobStatus:
             return JobStatus(**base, state="stopped", epochs_done=done, updated=updated)
         return JobStatus(**base, state="running", epochs_done=done, eta_seconds=eta, updated=updated,
                          writer=describe(owner))
+    # Submitted to SLURM and not started yet (no lock): pending while SLURM has the job, else its
+    # waiting rule was stopped with it (a killed Snakemake), and nothing will start it.
+    submitted = _SUBMITTED.findall(log.read_text(errors="replace")) if log.is_file() and ckpt is None else []
+    queue = slurm_queue() if submitted else None
+    if queue is not None:
+        state = queue.get(submitted[-1])
+        if state is None:
+            return JobStatus(**base, state="stopped", updated=updated)
+        return JobStatus(**base, state="running" if state == "RUNNING" else "waiting", updated=updated,
+                         writer=f"SLURM job {submitted[-1]} {state.lower()}")
     return JobStatus(**base, state="running", epochs_done=done, eta_seconds=eta, updated=updated)
+
+
+@functools.lru_cache(maxsize=1)
+def _queue_at(_second: int) -> dict[str, str] | None:
+    try:
+        r = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:
+        return None
+    return dict(line.split()[:2] for line in r.stdout.splitlines() if len(line.split()) >= 2)
+
+
+def slurm_queue() -> dict[str, str] | None:
+    """SLURM's queue (job id -> state), asked once per status (per second); None without SLURM."""
+    return _queue_at(int(time.time()))
 
 
 def preset_status(p: Preset) -> list[JobStatus]:
