@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from tskd.config import VARIANT_KEY, ParamsError, Preset, parse_preset
+from tskd.params_yaml import validate_strict
 
 SUFFIX = "_scale"
 TSKD = "tskd"
@@ -139,10 +140,12 @@ def derive(raw: dict[str, Any], *, epochs: int = 2, per_class: int | None = None
             if reg == TSKD and "delta" in d:
                 d["delta"] = rank[d["delta"]]
 
-    # TSKD runs: enough epochs for their first review (k memory nodes, delta apart, then the review).
-    for rname in out["student_recipes"]:
-        need = max((_tskd_epochs(out, e, p, rname, dataset) for e in out["methods"]
-                    if _registered(out, e) == TSKD for p in out["pairs"]), default=0)
+    # TSKD runs: enough epochs for their first review (k memory nodes, delta apart, then the review). Read
+    # through the model alone (validate_strict): parse_preset's schedule check refuses this preset until then.
+    shaped = validate_strict(Preset, out)
+    for rname in shaped.student_recipes:
+        need = max((_tskd_epochs(shaped, e, p, rname) for e in shaped.methods
+                    if shaped.registered(e) == TSKD for p in shaped.pairs), default=0)
         if need > epochs:
             r = out["recipes"][rname]
             slot = r.setdefault("by_method", {}).setdefault(TSKD, {})
@@ -154,14 +157,11 @@ def derive(raw: dict[str, Any], *, epochs: int = 2, per_class: int | None = None
     return out
 
 
-def _tskd_epochs(raw: dict[str, Any], entry: str, pair: dict[str, Any], recipe: str, dataset: str) -> int:
-    """Epochs a TSKD run of the raw preset needs to reach its first review (as Preset.method_params merges)."""
+def _tskd_epochs(p: Preset, entry: str, pair, recipe: str) -> int:
+    """Epochs a TSKD run needs to reach its first review."""
     from tskd.grid import effective_method_params
 
-    own = {k: v for k, v in raw["methods"][entry].items() if k != VARIANT_KEY}
-    written = {**own, **raw["recipes"][recipe].get("methods", {}).get(entry, {}),
-               **pair.get("methods", {}).get(entry, {})}
-    params = effective_method_params(TSKD, written, dataset)
+    params = effective_method_params(TSKD, p.method_params(entry, pair, recipe), p.dataset.name)
     return int(params["k"]) * int(params["delta"]) + 1
 
 
