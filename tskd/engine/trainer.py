@@ -373,7 +373,7 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------
     def finished_result(self) -> dict[str, Any] | None:
         """The directory's metrics.json when a run of this very identity finished there (the writer
-        this call waited for), else None."""
+        this call waited for, or one that ended before it started), else None."""
         try:
             metrics = json.loads((self.out / "metrics.json").read_text())
         except (OSError, ValueError):
@@ -503,17 +503,19 @@ def train(spec: RunSpec, *, track: bool = True) -> dict[str, Any]:
     run (see ``tskd.engine.distributed``); every rank returns the same metrics.
     """
     # One writer per directory: a second call (a restarted Snakemake's) waits for the first and, when
-    # that one finished this very run, takes its result instead of training it again. The other
-    # ranks read the checkpoint only after rank 0 holds the lock (the DDP set-up in Trainer waits
-    # for rank 0), and learn from it whether it waited.
+    # that one finished this very run, takes its result instead of training it again. It does so
+    # also when the first ended before the second reached the lock (a job that sat in SLURM's queue
+    # while its twin finished): the result is keyed by content (run_key), and every path that asks
+    # for a run again (`snakemake -R/--force`, which `dvc repro` runs) removes metrics.json first.
+    # The other ranks read the directory only after rank 0 holds the lock (the DDP set-up in
+    # Trainer waits for rank 0), so every rank reads the same metrics.json.
     with distributed.process_group(uses_cuda(spec.train)) as world, \
             run_dir_lock(spec.out_dir) if world.main else contextlib.nullcontext(False) as waited:
         trainer = Trainer(spec, track=track, world=world)
-        if world.distributed:  # rank 0's answer, on every rank
-            waited = bool(distributed.any_rank(torch.tensor(waited, device=trainer.rt.device)))
-        done = trainer.finished_result() if waited else None
+        done = trainer.finished_result()
         if done is not None:
-            log.info("%s: the process this one waited for trained it to the end with these inputs "
-                     "(metrics.json); not trained again", spec.out_dir)
+            who = "the process this one waited for" if waited else "an earlier process"
+            log.info("%s: %s trained it to the end with these inputs (metrics.json); not trained again",
+                     spec.out_dir, who)
             return done
         return trainer.run()
