@@ -17,6 +17,17 @@ pytest.register_assert_rewrite("tests.slurm_fixtures")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def needs_program(*names: str, installed_by: str) -> pytest.MarkDecorator:
+    """Skip, naming what is missing, where none of ``names`` is on PATH. `make test` installs them
+    where it may (root); a user without root still runs the rest of the suite."""
+    return pytest.mark.skipif(not any(shutil.which(n) for n in names),
+                              reason=f"needs {' or '.join(names)} on PATH ({installed_by} installs it as root)")
+
+
+needs_cxx = needs_program("g++", "c++", "clang++", installed_by="make cxx")
+needs_chromium = needs_program("chromium", "chromium-browser", installed_by="make browser")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one intra-op thread for a module of tiny-batch steps: they gain nothing from more,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -123,8 +123,10 @@ def test_test_size_does_not_change_train():
 
 def test_rewrite_is_idempotent_replaces_or_refuses(synth_copy):
     folder = synth_copy / "cifar-100-python"
+    # An mtime an hour back: a rewrite would set it to now, whatever the filesystem's resolution.
+    past = (folder / "train").stat().st_mtime_ns - 3600 * 10**9
+    os.utime(folder / "train", ns=(past, past))
     before = (folder / "train").stat().st_mtime_ns
-    time.sleep(0.01)
     write_synthetic_cifar100(synth_copy, seed=0, train_per_class=TRAIN_PER_CLASS, test_per_class=TEST_PER_CLASS)
     assert (folder / "train").stat().st_mtime_ns == before  # same params: kept, no rerun triggered
     write_synthetic_cifar100(synth_copy, seed=0, train_per_class=2, test_per_class=1)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import needs_cxx
 from tskd.distill import DistillContext, build_distiller, method_class, parse_method_params
 from tskd.distill.tskd.attention import attention_map, increment_sequence
 from tskd.distill.tskd.convlstm import IncrementForecaster, _Gates, auto_hidden
@@ -448,7 +449,7 @@ def test_forecasters_between_reviews_follow_sgd_by_hand(make_spec, mode):
         assert not torch.equal(p.detach(), w0)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_cxx)], ids=["eager", "compiled"])
 def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, monkeypatch, compiled):
     from tskd.engine import trainer as trainer_mod
 

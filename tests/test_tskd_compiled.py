@@ -10,11 +10,13 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import needs_cxx
 from tests.test_tskd import SHORT, batch, fill, make
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
+@needs_cxx
 @pytest.mark.parametrize(("teacher", "student"), [("resnet20", "resnet8"), ("resnet8", "MobileNetV2")])
 def test_compiled_review_step_matches_eager(teacher, student):
     """Losses and every gradient; MobileNetV2's taps are smaller than the teacher's (pooled)."""
@@ -60,6 +62,7 @@ def test_no_compiler_fails_before_training_naming_the_param(tmp_path, repo_root)
     assert "no error" not in res.stdout
 
 
+@needs_cxx
 def test_train_compile_trains_the_same_network(make_spec):
     """``train.compile``: the compiled student and teacher train to what eager ones do (to float
     rounding) and the exported model has the architecture's own state_dict keys."""
