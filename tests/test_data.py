@@ -197,7 +197,8 @@ def test_incomplete_dataset_names_missing_file(synth_copy):
 
 def test_without_manifest_official_md5_is_required(synth_copy):
     (synth_copy / "cifar-100-python" / MANIFEST_NAME).unlink()
-    with pytest.raises(IntegrityError, match=r"cifar-100-python/train does not match the official"):
+    with pytest.raises(IntegrityError, match=r"(?s)cifar-100-python: unregistered, not the official CIFAR-100"
+                                             r"\n.*its train does not match the\s+official md5"):
         _load(synth_copy)
 
 

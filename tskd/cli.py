@@ -192,6 +192,21 @@ def cmd_check(a) -> None:
 
     p = load_preset(a.params)
     print(f"{a.params}: ok ({len(p.teachers)} teachers, {len(student_jobs(p))} student runs)")
+    # Real data may arrive after the check (dvc pull, a copy): a warning, not an error. A synthetic
+    # preset writes its own data; `download: true` fetches the official release into the root.
+    root = p.dataset.root
+    if p.dataset.synthetic is None and not getattr(p.dataset, "download", False) and root is not None:
+        path = Path(root).expanduser()
+        if not path.exists():
+            import textwrap
+
+            lines = [f"{a.params}: warning: dataset.root: {root} does not exist"]
+            if not path.is_absolute():
+                lines.append(f"  ({Path.cwd() / path}: relative to the current directory)")
+            lines += textwrap.wrap(f"Before the runs start it must hold {p.dataset.holds}.", 96,
+                                   initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+            lines += ["  `dvc pull` it if it is versioned with DVC, or put the files there (docs/data.md)."]
+            print("\n".join(lines), file=sys.stderr)
 
 
 def cmd_scale_preset(a) -> None:

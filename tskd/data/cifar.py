@@ -83,12 +83,25 @@ def verify_cifar100_dir(folder: str | Path) -> str:
         return "manifest"
     for name, md5 in _OFFICIAL_MD5.items():
         if not check_integrity(str(folder / name), md5):
-            raise IntegrityError(
-                f"{folder / name} does not match the official CIFAR-100 md5 ({md5}) and {folder} has no "
-                f"{MANIFEST_NAME}: the file is corrupted or not the official one. Replace the directory "
-                f"(download: true re-downloads it), regenerate synthetic data with `tskd data synth`, or, for "
-                f"your own data in this layout, register it: `tskd data register {folder.parent} --name <name>`.")
+            raise IntegrityError(_unregistered_message(folder, name, md5))
     return "official md5"
+
+
+def _unregistered_message(folder: Path, name: str, md5: str) -> str:
+    """Why ``folder`` (a cifar-100-python directory) is refused when it is neither registered nor
+    the official release: short lines, the facts and the register command (on a line of its own)
+    first, so a terminal shows it whole; under Snakemake (``tskd --log``) it is flattened into one
+    line of at most ``tskd.joblog.MAX_LINE`` characters, cut at the end, after the command."""
+    root = folder.parent
+    return "\n".join([
+        f"{folder}: unregistered, not the official CIFAR-100",
+        "Your own data in this layout? Register it once (docs/data.md)",
+        f"  tskd data register {root} --name <name>",
+        f"It has no {MANIFEST_NAME} (registering writes it), and its {name} does not match the",
+        f"  official md5 {md5} (corrupted, if it is the official file)",
+        "Or replace the directory: `download: true` re-downloads the official files",
+        f"  or `tskd data synth --root {root}` writes synthetic data",
+    ])
 
 
 def dataset_name(folder: str | Path, verified_by: str) -> str:
