@@ -25,7 +25,8 @@ DOC_FILES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MAX_README_LINES = 200
 
 # Top-level entries of the repository: a token in code that starts with one of these is a path.
-ROOT_DIRS = ("tskd", "tests", "slurm", "params", "workflow", "benchmarks", "docs", "profiles", ".ci", ".dvc")
+ROOT_DIRS = ("tskd", "tests", "slurm", "params", "workflow", "benchmarks", "examples", "docs", "profiles", ".ci",
+             ".dvc")
 ROOT_FILES = ("Snakefile", "Makefile", "dvc.yaml", "data.dvc", "pyproject.toml", "README.md", ".dvcignore",
               ".gitignore")
 PLACEHOLDER = re.compile(r"[*<>{}$\[\]]|\.\.\.")

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -77,8 +78,11 @@ def test_best_top5_is_the_best_epochs_and_last_has_a_spread(tmp_path):
     rows = list(csv.DictReader((p.out / "report.csv").open()))
     assert {r["recipe"] for r in rows if r["pair"] != "teacher"} == {"student", "other"}
     kd = json.loads((p.out / "summary/kd.json").read_text())
-    assert kd["other"]["resnet20-resnet8"] == {"best": 26.5, "best_std": 0.7071, "last": 21.5, "last_std": 0.7071,
-                                               "n": 2}
+    entry = kd["other"]["resnet20-resnet8"]
+    assert {k: entry[k] for k in ("best", "best_std", "last", "last_std", "n")} == {
+        "best": 26.5, "best_std": 0.7071, "last": 21.5, "last_std": 0.7071, "n": 2}
+    # kd is 1 point above the student alone on each seed: a certain +1 with these two seeds
+    assert entry["vs_student"] == {"n": 2, "diff": 1.0, "low": 1.0, "high": 1.0, "p": 0.0, "sd": 0.0}
 
 
 def test_selected_epoch_is_reported_with_a_validation_split(tmp_path):
@@ -208,7 +212,16 @@ def test_report_warns_when_a_teacher_scores_below_its_student_alone(tmp_path):
     _write_tskd_runs(p, teacher_top1=20.0)
     md = write_report(p).read_text()
     assert ("**Warning**: the teacher resnet20 (best top-1 20.00) scores below its student resnet8 trained alone "
-            "(recipe `student`: 30.50): on pair resnet20-resnet8 there is nothing to distil.") in md
+            "(recipe `student`: 30.50 ± 0.71 over 2 seeds): on pair resnet20-resnet8 there is nothing to distil.") in md
+
+
+def test_report_warns_when_a_teacher_is_within_its_students_seed_spread(tmp_path):
+    p = _tskd_preset(tmp_path)
+    _write_tskd_runs(p, teacher_top1=31.0)  # above the student alone's mean (30.50), within its std (0.71)
+    md = write_report(p).read_text()
+    assert ("**Warning**: the teacher resnet20 (best top-1 31.00) is not clearly above its student resnet8 trained "
+            "alone (recipe `student`: 30.50 ± 0.71 over 2 seeds; within one seed std): on pair resnet20-resnet8 "
+            "there is little to distil") in md
 
 
 def test_losses_plot_has_every_term_of_the_method(tmp_path):
@@ -220,3 +233,36 @@ def test_losses_plot_has_every_term_of_the_method(tmp_path):
     # TSKD's predictability monitors are history columns but no loss terms
     runs[0]["history"][-1] |= {"train_forecast_mse": 0.1, "train_last_increment_mse": 0.2, "train_predictability": 0.5}
     assert loss_terms(runs, task_of("cifar100")) == ["train_ce", "train_kd", "train_review", "train_loss"]
+
+
+def test_report_gives_each_networks_size_and_each_methods_cost(tmp_path):
+    """The header rows: parameters and MACs per image at the trained input size (ResNet-20 on
+    CIFAR-100: 0.28 M parameters, 41 M MACs, as the papers list it); the cost table: device-hours
+    per method, each run once (the student alone is listed under every pair but trained once)."""
+    import re
+
+    import torch
+
+    from tskd.engine.checkpoint import export_model
+    from tskd.models import create_model
+
+    p = _tskd_preset(tmp_path)
+    _write_tskd_runs(p, teacher_top1=60.0)
+    for arch, d in [("resnet20", teacher_dir(p, "resnet20")), *((j.pair.student, student_dir(p, j))
+                                                                for j in student_jobs(p))]:
+        export_model(d / "model.pt", create_model(arch, num_classes=100), arch=arch, num_classes=100, epoch=3,
+                     accuracy=0.0, method="vanilla", input_spec={"image_size": [32, 32]})
+        m = json.loads((d / "metrics.json").read_text())
+        (d / "metrics.json").write_text(json.dumps(m | {"devices": 2.0, "device_seconds": 1800.0}))
+    torch.manual_seed(0)
+    md = write_report(p).read_text()
+    best = md.split("## Recipe `student`: best test top-1 (%)")[1].split("## ")[0]
+    teacher = re.search(r"\| teacher network \| resnet20: (\d+\.\d+) M params · (\d+\.\d+) M MACs \|", best)
+    assert teacher, best
+    assert float(teacher[1]) == pytest.approx(0.28, abs=0.005) and float(teacher[2]) == pytest.approx(41, abs=1)
+    assert re.search(r"\| student network \| resnet8: 0\.\d\d M params · \d+\.\d\d M MACs \|", best), best
+    cost = md.split("## What the results cost")[1]
+    assert "| teachers | 1 | 0.500 | 0.500 |" in cost and "| vanilla | 2 | 1.000 | 0.500 |" in cost
+    assert "| tskd | 2 | 1.000 | 0.500 |" in cost and "| **all** | 7 | **3.500** | |" in cost
+    rows = list(csv.DictReader((p.out / "report.csv").open()))
+    assert {r["device_seconds"] for r in rows} == {"1800.0"}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from scipy import stats
 
 from tests.conftest import copy_repo
 from tests.test_report import _metrics, _train_history
@@ -91,9 +92,16 @@ def test_study_table_pairs_each_variant_with_tskd_by_seed(tmp_path):
     assert float(by["tskd"]["predictability"]) == pytest.approx(0.55)
     assert float(by["tskd_k1"]["predictability"]) == pytest.approx(0.85) and by["kd"]["predictability"] == ""
     md = (p.out / "study.md").read_text()
-    assert "| tskd_k1 | tskd | 37.00 ± 4.24 (2) | +1.50 ± 0.71 (2) | 0.850 | 1.50 | 1.47 |" in md
-    assert "| kd | kd | 32.50 ± 3.54 (2) | -3.00 ± 0.00 (2) |  |  | 1.00 |" in md
-    assert "| tskd | tskd | 35.50 ± 3.54 (2) | (reference) | 0.550 | 2.00 | 1.61 |" in md
+    # Paired over two seeds: the 95% interval is mean ± t(0.975, 1 df) × sd / √2 (scipy's ttest_rel
+    # gives p = 0.205 for differences 1 and 2, 0.070 for 4 and 5); a constant difference is certain.
+    assert ("| tskd_k1 | tskd | 37.00 ± 4.24 (2) | +1.50 [-4.85, +7.85] (2) | 0.205 | +4.50 [-1.85, +10.85] (2) | "
+            "0.070 | 0.850 | 1.50 | 1.47 |") in md
+    assert "| kd | kd | 32.50 ± 3.54 (2) | **-3.00 [-3.00, -3.00]** (2) | < 0.001 | (reference) |  |  |  | 1.00 |" in md
+    assert ("| tskd | tskd | 35.50 ± 3.54 (2) | (reference) |  | **+3.00 [+3.00, +3.00]** (2) | < 0.001 | 0.550 | "
+            "2.00 | 1.61 |") in md
+    assert float(by["tskd_k1"]["diff_p"]) == pytest.approx(stats.ttest_rel([34, 40], [33, 38]).pvalue)
+    assert float(by["tskd_k1"]["kd_diff_low"]) == pytest.approx(
+        stats.ttest_rel([34, 40], [30, 35]).confidence_interval(0.95).low)
     assert "wall-clock times of the runs themselves" in md and "benchmarks/bench_ablations.py" in md
     # Each TSKD entry links its runs' feature-map evolution grids; KD has none.
     assert ("- tskd_k1 (resnet20-resnet8, recipe student): [seed 0](plots/evolution/student-resnet20-resnet8-tskd_k1-"

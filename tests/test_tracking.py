@@ -66,14 +66,22 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
         assert model.name == run.info.run_name.replace(":", "-") and model.tags["model_file"].endswith("/model.pt")
         assert "model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
-    # The report stage: the parent carries its seeds' mean and std and is FINISHED.
-    assert summarize_parents(p, ["best_top1", "last_top1"]) == 2
+    # The report stage: the parent carries its seeds' mean and std, its group's figures from the
+    # report (found by the parent's recipe, pair and variant tags), and is FINISHED.
+    group = {("student", "resnet8", "vanilla"): {"vs_x_diff": 1.5}, ("student", "resnet8", "kd"): {"vs_x_diff": 9.0}}
+    assert summarize_parents(p, ["best_top1", "last_top1"], group) == 2
     parent = client.get_run(parents["vanilla:resnet8:student"])
     best = [r["best_top1"] for r in results[1:]]
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_seeds"] == 2
     assert parent.data.metrics["best_top1_mean"] == pytest.approx(statistics.fmean(best))
     assert parent.data.metrics["best_top1_std"] == pytest.approx(statistics.stdev(best))
     assert parent.info.run_name == "vanilla:resnet8:student" and parent.data.tags["run_kind"] == "seeds"
+    assert parent.data.metrics["vs_x_diff"] == 1.5
+    # What the group cost: its seeds' device-seconds (epochs' wall time × 1 thread), on each run and summed.
+    assert all(r["devices"] == 1.0 and r["device_seconds"] > 0 for r in results)
+    assert [r.data.metrics["device_seconds"] for r in s_runs] == [r["device_seconds"] for r in results[1:]]
+    assert parent.data.metrics["device_seconds"] == pytest.approx(sum(r["device_seconds"] for r in results[1:]))
+    assert "vs_x_diff" not in client.get_run(parents["teacher:resnet20"]).data.metrics
     # A group none of whose seeds ran is not RUNNING (nothing runs it), and has no figures.
     kd = client.get_run(parents["kd:resnet20-resnet8:student"])
     assert kd.info.status == "SCHEDULED" and "best_top1_mean" not in kd.data.metrics

@@ -140,14 +140,16 @@ def cmd_data_prepare(a) -> None:
 
 def cmd_report(a) -> None:
     from tskd.config import load_preset, parse_preset
-    from tskd.report import write_report
+    from tskd.report import collect_rows, write_report
+    from tskd.report_paired import comparisons, parent_metrics
     from tskd.tracking_runs import summarize_after_report
 
     if (a.params is None) == (a.json is None):
         raise UsageError("give either a params file or --json")
     preset = load_preset(a.params) if a.params else parse_preset(_json(a.json, "--json"), "--json")
     md = write_report(preset)
-    summarize_after_report(preset)  # MLflow: each parent run gets its seeds' mean ± std
+    # MLflow: each parent run gets its seeds' mean ± std and its paired comparisons
+    summarize_after_report(preset, parent_metrics(comparisons(preset, collect_rows(preset))))
     print(md.read_text() if a.print else f"wrote {md}")
 
 

@@ -24,8 +24,9 @@ PLACEMENT = ("preset", "recipe_name", "variant", "teacher_path", "backbone_path"
 # change meaning or content (metrics.json's fields, a new file), so that a result written by earlier
 # code never passes for a current one, in Snakemake (the identity is a rule param), in DVC (the
 # training and evaluation stages declare it from DEFAULTS_FILE) and for a checkpoint's resume.
-#   1: the first; 2: epochs counted from 1 in every file; 3: TSKD runs write evolution.npz.
-RESULTS_FORMAT = 3
+#   1: the first; 2: epochs counted from 1 in every file; 3: TSKD runs write evolution.npz;
+#   4: metrics.json records the run's devices and device_seconds (its cost).
+RESULTS_FORMAT = 4
 
 
 class RunSpec(Strict):

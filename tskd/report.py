@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ from tskd.config import Preset
 from tskd.errors import TskdError
 from tskd.grid import student_dir, student_jobs, teacher_dir
 from tskd.io import atomic_write_text
+from tskd.model_cost import NetworkCost, network_cost
 from tskd.plots import write_plots
 from tskd.reference_numbers import published
+from tskd.report_paired import add_run_columns, comparisons, paired_tables, run_columns, summary_entries
 from tskd.report_tables import paper_tables, teacher_warnings
 from tskd.study import write_study
 from tskd.tasks import Task, task_of
@@ -30,6 +32,7 @@ class ReportError(TskdError):
 
 
 RUN_COLUMNS = ["recipe", "pair", "teacher", "student", "method", "seed"]
+COST = "device_seconds"  # the run's epochs' wall seconds × its devices (GPUs, or CPU threads)
 
 
 def figure_columns(task: Task) -> list[str]:
@@ -66,7 +69,8 @@ def collect_rows(p: Preset) -> list[dict[str, Any]]:
     for arch, t in p.teachers.items():
         m = _read(teacher_dir(p, arch) / "metrics.json")
         rows.append({"recipe": t.recipe, "pair": "teacher", "teacher": "", "student": arch, "method": m["method"],
-                     "seed": m["seed"], **_figures(m, task), f"eval_{task.best}": ""})
+                     "seed": m["seed"], **_figures(m, task), f"eval_{task.best}": "",
+                     "device_seconds": m.get("device_seconds", "")})
     for job in student_jobs(p):
         d = student_dir(p, job)
         m, e = _read(d / "metrics.json"), _read(d / "eval.json")
@@ -75,7 +79,7 @@ def collect_rows(p: Preset) -> list[dict[str, Any]]:
         for q in pairs:
             rows.append({"recipe": job.recipe, "pair": q.name, "teacher": q.teacher, "student": q.student,
                          "method": job.method, "seed": job.seed, **_figures(m, task),
-                         f"eval_{task.best}": e[task.best]})
+                         f"eval_{task.best}": e[task.best], "device_seconds": m.get("device_seconds", "")})
     return rows
 
 
@@ -95,7 +99,7 @@ def _published_cell(dataset: str | None, pair: str, method: str) -> str:
 
 
 def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None = None,
-                    plots: Sequence[Path] = ()) -> str:
+                    plots: Sequence[Path] = (), sizes: Mapping[str, NetworkCost] | None = None) -> str:
     # Published figures are comparable only on the official data (not synthetic or registered data).
     official = dataset if dataset in ("cifar100", "imagenet", "coco") else None
     task = task_of(p.dataset.name)
@@ -111,7 +115,8 @@ def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None =
         out[2:2] = ["**Synthetic data** (tskd-written, a few images per class, a few epochs): these numbers test the "
                     "pipeline's plumbing and say nothing about how the methods compare.", ""]
     warnings = teacher_warnings(p, rows)
-    out += [*(w for line in warnings for w in (line, "")), *paper_tables(p, rows, official)]
+    out += [*(w for line in warnings for w in (line, "")), *paper_tables(p, rows, official, sizes),
+            *paired_tables(p, rows, comparisons(p, rows)), *cost_lines(p, rows)]
     grids = [f for f in plots if f.parent.name == "evolution"]  # one per run: linked, not shown inline
     if plots:
         out += ["## Plots", "", "PNG files beside this report, in `plots/` (readable offline).", "",
@@ -152,6 +157,46 @@ def format_markdown(p: Preset, rows: list[dict[str, Any]], dataset: str | None =
     return "\n".join(out)
 
 
+def _runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run: the student alone is listed under every pair of its student, trained once."""
+    seen, out = set(), []
+    for r in rows:
+        key = (r["recipe"], r["pair"] if r["method"] != "vanilla" or r["pair"] == "teacher" else "",
+               r["student"], r["method"], r["seed"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def cost_lines(p: Preset, rows: list[dict[str, Any]]) -> list[str]:
+    """What the results cost, per method and in all: device-hours (GPU-hours on GPUs, core-hours on
+    CPU: the epochs' wall time × the run's devices). Runs from a tskd that did not record it count
+    as unknown."""
+    runs = _runs(rows)
+    if not any(r.get(COST) not in ("", None) for r in runs):
+        return []
+    out = ["## What the results cost", "",
+           "Device-hours: each run's epochs (training and test) in wall time × its devices, summed over the "
+           "runs: GPU-hours on GPUs, core-hours on CPU (its threads). Start-up and evaluation jobs are not counted.",
+           "", "| runs of | runs | device-hours | per run (hours) |", "|---|---|---|---|"]
+    groups = {"teachers": [r for r in runs if r["pair"] == "teacher"]}
+    groups |= {m: [r for r in runs if r["pair"] != "teacher" and r["method"] == m] for m in p.methods}
+    total, known = 0.0, 0
+    for name, sel in groups.items():
+        hours = [float(r[COST]) / 3600 for r in sel if r.get(COST) not in ("", None)]
+        if not sel:
+            continue
+        unknown = len(sel) - len(hours)
+        total += sum(hours)
+        known += len(hours)
+        per = f"{statistics.fmean(hours):.3f}" if hours else ""
+        out.append(f"| {name} | {len(sel)}" + (f" ({unknown} unrecorded)" if unknown else "")
+                   + f" | {sum(hours):.3f} | {per} |")
+    out += [f"| **all** | {len(runs)} | **{total:.3f}** | |", ""]
+    return out
+
+
 def _stats(xs: list[float]) -> dict[str, float]:
     return {"mean": round(statistics.mean(xs), 4), "std": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0}
 
@@ -177,6 +222,12 @@ def summaries(p: Preset, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]
                     out[method].setdefault(recipe, {})[pair.name] = {
                         "best": b["mean"], "best_std": b["std"], "last": la["mean"], "last_std": la["std"],
                         "n": len(sel)}
+    # The paired comparisons against KD and the student alone, beside each pair's figures.
+    for method, recipes in summary_entries(comparisons(p, rows)).items():
+        for recipe, entries in recipes.items():
+            mine = out[method].setdefault(recipe, {})
+            for name, entry in entries.items():
+                mine[name] = mine.get(name, {}) | entry
     return out
 
 
@@ -188,9 +239,11 @@ def write_report(p: Preset) -> Path:
     """Write report.csv, report.md, summary/<name>.json and plots/*.png under results/<preset>/; returns
     report.md."""
     rows = collect_rows(p)
+    add_run_columns(p, rows, comparisons(p, rows))
     names = {_read(teacher_dir(p, arch) / "metrics.json").get("dataset") for arch in p.teachers} - {None}
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RUN_COLUMNS + figure_columns(task_of(p.dataset.name)), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=RUN_COLUMNS + figure_columns(task_of(p.dataset.name)) + [COST] + run_columns(p),
+                       lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(p.out / "report.csv", buf.getvalue())
@@ -198,4 +251,13 @@ def write_report(p: Preset) -> Path:
         atomic_write_text(p.out / "summary" / f"{name}.json", json.dumps(figures, indent=1, sort_keys=True) + "\n")
     plots = write_plots(p)
     write_study(p)  # a preset with TSKD variants: study.md, study.csv and their plots
-    return atomic_write_text(p.out / "report.md", format_markdown(p, rows, ", ".join(sorted(names)) or None, plots))
+    md = format_markdown(p, rows, ", ".join(sorted(names)) or None, plots, network_sizes(p))
+    return atomic_write_text(p.out / "report.md", md)
+
+
+def network_sizes(p: Preset) -> dict[str, NetworkCost]:
+    """Each teacher's and student's parameters and MACs, from a model file of it in the results."""
+    files = {arch: teacher_dir(p, arch) / "model.pt" for arch in p.teachers}
+    for job in student_jobs(p):
+        files.setdefault(job.pair.student, student_dir(p, job) / "model.pt")
+    return {arch: network_cost(f) for arch, f in files.items() if f.is_file()}

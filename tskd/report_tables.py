@@ -8,9 +8,11 @@ difference to KD's mean, and the published figure of the same kind with a number
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from typing import Any
 
 from tskd.config import Preset
+from tskd.model_cost import NetworkCost
 from tskd.reference_numbers import published
 from tskd.tasks import task_of
 
@@ -51,9 +53,11 @@ def _published_part(official: str | None, kind: str, sources: _Sources, pair: st
     return f" · pub. {ref.value:.2f}<sup>{sources.mark(ref.source)}</sup>"
 
 
-def paper_tables(p: Preset, rows: list[dict[str, Any]], official: str | None) -> list[str]:
+def paper_tables(p: Preset, rows: list[dict[str, Any]], official: str | None,
+                 sizes: Mapping[str, NetworkCost] | None = None) -> list[str]:
     """The markdown lines of every recipe's best and last tables (``official``: the dataset whose
-    published figures apply, None for synthetic or registered data)."""
+    published figures apply, None for synthetic or registered data). ``sizes``: each architecture's
+    parameters and MACs (``tskd.model_cost``), the tables' header rows as in the papers."""
     task = task_of(p.dataset.name)
     main = task.labels[task.best]
     methods = ["vanilla", *(m for m in p.methods if m != "vanilla")]  # the student alone first
@@ -69,6 +73,11 @@ def paper_tables(p: Preset, rows: list[dict[str, Any]], official: str | None) ->
                        else "") + ".", "",
                     "| method | " + " | ".join(q.name for q in p.pairs) + " |", "|---|" + "---|" * len(p.pairs)]
 
+            if sizes:
+                for role in ("teacher", "student"):
+                    cells = [f"{getattr(q, role)}: {sizes[getattr(q, role)].cell()}" if getattr(q, role) in sizes
+                             else getattr(q, role) for q in p.pairs]
+                    out.append(f"| {role} network | {' | '.join(cells)} |")
             cells = []
             for q in p.pairs:
                 t = _select(rows, pair="teacher", student=q.teacher)
@@ -93,19 +102,27 @@ def paper_tables(p: Preset, rows: list[dict[str, Any]], official: str | None) ->
 
 
 def teacher_warnings(p: Preset, rows: list[dict[str, Any]]) -> list[str]:
-    """One line per pair whose teacher scores below its student trained alone (best figure, mean over
-    seeds, in any recipe): such a teacher has nothing to teach, and its pair's results mean little."""
+    """One line per pair and recipe whose teacher is not clearly above its student trained alone
+    (best figure, mean over seeds): below the student's mean, or within one seed std above it. Such a
+    teacher has little to teach, and its pair's method differences mean little."""
     task = task_of(p.dataset.name)
     key, main = f"best_{task.best}", task.labels[task.best]
     out = []
     for q in p.pairs:
         teacher = _select(rows, pair="teacher", student=q.teacher)
         for recipe in p.student_recipes:
-            alone = _select(rows, recipe=recipe, pair=q.name, method="vanilla")
-            if teacher and alone:
-                t, s = statistics.mean(r[key] for r in teacher), statistics.mean(r[key] for r in alone)
-                if t < s:
-                    out.append(f"**Warning**: the teacher {q.teacher} (best {main} {t:.2f}) scores below its "
-                               f"student {q.student} trained alone (recipe `{recipe}`: {s:.2f}): on pair {q.name} "
-                               "there is nothing to distil.")
+            alone = [r[key] for r in _select(rows, recipe=recipe, pair=q.name, method="vanilla")]
+            if not (teacher and alone):
+                continue
+            t, s = statistics.mean(r[key] for r in teacher), statistics.mean(alone)
+            spread = statistics.stdev(alone) if len(alone) > 1 else 0.0
+            where = f"recipe `{recipe}`: {s:.2f}" + (f" ± {spread:.2f} over {len(alone)} seeds" if spread else "")
+            if t < s:
+                out.append(f"**Warning**: the teacher {q.teacher} (best {main} {t:.2f}) scores below its "
+                           f"student {q.student} trained alone ({where}): on pair {q.name} there is nothing "
+                           "to distil.")
+            elif t - s <= spread:
+                out.append(f"**Warning**: the teacher {q.teacher} (best {main} {t:.2f}) is not clearly above its "
+                           f"student {q.student} trained alone ({where}; within one seed std): on pair {q.name} "
+                           "there is little to distil, and method differences there mean little.")
     return out

@@ -5,6 +5,8 @@ report, ``study.md`` and ``study.csv`` (one row per recipe, pair and method entr
 order) and three plots. Seeds are paired: a variant's run with seed s is compared with ``tskd``'s run
 with seed s (the same data order and initialisation), so the spread of the differences excludes the
 seed-to-seed variation that both share. Only seeds present for both count in the paired columns.
+The differences carry the report's paired statistics (``tskd.paired``): the mean, its 95 %
+confidence interval and the paired t-test's p-value, against ``tskd`` and against ``kd``.
 
 Each row also has its cost ÷ KD, from the runs' own wall-clock ``seconds`` per epoch: its review
 epochs against KD's same epochs, and its whole run. Those runs shared the machine with whatever
@@ -21,6 +23,7 @@ from typing import Any
 
 from tskd.config import PairCfg, Preset
 from tskd.io import atomic_write_text
+from tskd.paired import Difference, paired_difference
 from tskd.plots.runs import Runs, read_runs
 from tskd.tasks import task_of
 
@@ -30,6 +33,7 @@ PREDICTABILITY = "train_predictability"  # forecast MSE / last-increment MSE, pe
 REVIEW = "train_review"  # TSKD's review loss: not None exactly in its review epochs
 
 COLUMNS = ["recipe", "pair", "variant", "method", "n", "best_mean", "best_std", "paired_n", "diff_mean", "diff_std",
+           "diff_low", "diff_high", "diff_p", "kd_paired_n", "kd_diff_mean", "kd_diff_low", "kd_diff_high", "kd_diff_p",
            "predictability", "review_epoch_ratio", "run_ratio"]
 
 
@@ -78,6 +82,12 @@ def run_ratio(runs: list[dict[str, Any]], kd: list[dict[str, Any]]) -> float | N
     return statistics.fmean(total) / statistics.fmean(sum(r["seconds"] for r in m["history"]) for m in kd)
 
 
+def _paired_columns(d: Difference | None, prefix: str) -> dict[str, Any]:
+    d = d or Difference(0, None, None, None, None, None)
+    return {f"{prefix}paired_n": d.n, f"{prefix}diff_mean": d.mean, f"{prefix}diff_low": d.low,
+            f"{prefix}diff_high": d.high, f"{prefix}diff_p": d.p}
+
+
 def study_rows(p: Preset, runs: Runs) -> list[dict[str, Any]]:
     key = f"best_{task_of(p.dataset.name).best}"
     rows = []
@@ -85,16 +95,19 @@ def study_rows(p: Preset, runs: Runs) -> list[dict[str, Any]]:
         for q in p.pairs:
             base = {m["seed"]: m[key] for m in runs.students.get((recipe, q.name, BASELINE), [])}
             kd = runs.students.get((recipe, q.name, KD), []) if KD in p.methods else []
+            kd_best = {m["seed"]: m[key] for m in kd}
             for name in p.methods:
                 if name == "vanilla":
                     continue
                 sel = runs.students.get((recipe, q.name, name), [])
                 best = [m[key] for m in sel]
-                diffs = [m[key] - base[m["seed"]] for m in sel if m["seed"] in base] if name != BASELINE else []
+                mine = {m["seed"]: m[key] for m in sel}
+                vs_base = paired_difference(mine, base) if name != BASELINE else None
+                vs_kd = paired_difference(mine, kd_best) if name != KD and kd_best else None
                 rows.append({"recipe": recipe, "pair": q.name, "variant": name, "method": p.registered(name),
                              "n": len(best), "best_mean": statistics.fmean(best) if best else None,
-                             "best_std": _std(best), "paired_n": len(diffs),
-                             "diff_mean": statistics.fmean(diffs) if diffs else None, "diff_std": _std(diffs),
+                             "best_std": _std(best), **_paired_columns(vs_base, ""),
+                             "diff_std": vs_base.sd if vs_base else None, **_paired_columns(vs_kd, "kd_"),
                              "predictability": _predictability(sel),
                              "review_epoch_ratio": review_epoch_ratio(sel, kd), "run_ratio": run_ratio(sel, kd)})
     return rows
@@ -144,11 +157,23 @@ def _f(x: float | None, digits: int = 2, sign: bool = False) -> str:
     return "" if x is None else f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
+def _diff_cell(r: dict[str, Any], prefix: str) -> str:
+    """The paired difference as the report shows it: mean [95 % CI] (n), bold where the interval
+    excludes 0; blank without paired seeds."""
+    d = Difference(r[f"{prefix}paired_n"], r[f"{prefix}diff_mean"], None, r[f"{prefix}diff_low"],
+                   r[f"{prefix}diff_high"], r[f"{prefix}diff_p"])
+    if d.mean is None:
+        return " | "
+    return f"{d.cell()} ({d.n}) | {d.p_cell()}"
+
+
 def format_study(p: Preset, rows: list[dict[str, Any]]) -> str:
     label = task_of(p.dataset.name).labels[task_of(p.dataset.name).best]
     out = [f"# Ablation study: {p.preset}", "",
-           f"Best test {label} (%) per variant, mean ± std (n seeds); Δ vs tskd: the mean ± std of the per-seed "
-           "differences (variant − tskd, same seed; n pairs); predictability: the mean over review epochs of the "
+           f"Best test {label} (%) per variant, mean ± std (n seeds). Δ vs tskd and Δ vs kd: the mean of the "
+           "per-seed differences (variant − tskd or − kd, same seed), its 95% confidence interval (Student's t on "
+           "the per-seed differences) and n paired seeds, **bold** where the interval excludes 0; p: the two-sided "
+           "paired t-test (the report's statistics). Predictability: the mean over review epochs of the "
            "forecast's MSE ÷ the last-increment predictor's (< 1: the forecaster beats the parameter-free guess; "
            "blank where the runs do not log it). Review epoch ÷ kd: the mean seconds of the entry's review epochs ÷ "
            "kd's mean at the same epochs; run ÷ kd: the mean over seeds of a run's total seconds ÷ kd's (both blank "
@@ -158,21 +183,19 @@ def format_study(p: Preset, rows: list[dict[str, Any]]) -> str:
     for recipe in p.student_recipes:
         for q in p.pairs:
             out += [f"## Recipe `{recipe}`, pair {q.name}", "",
-                    f"| variant | method | best {label} | Δ vs tskd | predictability | review epoch ÷ kd | run ÷ kd |",
-                    "|---|---|---|---|---|---|---|"]
+                    f"| variant | method | best {label} | Δ vs tskd [95% CI] | p | Δ vs kd [95% CI] | p | "
+                    "predictability | review epoch ÷ kd | run ÷ kd |",
+                    "|---|---|---|---|---|---|---|---|---|---|"]
             for r in (r for r in rows if (r["recipe"], r["pair"]) == (recipe, q.name)):
                 acc = "" if r["best_mean"] is None else (
                     f"{_f(r['best_mean'])}" + (f" ± {_f(r['best_std'])}" if r["best_std"] is not None else "")
                     + f" ({r['n']})")
-                diff = "" if r["diff_mean"] is None else (
-                    _f(r["diff_mean"], sign=True) + (f" ± {_f(r['diff_std'])}" if r["diff_std"] is not None else "")
-                    + f" ({r['paired_n']})")
-                if r["variant"] == BASELINE:
-                    diff = "(reference)"
-                out.append(f"| {r['variant']} | {r['method']} | {acc} | {diff} | {_f(r['predictability'], 3)} | "
-                           f"{_f(r['review_epoch_ratio'])} | {_f(r['run_ratio'])} |")
+                diff = "(reference) | " if r["variant"] == BASELINE else _diff_cell(r, "")
+                kd = "(reference) | " if r["variant"] == KD else _diff_cell(r, "kd_")
+                out.append(f"| {r['variant']} | {r['method']} | {acc} | {diff} | {kd} | "
+                           f"{_f(r['predictability'], 3)} | {_f(r['review_epoch_ratio'])} | {_f(r['run_ratio'])} |")
             out.append("")
-    out += ["Plots: plots/study-accuracy.png (Δ vs tskd per variant, mean and ± std over seeds), "
+    out += ["Plots: plots/study-accuracy.png (Δ vs tskd per variant: the mean and its 95% interval over paired seeds), "
             "plots/study-predictability.png (predictability by review epoch per variant), plots/study-cost.png "
             "(review epoch ÷ kd against k, run ÷ kd against δ, through the entries that change that param alone).", ""]
     out += _evolution_links(p)

@@ -16,6 +16,7 @@ import logging
 import os
 import statistics
 import subprocess
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -220,11 +221,13 @@ def log_model(client: MlflowClient, exp_id: str, run_id: str, name: str, artifac
 
 
 # -- the report stage ------------------------------------------------------------------------
-def summarize_parents(p: Preset, figures: list[str]) -> int:
+def summarize_parents(p: Preset, figures: list[str],
+                      group_metrics: Mapping[tuple[str, str, str], Mapping[str, float]] | None = None) -> int:
     """Log on every parent run the mean and std over its finished children of each figure
-    (``best_top1`` -> ``best_top1_mean``, ``best_top1_std``, and ``n_seeds``), and mark it FINISHED.
-    Returns how many parents were updated. A store that was never set up (no DAG ran with tracking)
-    is left alone."""
+    (``best_top1`` -> ``best_top1_mean``, ``best_top1_std``, and ``n_seeds``), the report's figures
+    of its group (``group_metrics``: (recipe, pair, variant) -> metrics, the paired comparisons), and
+    mark it FINISHED. Returns how many parents were updated. A store that was never set up (no DAG
+    ran with tracking) is left alone."""
     from mlflow.entities import Metric
 
     from tskd.tracking import existing_experiment
@@ -243,11 +246,17 @@ def summarize_parents(p: Preset, figures: list[str]) -> int:
         if not children:
             continue
         metrics = [Metric("n_seeds", float(len(children)), 0, 0)]
+        cost = [c.data.metrics["device_seconds"] for c in children if "device_seconds" in c.data.metrics]
+        if cost:  # the group's cost: its seeds' device-seconds, summed
+            metrics.append(Metric("device_seconds", float(sum(cost)), 0, 0))
         for f in figures:
             values = [c.data.metrics[f] for c in children if f in c.data.metrics]
             if values:
                 metrics.append(Metric(f"{f}_mean", statistics.fmean(values), 0, 0))
                 metrics.append(Metric(f"{f}_std", statistics.stdev(values) if len(values) > 1 else 0.0, 0, 0))
+        tags = parent.data.tags
+        group = (tags.get("recipe", ""), tags.get("pair", ""), tags.get("variant", ""))
+        metrics += [Metric(k, float(v), 0, 0) for k, v in (group_metrics or {}).get(group, {}).items()]
         client.log_batch(pid, metrics=metrics)
         client.set_terminated(pid, "FINISHED")
         updated += 1
@@ -260,9 +269,11 @@ def grid_experiment(p: Preset) -> str:
     return experiment_name(p)
 
 
-def summarize_after_report(p: Preset) -> None:
-    """``tskd report``'s one line: the parents' mean ± std, without failing the report when the
-    store cannot be reached (the tables are the report's result; MLflow is a view of it)."""
+def summarize_after_report(p: Preset,
+                           group_metrics: Mapping[tuple[str, str, str], Mapping[str, float]] | None = None) -> None:
+    """``tskd report``'s one line: the parents' mean ± std and their group's figures from the report
+    (``summarize_parents``), without failing the report when the store cannot be reached (the
+    tables are the report's result; MLflow is a view of it)."""
     from tskd.tasks import task_of
     from tskd.tracking_journal import grid_dirs, sync_dirs
 
@@ -278,12 +289,12 @@ def summarize_after_report(p: Preset) -> None:
                     "MLflow: %d waiting records logged, %d still wait (`tskd sync` once the store answers)",
                     synced["applied"], synced["pending"])
     try:
-        n = summarize_parents(p, figures)
+        n = summarize_parents(p, figures, group_metrics)
     except Exception as e:  # an unreachable server, a locked file: the report stands without it
         log.warning("MLflow: the parent runs' mean and std were not updated: %s", e)
         return
     if n:
-        log.info("MLflow: %d parent runs carry their seeds' mean and std", n)
+        log.info("MLflow: %d parent runs carry their seeds' mean and std and the paired comparisons", n)
     try:
         n = log_run_grids(p)
     except Exception as e:

@@ -371,6 +371,15 @@ class Trainer:
         self.evolution += self.distiller.take_evolution()  # kept in the checkpoints: a resume goes on with them
 
     # -- the run ----------------------------------------------------------------------------
+    def _cost(self) -> dict[str, float]:
+        """What the run cost: its devices (GPUs, or CPU threads: one per rank on CUDA, the ranks'
+        threads on CPU) and device-seconds, the epochs' wall seconds (resumed attempts' included, as
+        the history keeps them) times the devices: GPU-hours on a cluster, core-hours on CPU."""
+        per_rank = 1 if self.rt.device.type == "cuda" else torch.get_num_threads()
+        devices = self.world.size * per_rank
+        seconds = sum(float(r.get("seconds") or 0.0) for r in self.history)
+        return {"devices": float(devices), "device_seconds": round(seconds * devices, 3)}
+
     def finished_result(self) -> dict[str, Any] | None:
         """The directory's metrics.json when a run of this very identity finished there (the writer
         this call waited for, or one that ended before it started), else None."""
@@ -436,6 +445,7 @@ class Trainer:
                              spec.recipe.epochs, row["lr"], row["train_loss"], test, row["seconds"])
             self.clock.lap("epochs")
             metrics = summarize(self.history, spec, self.task) | {"dataset": self.data.name, "run_key": self.key}
+            metrics |= self._cost()
             if self.capture is not None:
                 metrics["capture"] = self.capture
             if not self.world.main:
@@ -458,7 +468,7 @@ class Trainer:
                 # Recorded first, applied once: a store that is down costs one attempt here, and the
                 # records reach it later (`tskd sync`); the run's result is complete either way.
                 tracker.log_metrics({f"{w}_{f}": metrics[f"{w}_{f}"] for w in ("best", "last")
-                                     for f in self.task.figures}, step=spec.recipe.epochs, flush=False)
+                                     for f in self.task.figures} | self._cost(), step=spec.recipe.epochs, flush=False)
                 tracker.log_artifact(self.out / "metrics.json", flush=False)
                 tracker.log_artifact(self.out / "model.pt", flush=False)
                 if self._watched is not None:

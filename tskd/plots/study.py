@@ -19,20 +19,24 @@ def _panels(p: Preset) -> list[tuple[str, str]]:
 
 
 def accuracy_figure(p: Preset, rows: list[dict[str, Any]]) -> Figure:
-    """One panel per (recipe, pair): a bar per variant at its mean per-seed difference, ± its std."""
+    """One panel per (recipe, pair): a bar per variant at its mean per-seed difference, with its 95 %
+    confidence interval (none with a single paired seed)."""
     panels = _panels(p)
     fig = Figure(figsize=(7, 2.8 * len(panels)), layout="constrained")
     for ax, (recipe, pair) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels, strict=True):
         sel = [r for r in rows if (r["recipe"], r["pair"]) == (recipe, pair) and r["diff_mean"] is not None]
         ys = list(range(len(sel)))
-        ax.barh(ys, [r["diff_mean"] for r in sel], xerr=[r["diff_std"] or 0.0 for r in sel], capsize=3,
+        # asymmetric error bars: mean - low, high - mean (0 where there is no interval)
+        err = [[r["diff_mean"] - r["diff_low"] if r["diff_low"] is not None else 0.0 for r in sel],
+               [r["diff_high"] - r["diff_mean"] if r["diff_high"] is not None else 0.0 for r in sel]]
+        ax.barh(ys, [r["diff_mean"] for r in sel], xerr=err, capsize=3,
                 color=["tab:red" if r["diff_mean"] < 0 else "tab:green" for r in sel])
         ax.set_yticks(ys, [f"{r['variant']} (n={r['paired_n']})" for r in sel])
         ax.invert_yaxis()  # the preset's order from the top
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_xlabel("best top-1 − tskd's, same seed (points)")
         ax.set_title(f"{pair}, recipe {recipe}", fontsize=9)
-    fig.suptitle(f"{p.preset}: variants vs default TSKD (mean ± std over seeds)")
+    fig.suptitle(f"{p.preset}: variants vs default TSKD (mean and 95% CI over paired seeds)")
     return fig
 
 
