@@ -103,3 +103,33 @@ def test_long_runs_show_evenly_spaced_nodes():
     assert shown_nodes(5) == [0, 1, 2, 3, 4]
     picked = shown_nodes(36)  # 240 epochs, delta 5, k 3
     assert len(picked) == 12 and picked[0] == 0 and picked[-1] == 35 and picked == sorted(set(picked))
+
+
+def test_the_grid_puts_each_map_in_its_cell_on_its_rows_scale():
+    # One mosaic on one axes: row r, column c of cells holds image r's map at node c-1 (the teacher's
+    # last), coloured on the row's own scale from 0 to the row's largest value.
+    from matplotlib import colormaps
+
+    from tskd.plots.evolution import CELL, GAP, evolution_grid
+
+    maps = np.zeros((2, 1, 4, 4), dtype=np.float16)  # 2 nodes, 1 image, 4x4 maps
+    maps[1, 0] = 1.0
+    teacher = np.full((1, 4, 4), 2.0, dtype=np.float16)  # the row's top: node 1 is half of it
+    image = np.zeros((1, 8, 8, 3), dtype=np.uint8)
+    image[0, :, :, 0] = 255  # red
+    ev = {"images": image, "indices": np.array([7]), "epochs": np.array([1, 2]), "labels": np.array(["M1", "M2"]),
+          "maps/tap0": maps, "reference/tap0": teacher, "names": ["tap0"]}
+    fig = evolution_grid(ev, "one row")
+    assert len(fig.axes) == 1
+    mosaic = fig.axes[0].images[0].get_array()
+    step = CELL + GAP
+    assert mosaic.shape[:2] == (CELL, 4 * step - GAP)
+    cell = lambda c: mosaic[CELL // 2, c * step + CELL // 2]  # noqa: E731
+    magma = colormaps["magma"]
+    np.testing.assert_allclose(cell(0), [1, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(cell(1), magma(0.0)[:3], atol=1e-6)
+    np.testing.assert_allclose(cell(2), magma(0.5)[:3], atol=1e-6)
+    np.testing.assert_allclose(cell(3), magma(1.0)[:3], atol=1e-6)
+    np.testing.assert_allclose(mosaic[CELL // 2, CELL + 1], [1, 1, 1])  # the gap between cells
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert {"test #7", "ep 1 M1", "ep 2 M2", "teacher", "tap0"} <= set(texts)

@@ -34,37 +34,61 @@ def evolution_figure(p: Preset, job: StudentJob) -> Figure:
     return evolution_grid(read_evolution(path), f"{job.method} {job.pair.name}, recipe {job.recipe}, seed {job.seed}")
 
 
+CELL = 32  # pixels per cell of the mosaic; maps are upsampled to it (nearest: a map's own cells stay visible)
+GAP = 3  # white pixels between cells
+
+
+def _cell(a: np.ndarray) -> np.ndarray:
+    """An (h, w, 3) float image in [0, 1] resampled, nearest, to CELL x CELL."""
+    rows = (np.arange(CELL) * a.shape[0]) // CELL
+    cols = (np.arange(CELL) * a.shape[1]) // CELL
+    return a[rows][:, cols]
+
+
 def evolution_grid(ev: dict, title: str) -> Figure:
-    """The grid of one evolution file's arrays (``read_evolution``)."""
+    """The grid of one evolution file's arrays (``read_evolution``).
+
+    Drawn as one mosaic image on one axes, not an axes per cell: a full-length run's grid has 14
+    columns by (images x taps) rows, and a grid's hundred-odd axes cost a second each to build and lay
+    out, which made ``tskd report`` on the cifar100 grid spend most of its time here."""
+    from matplotlib import colormaps
+
     nodes = shown_nodes(len(ev["epochs"]))
     if not nodes:
         return _message(f"{title}: no memory node was reached, so no maps were kept")
     names, images = ev["names"], ev["images"]
     rows = [(i, name) for i in range(len(images)) for name in names]
     cols = 1 + len(nodes) + 1  # the image, the nodes, the teacher
-    fig = Figure(figsize=(max(1.15 * cols, 4.8), 1.2 * len(rows) + 0.7), layout="constrained")
-    axes = fig.subplots(len(rows), cols, squeeze=False)
+    magma = colormaps["magma"]
+    step = CELL + GAP
+    mosaic = np.ones((len(rows) * step - GAP, cols * step - GAP, 3), dtype=np.float32)
+
+    def put(r: int, c: int, rgb: np.ndarray) -> None:
+        mosaic[r * step:r * step + CELL, c * step:c * step + CELL] = _cell(rgb)
+
     for r, (i, name) in enumerate(rows):
         maps = [ev[f"maps/{name}"][j, i].astype(np.float32) for j in nodes]
         teacher = ev[f"reference/{name}"][i].astype(np.float32)
         # One scale per row, from 0 (maps are non-negative): a row shows how one image's map changes.
         top = max(float(m.max()) for m in [*maps, teacher]) or 1.0
         if name == names[0]:  # the image once, beside its first tap's row
-            axes[r, 0].imshow(images[i])
-            axes[r, 0].set_title(f"test #{int(ev['indices'][i])}", fontsize=7)
-        else:
-            axes[r, 0].axis("off")
-        for c, (j, m) in enumerate(zip(nodes, maps, strict=True), start=1):
-            axes[r, c].imshow(m, cmap="magma", vmin=0.0, vmax=top)
-            if r == 0:
-                axes[r, c].set_title(f"ep {int(ev['epochs'][j])} {ev['labels'][j]}", fontsize=7)
-        axes[r, -1].imshow(teacher, cmap="magma", vmin=0.0, vmax=top)
-        if r == 0:
-            axes[r, -1].set_title("teacher", fontsize=7)
-        axes[r, 1].set_ylabel(name, fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+            put(r, 0, np.asarray(images[i], dtype=np.float32) / 255.0)
+        for c, m in enumerate([*maps, teacher], start=1):
+            put(r, c, magma(np.clip(m / top, 0.0, 1.0))[..., :3])
+
+    fig = Figure(figsize=(max(1.15 * cols, 4.8) + 0.6, 1.2 * len(rows) + 0.9))
+    ax = fig.add_axes((0.6 / fig.get_figwidth(), 0.02, 1 - 0.7 / fig.get_figwidth(),
+                       1 - 0.02 - 0.9 / fig.get_figheight()))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    centre = lambda k: k * step + CELL / 2  # noqa: E731 - a cell's centre, in mosaic pixels
+    heads = [f"ep {int(ev['epochs'][j])} {ev['labels'][j]}" for j in nodes] + ["teacher"]
+    for c, head in enumerate(heads, start=1):
+        ax.text(centre(c), -2, head, ha="center", va="bottom", fontsize=7)
+    for r, (i, name) in enumerate(rows):
+        if name == names[0]:
+            ax.text(centre(0), r * step - 2, f"test #{int(ev['indices'][i])}", ha="center", va="bottom", fontsize=7)
+        ax.text(-3, centre(r), name, ha="right", va="center", fontsize=7)
     shown = "" if len(nodes) == len(ev["epochs"]) else f" ({len(nodes)} of {len(ev['epochs'])} nodes)"
     # Two short lines: a run with few nodes makes a narrow figure, which would clip one long line.
     fig.suptitle(f"{title}\nstudent's attention maps at its memory nodes{shown}", fontsize=8)
