@@ -3,6 +3,7 @@ cluster run (issue: "the whole grid at its real size on SLURM").
 
     python benchmarks/bench_scale.py [--preset params/cifar100.yaml] [--jobs 40] [--pairs N --seeds N
         --recipes N] [--tracking-uri URI] [--workdir DIR] [--json OUT] [--no-ui]
+    python benchmarks/bench_scale.py --again --workdir DIR [--json OUT]   # step 3 on a finished grid
 
 What it does, in a copy of this checkout (``--workdir``, a git and DVC repository of its own):
 
@@ -227,8 +228,10 @@ def check_store(url: str, experiment: str, expected_runs: int) -> dict[str, Any]
     return {"ok": ok, "runs": len(runs), "train_runs": len(train), "expected_train_runs": expected_runs,
             "parents": len(parents), "childless_parents": childless[:5], "statuses": statuses,
             "experiment_id": exp.experiment_id,
-            # the table shows parents with their seeds folded under them: any run's name will do
-            "names": [r.info.run_name for r in sorted(runs, key=lambda r: -r.info.start_time)[:200]],
+            # The table lists top-level runs (parents, with their seeds folded under them, and
+            # teachers), newest first: a child's name never shows until its parent is unfolded.
+            "names": [r.info.run_name for r in sorted(runs, key=lambda r: -r.info.start_time)
+                      if "mlflow.parentRunId" not in r.data.tags][:50],
             "one_run": train[0].info.run_id if train else None}
 
 
@@ -251,14 +254,14 @@ def time_ui(url: str, exp_id: str, names: list[str], run_id: str | None) -> dict
         t0 = time.perf_counter()
         # /runs: the experiment's "Training runs" table (its bare page is MLflow 3's GenAI overview)
         page.goto(f"{url}/#/experiments/{exp_id}/runs", wait_until="commit")
-        page.wait_for_function(shows, arg=names, timeout=180_000)
+        page.wait_for_function(shows, arg=names, timeout=180_000, polling=100)
         out["ui runs table s"] = round(time.perf_counter() - t0, 2)
         if run_id:
             page = browser.new_page()
             t0 = time.perf_counter()
             page.goto(f"{url}/#/experiments/{exp_id}/runs/{run_id}", wait_until="commit")
             page.wait_for_function("() => document.body && document.body.innerText.includes('test_top1')",
-                                   timeout=180_000)
+                                   timeout=180_000, polling=100)
             out["ui run page s"] = round(time.perf_counter() - t0, 2)
         browser.close()
     return out
@@ -302,6 +305,103 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 2), "max": round(max(values), 2)} if values else {}
 
 
+def measure_finished(repo: Path, rel: Path, experiment: str, training: int, env: dict[str, str], url: str,
+                     no_ui: bool) -> tuple[dict[str, Any], bool]:
+    """3. the jobs' overhead, the store, the commands on the finished grid."""
+    tskd = [sys.executable, "-m", "tskd.cli"]
+    name = rel.stem
+    figures: dict[str, Any] = {}
+    ok = True
+    rows, cpu_rows = job_phases(repo / "results" / name)
+    figures["jobs_with_phases"] = len(rows)
+    figures["phases_s"] = {k: spread([r[k] for r in rows if k in r]) for k in (*PHASES, "epochs", "overhead")}
+    figures["phases_cpu_s"] = {k: spread([r[k] for r in cpu_rows if k in r])
+                               for k in (*PHASES, "epochs", "overhead")}
+    # The goal is about the job, not the machine: on fewer cores than jobs in flight the wall time
+    # of every phase includes waiting for a core, so the CPU figure is the one compared with it.
+    figures["overhead wall median s"] = figures["phases_s"]["overhead"].get("median")
+    figures["overhead median s"] = (figures["phases_cpu_s"]["overhead"].get("median")
+                                    or figures["overhead wall median s"])
+    store = check_store(url, experiment, training)
+    figures["store"] = {k: v for k, v in store.items() if k not in ("names", "one_run")}
+    ok &= store["ok"]
+    r, dt = sh([sys.executable, "-m", "snakemake", "-n", "--profile", "slurm", "--configfile", str(rel)],
+               repo, env, check=False)
+    figures["snakemake -n s"] = round(dt, 1)
+    figures["snakemake -n nothing to do"] = "Nothing to be done" in r.stdout + r.stderr
+    ok &= figures["snakemake -n nothing to do"]
+    r, dt = sh([*tskd, "status", str(rel)], repo, env, check=False)
+    figures["tskd status s"] = round(dt, 1)
+    figures["tskd status"] = r.stdout.splitlines()[0] if r.stdout else r.stderr[-300:]
+    r, dt = sh([*tskd, "report", str(rel)], repo, env, check=False)
+    figures["tskd report s"] = round(dt, 1)
+    ok &= r.returncode == 0
+    dvc = [sys.executable, "-m", "dvc"]
+    pipeline = f"pipelines/{name}/dvc.yaml"
+    r, dt = sh([*dvc, "commit", "-f", pipeline], repo, env, check=False)
+    figures["dvc commit s"] = round(dt, 1)
+    ok &= r.returncode == 0
+    r, dt = sh([*dvc, "status", pipeline], repo, env, check=False)
+    figures["dvc status s"] = round(dt, 1)
+    figures["dvc status clean"] = r.returncode == 0 and "up to date" in r.stdout
+    ok &= figures["dvc status clean"]
+    r, dt = sh([*dvc, "push", pipeline], repo, env, check=False)
+    figures["dvc push s"] = round(dt, 1)
+    figures["dvc push ok"] = r.returncode == 0
+    ok &= figures["dvc push ok"]
+    if not no_ui and store.get("names"):
+        try:
+            figures.update(time_ui(url, store["experiment_id"], store["names"], store["one_run"]))
+        except Exception as e:  # noqa: BLE001 - a page that never shows its rows is a finding, not a crash
+            figures["ui error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            ok = False
+    return figures, ok
+
+
+def again(a: argparse.Namespace) -> int:
+    """``--again``: step 3 alone, on the grid a previous run of this script finished in ``--workdir``
+    (with that copy's code: a change is measured by copying it there first)."""
+    from tskd.config import parse_preset
+    from tskd.scale_preset import job_counts
+
+    work = Path(a.workdir or "").resolve()
+    repo = work / "repo"
+    rel = Path("params") / f"{Path(a.preset).stem}_scale.yaml"
+    if not a.workdir or not (repo / rel).is_file():
+        print(f"bench_scale --again: {repo / rel}: missing; --workdir names the directory of a finished run "
+              "of this script", file=sys.stderr)
+        return 2
+    raw = yaml.safe_load((repo / rel).read_text())
+    counts = job_counts(parse_preset(raw, str(repo / rel)))
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    senv = None
+    if a.tracking_uri:
+        url = a.tracking_uri
+    else:
+        url, senv, _ = start_server(work, env, a.db_name)
+    env["MLFLOW_TRACKING_URI"] = url
+    try:
+        figures, ok = measure_finished(repo, rel, raw["tracking"]["experiment"], counts["teacher"] + counts["student"],
+                                       env, url, a.no_ui)
+    finally:
+        if senv is not None:
+            stop_server(senv)
+    before = json.loads(Path(a.json).read_text()) if a.json and Path(a.json).is_file() else {}
+    out = {**before, **figures, "measured again": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if "ui runs table s" in figures:  # the new measurement replaces the old one's failure
+        out.pop("ui error", None)
+    out["ok"] = bool(ok) and before.get("snakemake_rc", 0) == 0
+    out["goals"] = goals(out)
+    print(json.dumps(out, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0 if out["ok"] else 1
+
+
+def goals(figures: dict[str, Any]) -> dict[str, Any]:
+    return {k: {"goal": g, "measured": figures.get(k), "met": (figures.get(k) or 1e9) <= g} for k, g in GOALS.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default=str(REPO / "params/cifar100.yaml"))
@@ -316,7 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="where the copy of the checkout goes (default: a new temporary directory)")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--no-ui", action="store_true", help="skip the MLflow UI timing (headless Chromium)")
+    ap.add_argument("--again", action="store_true",
+                    help="measure a finished grid of --workdir again (its store, the commands on it) without "
+                         "running it; --json's file, when it exists, keeps the run's figures and takes the new ones")
     a = ap.parse_args(argv)
+    if a.again:
+        return again(a)
     # Stopped from outside: leave through `finally`, so that the server it started stops too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -409,56 +514,14 @@ def main(argv: list[str] | None = None) -> int:
         figures["probe_errors"] = probe.errors
         figures["slowest_probe_request_s"] = round(max(probe.times), 2) if probe.times else None
 
-        # 3. the jobs' overhead, the store, the commands on the finished grid
-        rows, cpu_rows = job_phases(repo / "results" / name)
-        figures["jobs_with_phases"] = len(rows)
-        figures["phases_s"] = {k: spread([r[k] for r in rows if k in r]) for k in (*PHASES, "epochs", "overhead")}
-        figures["phases_cpu_s"] = {k: spread([r[k] for r in cpu_rows if k in r])
-                                   for k in (*PHASES, "epochs", "overhead")}
-        # The goal is about the job, not the machine: on fewer cores than jobs in flight the wall time
-        # of every phase includes waiting for a core, so the CPU figure is the one compared with it.
-        figures["overhead wall median s"] = figures["phases_s"]["overhead"].get("median")
-        figures["overhead median s"] = (figures["phases_cpu_s"]["overhead"].get("median")
-                                        or figures["overhead wall median s"])
-        store = check_store(url, experiment, training)
-        figures["store"] = {k: v for k, v in store.items() if k not in ("names", "one_run")}
-        ok &= store["ok"]
-        r, dt = sh([sys.executable, "-m", "snakemake", "-n", "--profile", "slurm", "--configfile", str(rel)],
-                   repo, env, check=False)
-        figures["snakemake -n s"] = round(dt, 1)
-        figures["snakemake -n nothing to do"] = "Nothing to be done" in r.stdout + r.stderr
-        ok &= figures["snakemake -n nothing to do"]
-        r, dt = sh([*tskd, "status", str(rel)], repo, env, check=False)
-        figures["tskd status s"] = round(dt, 1)
-        figures["tskd status"] = r.stdout.splitlines()[0] if r.stdout else r.stderr[-300:]
-        r, dt = sh([*tskd, "report", str(rel)], repo, env, check=False)
-        figures["tskd report s"] = round(dt, 1)
-        ok &= r.returncode == 0
-        dvc = [sys.executable, "-m", "dvc"]
-        pipeline = f"pipelines/{name}/dvc.yaml"
-        r, dt = sh([*dvc, "commit", "-f", pipeline], repo, env, check=False)
-        figures["dvc commit s"] = round(dt, 1)
-        ok &= r.returncode == 0
-        r, dt = sh([*dvc, "status", pipeline], repo, env, check=False)
-        figures["dvc status s"] = round(dt, 1)
-        figures["dvc status clean"] = r.returncode == 0 and "up to date" in r.stdout
-        ok &= figures["dvc status clean"]
-        r, dt = sh([*dvc, "push", pipeline], repo, env, check=False)
-        figures["dvc push s"] = round(dt, 1)
-        figures["dvc push ok"] = r.returncode == 0
-        ok &= figures["dvc push ok"]
-        if not a.no_ui and store.get("names"):
-            try:
-                figures.update(time_ui(url, store["experiment_id"], store["names"], store["one_run"]))
-            except Exception as e:  # noqa: BLE001 - a page that never shows its rows is a finding, not a crash
-                figures["ui error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-                ok = False
+        more, ok_more = measure_finished(repo, rel, experiment, training, env, url, a.no_ui)
+        figures.update(more)
+        ok &= ok_more
     finally:
         if senv is not None:
             stop_server(senv)
     figures["ok"] = bool(ok)
-    figures["goals"] = {k: {"goal": g, "measured": figures.get(k), "met": (figures.get(k) or 1e9) <= g}
-                        for k, g in GOALS.items()}
+    figures["goals"] = goals(figures)
     print(json.dumps(figures, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=2) + "\n")

@@ -71,3 +71,25 @@ def test_the_mlflow_ui_shows_the_runs_table(rehearsal):
     assert "ui error" not in rehearsal, rehearsal["ui error"]
     assert rehearsal["ui runs table s"] > 0 and rehearsal["ui run page s"] > 0
     assert rehearsal["ok"], rehearsal["output"]
+
+
+def test_a_finished_grid_is_measured_again_without_running(rehearsal, tmp_path):
+    # --again: the store and the commands on the grid the rehearsal finished, nothing trained; the
+    # run's own figures (wall time, memory) stay in the JSON beside the new ones.
+    out = tmp_path / "again.json"
+    out.write_text(json.dumps({k: v for k, v in rehearsal.items() if k not in ("work", "output", "rc")}))
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_scale.py"), "--again", "--workdir",
+                        str(rehearsal["work"]), "--json", str(out), "--no-ui", "--db-name", "tskd_mlflow_scale_test"],
+                       capture_output=True, text=True, timeout=900)
+    f = json.loads(out.read_text())
+    assert r.returncode == 0 and f["ok"], r.stdout[-3000:] + r.stderr[-3000:]
+    assert f["wall_s"] == rehearsal["wall_s"] and "measured again" in f
+    assert f["snakemake -n nothing to do"] and f["store"]["train_runs"] == 18
+    assert f["tskd status"].startswith("18 training jobs: 18 done")
+
+
+def test_again_names_a_workdir_that_holds_no_finished_grid(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_scale.py"), "--again", "--workdir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert f"{tmp_path}/repo/params/cifar100_scale.yaml: missing" in r.stderr and "Traceback" not in r.stderr
