@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from tskd.config import Preset
 from tskd.plots.runs import Runs
@@ -25,7 +26,9 @@ def attention_figure(p: Preset, runs: Runs, recipe: str, pair: str) -> Figure:
     k = len(cap["frames"])
     panels = [*(f"|M{i + 1} - M{i + 2}|" for i in range(k - 1)), f"|S - M{k}|", "forecast", "target |S - T|"]
     images = [np.array(x) for x in (*cap["frames"], cap["forecast"], cap["target"])]
-    fig = Figure(figsize=(2.4 * len(images), 3.0), layout="constrained")
+    fig = Figure(figsize=(2.9 * len(images), 3.0), layout="constrained")
+    # Room between panels for each colour bar's tick labels (they ran into the next panel).
+    fig.get_layout_engine().set(wspace=0.08)
     axes = fig.subplots(1, len(images))
     for ax, title, image in zip(axes, panels, images, strict=True):
         # A colour scale per panel: right after a snapshot |S - Mk| and an untrained forecast are orders
@@ -36,7 +39,9 @@ def attention_figure(p: Preset, runs: Runs, recipe: str, pair: str) -> Figure:
         ax.set_title(f"{title}\n{low:.3g} .. {high:.3g}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        fig.colorbar(shown, ax=ax, shrink=0.7)
+        bar = fig.colorbar(shown, ax=ax, shrink=0.7)
+        bar.ax.yaxis.set_major_locator(MaxNLocator(4))
+        bar.ax.tick_params(labelsize=7)
     fig.suptitle(f"TSKD {pair}, recipe {recipe}, seed {seed}: review epoch {cap['epoch']}, tap {cap['tap']}, "
                  "first image of the first review step")
     return fig

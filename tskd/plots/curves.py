@@ -39,7 +39,7 @@ def _seed_band(ax, runs: list[dict[str, Any]], key: str, label: str, **style) ->
         return
     n = min(len(e) for e, _ in curves)
     epochs, values = curves[0][0][:n], np.stack([v[:n] for _, v in curves])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers, from 1
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole numbers, from 1
     (line,) = ax.plot(epochs, values.mean(0), label=f"{label} (n={len(curves)})", **style)
     if len(curves) > 1:
         ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
@@ -49,20 +49,36 @@ def _methods(p: Preset) -> list[str]:
     return ["vanilla", *(m for m in p.methods if m != "vanilla")]
 
 
+# A marker and a dash per method, in the preset's order: two methods whose curves coincide (TSKD and
+# KD in a short run) stay both visible, as do the lines on a grey-scale print.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+DASHES = ("-", "--", "-.", ":")
+
+
+def method_style(i: int) -> dict[str, Any]:
+    return {"marker": MARKERS[i % len(MARKERS)], "linestyle": DASHES[i % len(DASHES)], "markersize": 4,
+            "markerfacecolor": "none" if i % 2 else None}
+
+
+def _outside_legend(ax) -> None:
+    """The legend right of the axes, so it covers no line (the teacher's is often near the top)."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def main_figure(p: Preset, runs: Runs, task: Task, recipe: str, pair: str) -> Figure:
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
     ax = fig.add_subplot()
     key, label = f"test_{task.best}", task.labels[task.best]
-    for method in _methods(p):
+    for i, method in enumerate(_methods(p)):
         if (recipe, pair, method) in runs.students:
             name = "student alone" if method == "vanilla" else method
-            _seed_band(ax, runs.students[(recipe, pair, method)], key, name, marker="o", markersize=3)
+            _seed_band(ax, runs.students[(recipe, pair, method)], key, name, **method_style(i))
     teacher = next(q.teacher for q in p.pairs if q.name == pair)
     best = runs.teachers[teacher].get(f"best_{task.best}")
     if isinstance(best, (int, float)):
         ax.axhline(best, color="black", linestyle="--", linewidth=1, label=f"teacher {teacher} (best {best:.2f})")
     ax.set(title=f"{pair}, recipe {recipe}: test {label} by epoch", xlabel="epoch", ylabel=f"test {label} (%)")
-    ax.legend(fontsize=8)
+    _outside_legend(ax)
     ax.grid(alpha=0.3)
     return fig
 
@@ -88,10 +104,12 @@ def losses_figure(p: Preset, runs: Runs, task: Task, recipe: str, method: str) -
     cols = min(3, len(terms))
     rows = math.ceil(len(terms) / cols)
     fig = Figure(figsize=(4 * cols, 3.2 * rows), layout="constrained")
+    # The student alone has no pair: its curves are named by the student's architecture.
+    names = {q.name: (f"{q.student} alone" if method == "vanilla" else q.name) for q in p.pairs}
     for i, term in enumerate(terms):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for q in pairs:
-            _seed_band(ax, runs.students[(recipe, q, method)], term, q, marker="o", markersize=3)
+        for j, q in enumerate(pairs):
+            _seed_band(ax, runs.students[(recipe, q, method)], term, names[q], **method_style(j))
         ax.set(title=term.removeprefix("train_") if term != "train_loss" else "total", xlabel="epoch")
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -108,6 +126,7 @@ def review_figure(p: Preset, runs: Runs, recipe: str) -> Figure:
         for m in runs.students.get((recipe, q.name, "tskd"), []):
             e, v = _column(m["history"], "train_review")
             ax.plot(e, v, marker="o", linestyle=":", label=f"{q.name} seed {m['seed']}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # review epochs; one review is one point
     ax.set(title=f"TSKD, recipe {recipe}: review loss at review epochs", xlabel="epoch",
            ylabel="review loss (ConvLSTM forecast vs |S - T|)")
     if ax.lines:
