@@ -34,6 +34,11 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
     distilled = {f"{m}:resnet20-resnet8:student" for m in p.methods if m != "vanilla"}
     assert set(parents) == {"teacher:resnet20", "vanilla:resnet8:student"} | distilled
     assert prepare_store(p) == parents  # a second DAG run keeps them
+    # newest first, as the UI lists them: the teachers' parents head the table
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    exp_id = client.get_experiment_by_name("tskd-smoke").experiment_id
+    newest = client.search_runs([exp_id], order_by=["attributes.start_time DESC"])
+    assert newest[0].info.run_id == parents["teacher:resnet20"]
 
     one_epoch = {"epochs": 1, "milestones": []}
     common = dict(preset="smoke", experiment="tskd-smoke", recipe=one_epoch)
@@ -42,6 +47,8 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
     results = [train(s) for s in (teacher, *students)]
 
     client = MlflowClient(tracking_uri=mlflow_uri)
+    # The experiment opens on its training runs in MLflow 3's UI, not the GenAI overview.
+    assert client.get_experiment_by_name("tskd-smoke").tags["mlflow.experimentKind"] == "custom_model_development"
     t_run = _run(client, teacher.out_dir)
     s_runs = [_run(client, s.out_dir) for s in students]
     assert t_run.info.run_name == t_run.data.tags["mlflow.runName"] == "teacher:resnet20:seed0"
@@ -64,6 +71,10 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
         model = client.get_logged_model(out.model_id)
         assert model.source_run_id == run.info.run_id and model.status == "READY"
         assert model.name == run.info.run_name.replace(":", "-") and model.tags["model_file"].endswith("/model.pt")
+        # its page shows the run's params and final metrics
+        assert model.params == run.data.params
+        final = {m.key: m.value for m in model.metrics}
+        assert final["best_top1"] == run.data.metrics["best_top1"] and final.keys() == run.data.metrics.keys()
         assert "model.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     # The report stage: the parent carries its seeds' mean and std, its group's figures from the

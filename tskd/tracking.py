@@ -58,6 +58,10 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment of this kind on its training runs, not the GenAI overview.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def open_experiment(experiment: str) -> tuple[Any, str]:
     """(client, experiment id), creating the store's schema and the experiment when missing.
 
@@ -82,7 +86,7 @@ def open_experiment(experiment: str) -> tuple[Any, str]:
         if exp is not None:
             return client, exp.experiment_id
         location = (db.parent / "mlartifacts").as_uri() if db else None
-        return client, client.create_experiment(experiment, artifact_location=location)
+        return client, client.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
     finally:
         if lock:
             lock.release()

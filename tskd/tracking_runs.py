@@ -133,7 +133,7 @@ def prepare_store(p: Preset) -> dict[str, str]:
     Beside a SQLite store, a stamp (``mlflow.db.tskd-setup.json``) records what was set up for
     that very file (its inode): a later DAG run (every DVC stage runs one) then skips the set-up
     without importing MLflow."""
-    from tskd.tracking import _sqlite_path, open_experiment, tracking_uri
+    from tskd.tracking import EXPERIMENT_KIND, _sqlite_path, open_experiment, tracking_uri
 
     specs = {group_name(s): s for s in grid_specs(p)}
     if not specs:
@@ -151,11 +151,15 @@ def prepare_store(p: Preset) -> dict[str, str]:
             return {g: done["parents"][g] for g in specs}
 
     client, exp_id = open_experiment(experiment)
+    for key, value in EXPERIMENT_KIND.items():  # also on an experiment an earlier version made
+        client.set_experiment_tag(exp_id, key, value)
     existing = {r.data.tags[GROUP_TAG]: r.info.run_id for r in client.search_runs(
         [exp_id], f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{p.preset}'", max_results=5000,
         order_by=["attributes.start_time DESC"])}  # DESC: the oldest of duplicates wins, as in find_parent
     parents: dict[str, str] = {}
-    for group, spec in specs.items():
+    # The UI lists runs newest first, a page at a time: the teachers' parents, made last, head the
+    # table instead of sitting a dozen "Load more" clicks deep below a large grid's students.
+    for group, spec in sorted(specs.items(), key=lambda gs: gs[1].role == "teacher"):
         if group not in existing:
             run = client.create_run(exp_id, run_name=group, tags=_parent_tags(spec) | standard_tags(spec) | {
                 "mlflow.runName": group})
@@ -209,12 +213,20 @@ def log_model(client: MlflowClient, exp_id: str, run_id: str, name: str, artifac
               tags: dict[str, str]) -> str:
     """The exported network as an MLflow 3 logged model linked to the run (the UI's Models column).
     Cheap: it holds no second copy of the weights; its ``model_file`` tag is the run's own
-    ``model.pt`` artifact."""
-    from mlflow.entities import LoggedModelOutput
+    ``model.pt`` artifact. Its page shows the run's params and final metrics: the params are copied
+    onto it, and the latest value of each metric is logged again with the model's id (MLflow shows
+    a model the metrics logged with its id). Sent with its own timestamp and step, the value is the
+    same row of the run's history, now linked to the model: the history gains no point."""
+    from mlflow.entities import LoggedModelOutput, Metric
 
     run = client.get_run(run_id)
     model = client.create_logged_model(exp_id, name=name, source_run_id=run_id, model_type="pytorch",
-                                       tags=tags | {"model_file": f"{run.info.artifact_uri}/{artifact}"})
+                                       tags=tags | {"model_file": f"{run.info.artifact_uri}/{artifact}"},
+                                       params=dict(run.data.params))
+    # RunData has no public accessor for the latest metrics with their timestamp and step.
+    final = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id) for m in run.data._metric_objs]
+    for i in range(0, len(final), 1000):  # MLflow takes at most 1,000 metrics a batch
+        client.log_batch(run_id, metrics=final[i:i + 1000])
     client.finalize_logged_model(model.model_id, "READY")
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
     return model.model_id
@@ -322,6 +334,27 @@ def summarize_after_report(p: Preset,
         return
     if n:
         log.info("MLflow: %d runs carry their feature-map evolution grid", n)
+    try:
+        n, summary = log_report(p)
+    except Exception as e:
+        log.warning("MLflow: the report and its plots were not logged: %s", e)
+        return
+    if summary:
+        log.info("MLflow: %d parent runs carry their group's plots; run %s carries the report and every plot",
+                 n, summary)
+
+
+def log_report(p: Preset) -> tuple[int, str | None]:
+    """Each parent's group plots, and the summary run with the report (tskd.tracking_report)."""
+    from tskd.tracking import existing_experiment
+    from tskd.tracking_report import log_parent_plots, log_summary
+
+    found = existing_experiment(grid_experiment(p))
+    if found is None:
+        return 0, None
+    client, exp_id = found
+    parents = _all_runs(client, exp_id, f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{p.preset}'")
+    return log_parent_plots(p, client, parents), log_summary(p, client, exp_id)
 
 
 def log_run_grids(p: Preset) -> int:

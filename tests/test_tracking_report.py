@@ -1,0 +1,52 @@
+"""The report on MLflow: each parent run carries its group's plots, and one summary run per preset
+carries report.md, a self-contained report.html and every plot (a real SQLite store)."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+from tests.test_report import _tskd_preset, _write_tskd_runs
+
+
+def test_parents_carry_their_plots_and_a_summary_run_carries_the_report(tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from tskd.report import write_report
+    from tskd.tracking_runs import log_report, prepare_store
+
+    p = _tskd_preset(tmp_path)
+    parents = prepare_store(p)  # the DAG's set-up: the experiment and a parent per group
+    _write_tskd_runs(p, 60.0)
+    write_report(p)
+    n, summary = log_report(p)
+    client = MlflowClient(mlflow_uri)
+    assert n == len(parents) == 4  # the teacher, the student alone, kd, tskd
+
+    def plots(run_id: str) -> set[str]:
+        return {a.path.removeprefix("plots/") for a in client.list_artifacts(run_id, "plots")}
+
+    assert plots(parents["teacher:resnet20"]) == {"teachers-test_top1.png"}
+    assert plots(parents["kd:resnet20-resnet8:student"]) == {"student-resnet20-resnet8-test_top1.png",
+                                                             "student-kd-losses.png"}
+    assert plots(parents["tskd:resnet20-resnet8:student"]) == {
+        "student-resnet20-resnet8-test_top1.png", "student-tskd-losses.png",
+        "student-resnet20-resnet8-tskd-attention.png"}
+
+    run = client.get_run(summary)
+    assert run.info.run_name == "report smoke" and run.info.status == "FINISHED"
+    assert run.data.tags["run_kind"] == "report" and "mlflow.parentRunId" not in run.data.tags
+    top = {a.path for a in client.list_artifacts(summary)}
+    assert {"report.md", "report.html", "report.csv", "plots"} <= top
+    assert plots(summary) >= {"teachers-test_top1.png", "student-resnet20-resnet8-test_top1.png"}
+    # The report's summary files as metrics: kd's mean best top-1 on the pair (epoch 3: 30 + 2 + seed).
+    assert run.data.metrics["kd.student.resnet20-resnet8.best"] == 32.5
+    # report.html: the tables rendered, every plot inlined (the page shows whole on its own).
+    html = Path(client.download_artifacts(summary, "report.html", str(tmp_path))).read_text()
+    assert "<table>" in html and "<h1>" in html and 'src="plots/' not in html
+    inlined = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(inlined) == html.count("<img") >= 3
+    assert all(base64.b64decode(b)[:4] == b"\x89PNG" for b in inlined)
+    # A second report updates the same summary run.
+    assert log_report(p)[1] == summary

@@ -1,0 +1,108 @@
+"""What the report puts on MLflow besides the parents' figures (tskd.tracking_runs.summarize_parents):
+each parent run gets the plots of its group, and one summary run per preset carries the report itself
+(report.md, a self-contained report.html, report.csv) and every plot, so that MLflow alone shows which
+method wins and by how much more than seed noise."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tskd.config import Preset
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+SUMMARY_KIND = "report"  # run_kind of the summary run; "seeds" for parents, "train" for runs
+
+
+def parent_plots(p: Preset, tags: dict[str, str]) -> list[Path]:
+    """The plots of a parent's group (from its tags): a teacher's, the teachers' curves; a student
+    group's, its pair's curves by method, its method's losses and, for TSKD, the pair's attention."""
+    from tskd.plots import plot_files
+
+    files = plot_files(p)
+    if tags.get("role") == "teacher":
+        keys = ["teachers"]
+    else:
+        recipe, pair, method = tags.get("recipe", ""), tags.get("pair", ""), tags.get("method", "")
+        keys = [k for k in files if k.startswith(f"{recipe}/{pair}/") and not k.endswith("/attention")]
+        keys.append(f"{recipe}/{method}/losses")
+        if method == "tskd":
+            keys.append(f"{recipe}/{pair}/tskd/attention")
+    return [files[k] for k in keys if k in files and files[k].is_file()]
+
+
+def log_parent_plots(p: Preset, client: MlflowClient, parents: list) -> int:
+    """Each parent's group plots under ``plots/``; returns how many parents got any."""
+    todo = [(q.info.run_id, parent_plots(p, q.data.tags)) for q in parents]
+    todo = [(rid, pngs) for rid, pngs in todo if pngs]
+
+    def upload(item) -> None:
+        rid, pngs = item
+        for png in pngs:
+            client.log_artifact(rid, str(png), "plots")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # uploads wait on the server, not the CPU
+        list(pool.map(upload, todo))
+    return len(todo)
+
+
+def summary_run(p: Preset, client: MlflowClient, exp_id: str) -> str:
+    """The preset's summary run, made once (a second report updates the same one)."""
+    from tskd.tracking_runs import KIND_TAG
+
+    found = client.search_runs([exp_id], f"tags.{KIND_TAG} = '{SUMMARY_KIND}' and tags.preset = '{p.preset}'",
+                               max_results=10, order_by=["attributes.start_time ASC"])
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"report {p.preset}",
+                            tags={KIND_TAG: SUMMARY_KIND, "preset": p.preset, "mlflow.runName": f"report {p.preset}",
+                                  "mlflow.source.name": "tskd report", "mlflow.note.content":
+                                  "The preset's report: report.html (tables and plots on one page), report.md, "
+                                  "report.csv, and every plot under plots/."})
+    return run.info.run_id
+
+
+def log_summary(p: Preset, client: MlflowClient, exp_id: str) -> str | None:
+    """The report and every plot on the summary run, marked FINISHED; None when no report exists."""
+    from tskd.report_html import markdown_html
+
+    md = p.out / "report.md"
+    if not md.is_file():
+        return None
+    rid = summary_run(p, client, exp_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        html = Path(tmp) / "report.html"
+        html.write_text(markdown_html(md.read_text(), p.out))
+        client.log_artifact(rid, str(html))
+    for name in ("report.md", "report.csv", "study.md"):
+        if (p.out / name).is_file():
+            client.log_artifact(rid, str(p.out / name))
+    if (p.out / "plots").is_dir():
+        client.log_artifacts(rid, str(p.out / "plots"), "plots")
+    summary = p.out / "summary"
+    if summary.is_dir():  # the report's key figures as metrics, for the chart and compare views
+        metrics: dict[str, float] = {}
+        for f in sorted(summary.glob("*.json")):
+            _flatten(json.loads(f.read_text()), f.stem, metrics)
+        if metrics:
+            from mlflow.entities import Metric
+
+            batch = [Metric(k, v, 0, 0) for k, v in metrics.items()]
+            for i in range(0, len(batch), 1000):
+                client.log_batch(rid, metrics=batch[i:i + 1000])
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def _flatten(node, key: str, out: dict[str, float]) -> None:
+    """``{"student": {"a-b": {"best": 1.0}}}`` under ``kd`` -> ``kd.student.a-b.best``: 1.0."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _flatten(v, f"{key}.{k}", out)
+    elif isinstance(node, (int, float)) and not isinstance(node, bool) and len(key) <= 250:
+        out[key] = float(node)
