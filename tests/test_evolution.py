@@ -48,6 +48,10 @@ def test_memory_nodes_maps_of_fixed_images(make_spec, teacher_path):
     assert ev["names"] == ["tap0", "tap1", "tap2"]
     data = build_run_data(spec.dataset, spec.recipe)
     assert ev["indices"].tolist() == watched_indices(len(data.test), 3)
+    # each image's label and class name, as the test split has them
+    targets = [int(data.test[i][1]) for i in ev["indices"]]
+    assert ev["targets"].tolist() == targets and len(set(targets)) > 1
+    assert ev["class_names"].tolist() == [data.classes[t] for t in targets] and all(ev["class_names"])
     assert ev["images"].shape == (3, 32, 32, 3) and ev["images"].dtype == np.uint8 and ev["images"].std() > 10
     shapes = {"tap0": (32, 32), "tap1": (32, 32), "tap2": (16, 16)}  # resnet8: stem, stage 1, stage 2
     for name, hw in shapes.items():
@@ -133,3 +137,10 @@ def test_the_grid_puts_each_map_in_its_cell_on_its_rows_scale():
     np.testing.assert_allclose(mosaic[CELL // 2, CELL + 1], [1, 1, 1])  # the gap between cells
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert {"test #7", "ep 1 M1", "ep 2 M2", "teacher", "tap0"} <= set(texts)
+    # with the image's class (an ImageNet class by its first name, cut to fit its cell)
+    fig = evolution_grid(ev | {"class_names": np.array(["apple"])}, "one row")
+    assert "test #7\napple" in [t.get_text() for t in fig.axes[0].texts]
+    fig = evolution_grid(ev | {"class_names": np.array(["great white shark, white shark, man-eater"])}, "one row")
+    assert "test #7\ngreat white shark" in [t.get_text() for t in fig.axes[0].texts]
+    fig = evolution_grid(ev | {"class_names": np.array(["a_very_long_class_name_indeed"])}, "one row")
+    assert "test #7\na_very_long_class_n…" in [t.get_text() for t in fig.axes[0].texts]

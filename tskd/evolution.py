@@ -3,8 +3,9 @@
 of a preset write one (so that Snakemake and DVC declare it before the run exists).
 
 Arrays in the file: ``images`` (N, H, W, 3) uint8, the watched images as a person sees them;
-``indices`` (N,) their positions in the test split; ``epochs`` (M,) the 1-based epoch of each
-record and ``labels`` (M,) its label (``M1``: memory slot 1); per map name (``tap0``...):
+``indices`` (N,) their positions in the test split; ``targets`` (N,) their labels and
+``class_names`` (N,) their classes' names (files of earlier runs may lack both); ``epochs`` (M,)
+the 1-based epoch of each record and ``labels`` (M,) its label (``M1``: memory slot 1); per map name (``tap0``...):
 ``maps/<name>`` (M, N, h, w) float16 and ``reference/<name>`` (N, h, w) float16 (the teacher's).
 
 DVC's training stages declare the file among their outputs. Snakemake's do not: one rule trains
@@ -67,12 +68,17 @@ def shown_images(images: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def write_evolution(path: Path, images: np.ndarray, indices: list[int], reference: dict[str, torch.Tensor],
-                    records: list[dict[str, Any]]) -> None:
+                    records: list[dict[str, Any]], targets: list[int] | None = None,
+                    class_names: list[str] | None = None) -> None:
     """Write the file at ``path`` (a temporary name, then renamed)."""
     arrays: dict[str, np.ndarray] = {
         "images": images, "indices": np.asarray(indices, dtype=np.int64),
         "epochs": np.asarray([r["epoch"] for r in records], dtype=np.int64),
         "labels": np.asarray([r["label"] for r in records], dtype=str)}
+    if targets is not None:
+        arrays["targets"] = np.asarray(targets, dtype=np.int64)
+    if class_names is not None:
+        arrays["class_names"] = np.asarray(class_names, dtype=str)
     for name, ref in reference.items():
         arrays[f"reference/{name}"] = ref.numpy().astype(np.float16)
         shape = (0, *ref.shape)

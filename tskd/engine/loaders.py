@@ -35,6 +35,8 @@ class RunData:
     collate: Callable | None = None
     # Keyword arguments the family's models are built with (detection: the transform's sizes).
     model_kwargs: dict = field(default_factory=dict)
+    # The class names, by label (the evolution grid names each watched image's class); () when unknown.
+    classes: tuple[str, ...] = ()
     # Each training item's aspect-ratio group when the recipe groups batches by shape
     # (tskd.data.aspect_groups); None: batches are consecutive runs of the shuffled order.
     batch_groups: list[int] | None = None
@@ -138,6 +140,7 @@ def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
     return RunData(train=splits.train, val=splits.val, test=splits.test, num_classes=splits.num_classes,
                    image_size=splits.image_size, train_labels=splits.train_labels, identity=splits.identity,
                    name=splits.name, normalization=recipe.normalization, mean=mean, std=std,
+                   classes=tuple(splits.classes),
                    train_batches=own_batches(ds, recipe, splits) if own_batches else None,
                    collate=getattr(splits, "collate", None), model_kwargs=model_kwargs(ds) if model_kwargs else {},
                    batch_groups=groups)

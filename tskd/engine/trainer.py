@@ -194,10 +194,13 @@ class Trainer:
         from tskd.evolution import shown_images, watched_indices
 
         indices = watched_indices(len(self.data.test), n)
-        images = torch.stack([self.data.test[i][0] for i in indices])
+        items = [self.data.test[i] for i in indices]
+        images = torch.stack([item[0] for item in items])
         reference = self.distiller.watch(self.rt.place_batch(images))
+        targets = [int(item[1]) for item in items]
+        names = [self.data.classes[t] if t < len(self.data.classes) else str(t) for t in targets]
         return {"indices": indices, "images": shown_images(images, self.data.mean, self.data.std),
-                "reference": reference}
+                "reference": reference, "targets": targets, "class_names": names}
 
     def _compile_networks(self) -> None:
         """torch.compile the student's and the teacher's forwards, in place (``Module.compile``: the
@@ -457,7 +460,8 @@ class Trainer:
 
             if self._watched is not None:
                 w = self._watched
-                write_evolution(self.out / EVOLUTION_FILE, w["images"], w["indices"], w["reference"], self.evolution)
+                write_evolution(self.out / EVOLUTION_FILE, w["images"], w["indices"], w["reference"], self.evolution,
+                                targets=w["targets"], class_names=w["class_names"])
             else:  # an earlier run's in this directory (with other params) must not pass for this one's
                 (self.out / EVOLUTION_FILE).unlink(missing_ok=True)
             atomic_write_json(self.out / "metrics.json", metrics)

@@ -34,6 +34,16 @@ def evolution_figure(p: Preset, job: StudentJob) -> Figure:
     return evolution_grid(read_evolution(path), f"{job.method} {job.pair.name}, recipe {job.recipe}, seed {job.seed}")
 
 
+def _image_title(ev: dict, i: int) -> str:
+    """``test #7 apple``: the image's place in the test split and its class (an ImageNet class's first
+    name, cut to fit a cell); the place alone in a file that has no class names."""
+    title = f"test #{int(ev['indices'][i])}"
+    if "class_names" in ev:
+        name = str(ev["class_names"][i]).split(",")[0].strip()
+        title += f"\n{name[:19] + '…' if len(name) > 20 else name}"
+    return title
+
+
 CELL = 32  # pixels per cell of the mosaic; maps are upsampled to it (nearest: a map's own cells stay visible)
 GAP = 3  # white pixels between cells
 
@@ -87,7 +97,7 @@ def evolution_grid(ev: dict, title: str) -> Figure:
         ax.text(centre(c), -2, head, ha="center", va="bottom", fontsize=7)
     for r, (i, name) in enumerate(rows):
         if name == names[0]:
-            ax.text(centre(0), r * step - 2, f"test #{int(ev['indices'][i])}", ha="center", va="bottom", fontsize=7)
+            ax.text(centre(0), r * step - 2, _image_title(ev, i), ha="center", va="bottom", fontsize=7)
         ax.text(-3, centre(r), name, ha="right", va="center", fontsize=7)
     shown = "" if len(nodes) == len(ev["epochs"]) else f" ({len(nodes)} of {len(ev['epochs'])} nodes)"
     # Two short lines: a run with few nodes makes a narrow figure, which would clip one long line.
