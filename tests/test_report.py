@@ -266,3 +266,24 @@ def test_report_gives_each_networks_size_and_each_methods_cost(tmp_path):
     assert "| tskd | 2 | 1.000 | 0.500 |" in cost and "| **all** | 7 | **3.500** | |" in cost
     rows = list(csv.DictReader((p.out / "report.csv").open()))
     assert {r["device_seconds"] for r in rows} == {"1800.0"}
+
+
+def test_report_reads_the_preset_from_a_json_file_and_writes_one_html_page(tmp_path):
+    # What the workflow's report rule runs: the preset in its own order from a file, not the command line.
+    from tests.conftest import run_cli
+    from tskd.job_spec import write_report_preset
+
+    p = _tskd_preset(tmp_path)
+    _write_tskd_runs(p, 60.0)
+    preset = write_report_preset(p, tmp_path / "presets")
+    assert write_report_preset(p, tmp_path / "presets") == preset  # named by its content
+    r = run_cli("report", "--json-file", str(preset), env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    assert r.returncode == 0, r.stderr
+    html = (p.out / "report.html").read_text()
+    assert "<table>" in html and "resnet20-resnet8" in html and html.count("data:image/png;base64,") >= 3
+    assert html.index(">tskd<") < html.index(">kd<")  # the preset's order: tskd before kd
+    r = run_cli("report", "--json-file", str(tmp_path / "nothere.json"))
+    assert r.returncode == 2 and f"--json-file {tmp_path / 'nothere.json'}: cannot read it" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("report", "params/smoke.yaml", "--json-file", str(preset))
+    assert r.returncode == 2 and "give one of" in r.stderr

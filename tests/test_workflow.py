@@ -105,7 +105,8 @@ def test_smoke_report_and_plots_show_every_method(smoke_repo):
     assert md.index("**Synthetic data**") < md.index("## Recipe")  # the banner first
     table = md.split("## Recipe `student`: best test top-1 (%)")[1].split("## ")[0]
     rows = [ln.split(" | ")[0].removeprefix("| ") for ln in table.splitlines() if ln.startswith("| ")][1:]
-    assert rows == ["teacher", "student alone", *(m for m in p.methods if m != "vanilla")]  # preset order
+    assert rows[:2] == ["teacher network", "student network"]  # what each network is: params, MACs
+    assert rows[2:] == ["teacher", "student alone", *(m for m in p.methods if m != "vanilla")]  # preset order
     rows = list(csv.DictReader((smoke_repo / "results/smoke/report.csv").open()))
     assert {int(r["best_epoch"]) for r in rows if r["pair"] != "teacher"} <= {1, 2, 3}  # as the logs: 1..3
     files = plot_files(p).values()
@@ -120,6 +121,13 @@ def test_smoke_report_and_plots_show_every_method(smoke_repo):
     snakemake(smoke_repo, "--report", "report.html")
     html = (smoke_repo / "report.html").read_text()
     assert all(f.name in html for f in files)
+    # Its results page is report.md rendered on one page; the report rule's command names the preset's
+    # file instead of holding it as a wall of JSON in the rule's info panel.
+    assert "results/smoke/report.html" in html and "--json-file .snakemake/tskd/report-" in html
+    assert "student_recipes" not in html
+    page = (smoke_repo / "results/smoke/report.html").read_text()
+    shown = [f for f in files if f.parent.name != "evolution"]  # the evolution grids are linked, one per run
+    assert "<table>" in page and page.count("data:image/png;base64,") == len(shown)
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 

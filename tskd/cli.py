@@ -144,9 +144,19 @@ def cmd_report(a) -> None:
     from tskd.report_paired import comparisons, parent_metrics
     from tskd.tracking_runs import summarize_after_report
 
-    if (a.params is None) == (a.json is None):
-        raise UsageError("give either a params file or --json")
-    preset = load_preset(a.params) if a.params else parse_preset(_json(a.json, "--json"), "--json")
+    given = [x for x in (a.params, a.json, a.json_file) if x is not None]
+    if len(given) != 1:
+        raise UsageError("give one of: a params file, --json, --json-file")
+    if a.params:
+        preset = load_preset(a.params)
+    elif a.json is not None:
+        preset = parse_preset(_json(a.json, "--json"), "--json")
+    else:
+        try:
+            text = Path(a.json_file).read_text()
+        except OSError as e:
+            raise UsageError(f"--json-file {a.json_file}: cannot read it ({e.strerror})") from None
+        preset = parse_preset(_json(text, a.json_file), a.json_file)
     md = write_report(preset)
     # MLflow: each parent run gets its seeds' mean ± std and its paired comparisons
     summarize_after_report(preset, parent_metrics(comparisons(preset, collect_rows(preset))))
@@ -353,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="results table (report.md, report.csv) of a preset")
     p.add_argument("params", nargs="?", help="params/<preset>.yaml")
-    p.add_argument("--json", help="the preset's params as JSON (what the workflow passes)")
+    p.add_argument("--json", help="the preset's params as JSON")
+    p.add_argument("--json-file", help="a file of the preset's params as JSON (what the workflow passes)")
     p.add_argument("--print", action="store_true")
     p.set_defaults(fn=cmd_report)
 

@@ -230,7 +230,7 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
     # The report reads the whole preset but the MLflow experiment and the evaluation batch size.
     report_keys = _keys(raw, *[k for k in raw if k not in ("tracking", "train")],
                         *(f"train.{f}" for f in _fields("train", TrainCfg)))
-    files = [str(p.out / "report.md"), str(p.out / "report.csv")]
+    files = [str(p.out / "report.md"), str(p.out / "report.html"), str(p.out / "report.csv")]
     plots = [str(f) for f in plot_files(p).values()] + [str(f) for f in study_files(p)]
     evolution = [str(f) for f in evolution_files(p)]
     out.append(Stage("report", "report", [*files, *summary, *plots], results, deps=results + evolution,

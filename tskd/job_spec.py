@@ -31,6 +31,18 @@ def write_preset(config: dict[str, Any], root: Path = PRESET_DIR) -> Path:
     return path
 
 
+def write_report_preset(p, root: Path = PRESET_DIR) -> Path:
+    """The preset ``p`` as JSON in its own key order (the report lists methods and pairs in the
+    preset's; ``write_preset``'s canonical JSON sorts them), named by its content: the report rule
+    names this file instead of carrying the whole preset on its command line."""
+    data = p.model_dump(mode="json")
+    path = root / f"report-{fingerprint(data)}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(data) + "\n")
+    return path
+
+
 def spec_of_job(preset_file: str | Path, job_dir: str | Path):
     """The RunSpec (teacher or student) whose run directory is ``job_dir`` in the preset of ``preset_file``."""
     from tskd import grid

@@ -21,6 +21,7 @@ from tskd.io import atomic_write_text
 from tskd.model_cost import NetworkCost, network_cost
 from tskd.plots import write_plots
 from tskd.reference_numbers import published
+from tskd.report_html import markdown_html
 from tskd.report_paired import add_run_columns, comparisons, paired_tables, run_columns, summary_entries
 from tskd.report_tables import paper_tables, teacher_warnings
 from tskd.study import write_study
@@ -236,8 +237,9 @@ def summary_files(p: Preset) -> list[Path]:
 
 
 def write_report(p: Preset) -> Path:
-    """Write report.csv, report.md, summary/<name>.json and plots/*.png under results/<preset>/; returns
-    report.md."""
+    """Write report.csv, report.md, report.html (report.md on one self-contained page: what
+    ``snakemake --report`` and MLflow show), summary/<name>.json and plots/*.png under
+    results/<preset>/; returns report.md."""
     rows = collect_rows(p)
     add_run_columns(p, rows, comparisons(p, rows))
     names = {_read(teacher_dir(p, arch) / "metrics.json").get("dataset") for arch in p.teachers} - {None}
@@ -252,6 +254,7 @@ def write_report(p: Preset) -> Path:
     plots = write_plots(p)
     write_study(p)  # a preset with TSKD variants: study.md, study.csv and their plots
     md = format_markdown(p, rows, ", ".join(sorted(names)) or None, plots, network_sizes(p))
+    atomic_write_text(p.out / "report.html", markdown_html(md, p.out))
     return atomic_write_text(p.out / "report.md", md)
 
 

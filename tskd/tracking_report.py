@@ -6,9 +6,7 @@ method wins and by how much more than seed noise."""
 from __future__ import annotations
 
 import json
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tskd.config import Preset
@@ -19,7 +17,7 @@ if TYPE_CHECKING:
 SUMMARY_KIND = "report"  # run_kind of the summary run; "seeds" for parents, "train" for runs
 
 
-def parent_plots(p: Preset, tags: dict[str, str]) -> list[Path]:
+def parent_plots(p: Preset, tags: dict[str, str]) -> list:
     """The plots of a parent's group (from its tags): a teacher's, the teachers' curves; a student
     group's, its pair's curves by method, its method's losses and, for TSKD, the pair's attention."""
     from tskd.plots import plot_files
@@ -69,17 +67,10 @@ def summary_run(p: Preset, client: MlflowClient, exp_id: str) -> str:
 
 def log_summary(p: Preset, client: MlflowClient, exp_id: str) -> str | None:
     """The report and every plot on the summary run, marked FINISHED; None when no report exists."""
-    from tskd.report_html import markdown_html
-
-    md = p.out / "report.md"
-    if not md.is_file():
+    if not (p.out / "report.md").is_file():
         return None
     rid = summary_run(p, client, exp_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        html = Path(tmp) / "report.html"
-        html.write_text(markdown_html(md.read_text(), p.out))
-        client.log_artifact(rid, str(html))
-    for name in ("report.md", "report.csv", "study.md"):
+    for name in ("report.html", "report.md", "report.csv", "study.md"):
         if (p.out / name).is_file():
             client.log_artifact(rid, str(p.out / name))
     if (p.out / "plots").is_dir():

@@ -67,6 +67,7 @@ wildcard_constraints:
 shell.prefix(f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; ")
 DATA_MARKER = str(grid.data_marker(P))
 REPORT_MD = f"{OUT}/report.md"
+REPORT_HTML = f"{OUT}/report.html"
 REPORT_CSV = f"{OUT}/report.csv"
 
 

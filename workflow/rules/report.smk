@@ -1,22 +1,21 @@
 # Phase 5: one results table for the preset, and its plots.
-import json
-
+from tskd.job_spec import write_report_preset
 from tskd.plots import plot_files
 from tskd.study import study_files
 
 PLOTS = plot_files(P)
-
-
-def _preset_in_order(wc, output):
-    # Not q(P): canonical JSON sorts keys, and the report lists methods and pairs in the preset's order.
-    return shlex.quote(json.dumps(P.model_dump(mode="json")))
+# The preset in its own order, as a file: the command (and the report's info panel) names it
+# instead of holding kilobytes of JSON.
+REPORT_PRESET = str(write_report_preset(P))
 
 
 rule report:
     input:
         _report_inputs,
     output:
-        md=report(REPORT_MD, category="Results", labels={"table": "report.md"}),
+        md=REPORT_MD,
+        # report.md on one page, its plots inlined: what `snakemake --report` shows of the results.
+        html=report(REPORT_HTML, category="Results", labels={"page": "report"}),
         csv=REPORT_CSV,
         # One file per method and one for the teachers: the DVC pipeline's metrics.
         summary=[str(f) for f in summary_files(P)],
@@ -26,11 +25,12 @@ rule report:
         study=[report(str(f), category="Study", labels={"file": f.name}) for f in study_files(P)],
     params:
         key=REPORT_KEY,
-        # The whole preset, for the command; a function of `output`, so not a rerun trigger.
-        preset=_preset_in_order,
+        # A function of `output`, so not a rerun trigger (the file's name changes with the MLflow
+        # experiment's, which reruns nothing).
+        preset=lambda wc, output: REPORT_PRESET,
     conda:
         "../envs/tskd.yaml"
     log:
         f"{OUT}/logs/report.log",
     shell:
-        "tskd report --json {params.preset} > {log} 2>&1"
+        "tskd report --json-file {params.preset} > {log} 2>&1"
