@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.test_report import _tskd_preset, _write_tskd_runs
 
 
-def test_parents_carry_their_plots_and_a_summary_run_carries_the_report(tmp_path, mlflow_uri):
+def test_parents_carry_their_plots_and_a_summary_run_carries_the_report(tmp_path, mlflow_uri, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from tskd.report import write_report
@@ -48,5 +48,13 @@ def test_parents_carry_their_plots_and_a_summary_run_carries_the_report(tmp_path
     inlined = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(inlined) == html.count("<img") >= 3
     assert all(base64.b64decode(b)[:4] == b"\x89PNG" for b in inlined)
-    # A second report updates the same summary run.
+    # A second report updates the same summary run, sending only the files whose bytes changed.
+    sent = []
+    real = MlflowClient.log_artifact
+    monkeypatch.setattr(MlflowClient, "log_artifact", lambda self, rid, path, folder=None: (
+        sent.append((rid, Path(path).name)), real(self, rid, path, folder))[1])
+    assert log_report(p)[1] == summary and sent == []
+    teachers = p.out / "plots" / "teachers-test_top1.png"
+    teachers.write_bytes(teachers.read_bytes() + b"\0")
     assert log_report(p)[1] == summary
+    assert sorted(sent) == sorted([(parents["teacher:resnet20"], teachers.name), (summary, teachers.name)])

@@ -5,11 +5,15 @@ method wins and by how much more than seed noise."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tskd.config import Preset
+from tskd.io import atomic_write_json
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -17,12 +21,10 @@ if TYPE_CHECKING:
 SUMMARY_KIND = "report"  # run_kind of the summary run; "seeds" for parents, "train" for runs
 
 
-def parent_plots(p: Preset, tags: dict[str, str]) -> list:
-    """The plots of a parent's group (from its tags): a teacher's, the teachers' curves; a student
-    group's, its pair's curves by method, its method's losses and, for TSKD, the pair's attention."""
-    from tskd.plots import plot_files
-
-    files = plot_files(p)
+def parent_plots(files: dict[str, Path], tags: dict[str, str]) -> list[Path]:
+    """The plots of a parent's group (from its tags) among the preset's (``plot_files``): a teacher's,
+    the teachers' curves; a student group's, its pair's curves by method, its method's losses and,
+    for TSKD, the pair's attention."""
     if tags.get("role") == "teacher":
         keys = ["teachers"]
     else:
@@ -34,15 +36,46 @@ def parent_plots(p: Preset, tags: dict[str, str]) -> list:
     return [files[k] for k in keys if k in files and files[k].is_file()]
 
 
-def log_parent_plots(p: Preset, client: MlflowClient, parents: list) -> int:
-    """Each parent's group plots under ``plots/``; returns how many parents got any."""
-    todo = [(q.info.run_id, parent_plots(p, q.data.tags)) for q in parents]
+class Uploads:
+    """What this results tree already sent to which run of which store, by content: a report run again
+    sends only the files whose bytes changed (the cifar100 grid's parents hold about 530 plots, each
+    an HTTP upload). The record is ``results/<preset>/.mlflow-uploads.json``, outside every DVC output;
+    deleting it sends everything again."""
+
+    def __init__(self, p: Preset, store: str):
+        self.path, self.store, self.lock = p.out / ".mlflow-uploads.json", store, threading.Lock()
+        try:
+            self.sent: dict[str, str] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.sent = {}
+
+    def send(self, client: MlflowClient, run_id: str, path: Path, folder: str | None = None) -> bool:
+        """Log ``path`` on the run (under ``folder``) unless these very bytes are there already."""
+        key = f"{self.store} {run_id} {folder or ''}/{path.name}"
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if self.sent.get(key) == digest:
+            return False
+        client.log_artifact(run_id, str(path), folder)
+        with self.lock:
+            self.sent[key] = digest
+        return True
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.sent)
+
+
+def log_parent_plots(p: Preset, client: MlflowClient, parents: list, uploads: Uploads) -> int:
+    """Each parent's group plots under ``plots/``; returns how many parents have any."""
+    from tskd.plots import plot_files
+
+    files = plot_files(p)
+    todo = [(q.info.run_id, parent_plots(files, q.data.tags)) for q in parents]
     todo = [(rid, pngs) for rid, pngs in todo if pngs]
 
     def upload(item) -> None:
         rid, pngs = item
         for png in pngs:
-            client.log_artifact(rid, str(png), "plots")
+            uploads.send(client, rid, png, "plots")
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # uploads wait on the server, not the CPU
         list(pool.map(upload, todo))
@@ -65,16 +98,18 @@ def summary_run(p: Preset, client: MlflowClient, exp_id: str) -> str:
     return run.info.run_id
 
 
-def log_summary(p: Preset, client: MlflowClient, exp_id: str) -> str | None:
+def log_summary(p: Preset, client: MlflowClient, exp_id: str, uploads: Uploads) -> str | None:
     """The report and every plot on the summary run, marked FINISHED; None when no report exists."""
     if not (p.out / "report.md").is_file():
         return None
     rid = summary_run(p, client, exp_id)
     for name in ("report.html", "report.md", "report.csv", "study.md"):
         if (p.out / name).is_file():
-            client.log_artifact(rid, str(p.out / name))
-    if (p.out / "plots").is_dir():
-        client.log_artifacts(rid, str(p.out / "plots"), "plots")
+            uploads.send(client, rid, p.out / name)
+    plots = p.out / "plots"
+    files = sorted(f for f in plots.rglob("*.png")) if plots.is_dir() else []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda f: uploads.send(client, rid, f, f.parent.relative_to(p.out).as_posix()), files))
     summary = p.out / "summary"
     if summary.is_dir():  # the report's key figures as metrics, for the chart and compare views
         metrics: dict[str, float] = {}

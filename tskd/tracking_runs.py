@@ -254,7 +254,7 @@ def summarize_parents(p: Preset, figures: list[str],
     # Every finished child in one paged query, grouped here: a query per parent made the report on
     # the cifar100 grid (178 parents) wait on the server for 6 s of its run.
     children: dict[str, list] = {}
-    for c in _all_runs(client, exp_id, "attributes.status = 'FINISHED'"):
+    for c in _all_runs(client, exp_id, f"tags.{KIND_TAG} = 'train' and attributes.status = 'FINISHED'"):
         if PARENT_TAG in c.data.tags:
             children.setdefault(c.data.tags[PARENT_TAG], []).append(c)
 
@@ -346,15 +346,19 @@ def summarize_after_report(p: Preset,
 
 def log_report(p: Preset) -> tuple[int, str | None]:
     """Each parent's group plots, and the summary run with the report (tskd.tracking_report)."""
-    from tskd.tracking import existing_experiment
-    from tskd.tracking_report import log_parent_plots, log_summary
+    from tskd.tracking import existing_experiment, tracking_uri
+    from tskd.tracking_report import Uploads, log_parent_plots, log_summary
 
     found = existing_experiment(grid_experiment(p))
     if found is None:
         return 0, None
     client, exp_id = found
     parents = _all_runs(client, exp_id, f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{p.preset}'")
-    return log_parent_plots(p, client, parents), log_summary(p, client, exp_id)
+    uploads = Uploads(p, tracking_uri())
+    try:
+        return log_parent_plots(p, client, parents, uploads), log_summary(p, client, exp_id, uploads)
+    finally:
+        uploads.save()  # what was sent, also when a later upload failed
 
 
 def log_run_grids(p: Preset) -> int:
