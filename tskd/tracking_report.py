@@ -39,11 +39,11 @@ def parent_plots(files: dict[str, Path], tags: dict[str, str]) -> list[Path]:
 class Uploads:
     """What this results tree already sent to which run of which store, by content: a report run again
     sends only the files whose bytes changed (the cifar100 grid's parents hold about 530 plots, each
-    an HTTP upload). The record is ``results/<preset>/.mlflow-uploads.json``, outside every DVC output;
-    deleting it sends everything again."""
+    an HTTP upload). The record is ``results/<preset>/logs/mlflow-uploads.json``, beside the job logs
+    (no DVC output); deleting it sends everything again."""
 
     def __init__(self, p: Preset, store: str):
-        self.path, self.store, self.lock = p.out / ".mlflow-uploads.json", store, threading.Lock()
+        self.path, self.store, self.lock = p.out / "logs" / "mlflow-uploads.json", store, threading.Lock()
         try:
             self.sent: dict[str, str] = json.loads(self.path.read_text())
         except (OSError, ValueError):
