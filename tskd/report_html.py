@@ -4,6 +4,7 @@ the page shows whole wherever it is opened on its own (an MLflow artifact, Snake
 from __future__ import annotations
 
 import base64
+import html
 import re
 from pathlib import Path
 
@@ -28,5 +29,5 @@ def markdown_html(md: str, base: Path) -> str:
         return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
 
     title = next((line[2:].strip() for line in md.splitlines() if line.startswith("# ")), "report")
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title><style>{STYLE}</style>"
-            f"</head><body>\n{IMG.sub(inline, body)}</body></html>\n")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>\n{IMG.sub(inline, body)}</body></html>\n")

@@ -118,9 +118,9 @@ def log_summary(p: Preset, client: MlflowClient, exp_id: str, uploads: Uploads) 
         if metrics:
             from mlflow.entities import Metric
 
-            batch = [Metric(k, v, 0, 0) for k, v in metrics.items()]
-            for i in range(0, len(batch), 1000):
-                client.log_batch(rid, metrics=batch[i:i + 1000])
+            from tskd.tracking_runs import log_metrics
+
+            log_metrics(client, rid, [Metric(k, v, 0, 0) for k, v in metrics.items()])
     client.set_terminated(rid, "FINISHED")
     return rid
 

@@ -209,6 +209,12 @@ def _same_row_inserted(e: Exception) -> bool:
     return any(s in text for s in ("UNIQUE constraint failed", "Duplicate entry", "duplicate key value"))
 
 
+def log_metrics(client: MlflowClient, run_id: str, metrics: list) -> None:
+    """``metrics`` (MLflow Metric entities) in batches: MLflow takes at most 1,000 a request."""
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
 def log_model(client: MlflowClient, exp_id: str, run_id: str, name: str, artifact: str, step: int,
               tags: dict[str, str]) -> str:
     """The exported network as an MLflow 3 logged model linked to the run (the UI's Models column).
@@ -225,8 +231,7 @@ def log_model(client: MlflowClient, exp_id: str, run_id: str, name: str, artifac
                                        params=dict(run.data.params))
     # RunData has no public accessor for the latest metrics with their timestamp and step.
     final = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id) for m in run.data._metric_objs]
-    for i in range(0, len(final), 1000):  # MLflow takes at most 1,000 metrics a batch
-        client.log_batch(run_id, metrics=final[i:i + 1000])
+    log_metrics(client, run_id, final)
     client.finalize_logged_model(model.model_id, "READY")
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
     return model.model_id
