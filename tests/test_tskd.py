@@ -11,8 +11,8 @@ import torch
 from tests.conftest import needs_cxx
 from tskd.distill import DistillContext, build_distiller, method_class, parse_method_params
 from tskd.distill.tskd.attention import attention_map, increment_sequence
-from tskd.distill.tskd.convlstm import IncrementForecaster, _Gates, auto_hidden
-from tskd.distill.tskd.prefix import TapPrefix
+from tskd.distill.tskd.convlstm import IncrementForecaster, _Gates, auto_hidden, recomputed_branches
+from tskd.distill.tskd.prefix import TapPrefix, _BatchNormInPlace
 from tskd.distill.tskd.schedule import cycle_memory_epochs, node_at, summarize_schedule
 from tskd.models import create_model
 
@@ -194,13 +194,41 @@ def test_forecaster_matches_authors_formulation_and_keeps_size(size):
 
 
 def test_gate_backward_is_the_derivative():
-    """The gate nonlinearities' hand-written backward against finite differences (float64)."""
-    g = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
-    for outputs in (lambda g, c: _Gates.apply(g, c), lambda g, c: _Gates.apply(g, c)[0],
-                    lambda g, c: _Gates.apply(g, c)[1]):
-        assert torch.autograd.gradcheck(outputs, (g, c))
-    assert torch.autograd.gradcheck(lambda g: _Gates.apply(g, None), (g,))  # the all-zero first cell
+    """The gate nonlinearities' hand-written backward against autograd's derivative of the formula
+    (float64), for the gradient of h', of c', of both, and with the all-zero first cell. A fresh
+    forward each time: the function overwrites its gates (the convolution's output in the
+    forecaster) and its backward its saved activations, so gradcheck's repeated backward through
+    one graph cannot run on it."""
+    torch.manual_seed(0)
+    g0 = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    c0 = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    dh, dc = torch.randn_like(c0), torch.randn_like(c0)
+
+    def formula(g, c):
+        i, f, gg, o = g.chunk(4, dim=1)
+        c_new = torch.sigmoid(i) * torch.tanh(gg) + (0 if c is None else torch.sigmoid(f) * c)
+        return torch.sigmoid(o) * torch.tanh(c_new), c_new
+
+    for cell in (c0, None):
+        for weights in ((dh, dc), (dh, None), (None, dc)):
+            grads = []
+            for fn in (lambda g, c: _Gates.apply(g * 1, c)[:2], formula):
+                g = g0.clone().requires_grad_()
+                c = None if cell is None else cell.clone().requires_grad_()
+                loss = sum((out * w).sum() for out, w in zip(fn(g, c), weights, strict=True) if w is not None)
+                grads.append(torch.autograd.grad(loss, [g] if c is None else [g, c]))
+            for got, want in zip(*grads, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_gate_backward_refuses_a_second_pass():
+    """Its backward writes the gradient over the saved activations: a second backward through the
+    same graph must fail, not use them."""
+    g = torch.randn(2, 8, 3, 3, requires_grad=True)
+    h, c, _ = _Gates.apply(g * 1, torch.randn(2, 2, 3, 3))
+    (h.sum() + c.sum()).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (h.sum() + c.sum()).backward()
 
 
 def test_forecaster_channels_last_gives_the_same_forecast():
@@ -234,6 +262,8 @@ def test_snapshot_prefix_equals_full_forward_and_writes_nothing(arch, last, trun
     for train_bn in (True, False):
         prefix = TapPrefix(m, last, (32, 32), train_bn)
         assert prefix.truncated is truncated  # vgg8's tap 4 follows a shape-dependent branch: full forward
+        # A cut graph runs its BatchNorms (and ReLUs, residual sums) in place: the values must not move.
+        assert any(isinstance(b, _BatchNormInPlace) for b in prefix.module.modules()) is truncated
         with torch.no_grad():
             got = prefix(tensors, x)
             m.load_state_dict(tensors)  # the reference forward in train mode moves m's own statistics
@@ -323,18 +353,32 @@ def test_detach_target_stops_the_gradient_through_the_target():
 
 def test_recomputed_forecasters_give_the_same_loss_and_gradients_bit_for_bit():
     """recompute_forecasters only changes what is kept for the backward (the activations are
-    computed again there): every number of the step is the same."""
+    computed again there): every number of the step is the same, whichever branches recompute."""
     x, y = batch()
     out = {}
-    for recompute in (False, True):
-        d = make(params=dict(SHORT, recompute_forecasters=recompute))
+    for recompute in (False, True, "all"):
+        d = make(params=dict(SHORT, recompute_forecasters=bool(recompute)))
+        assert d._recomputed == {False: frozenset(), True: {0}, "all": {0}}[recompute]  # the rule, below
+        if recompute == "all":
+            d._recomputed = frozenset(range(len(d.forecasters)))
         fill(d, 2)
         loss = sum(d.forward_train(x, y, 2)[1].values())
         loss.backward()
         out[recompute] = loss.detach(), {n: p.grad for n, p in d.named_parameters() if p.grad is not None}
-    (loss0, g0), (loss1, g1) = out[False], out[True]
-    assert torch.equal(loss0, loss1) and g0.keys() == g1.keys() and any(n.startswith("forecasters") for n in g0)
-    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    loss0, g0 = out[False]
+    assert any(n.startswith("forecasters") for n in g0)
+    for loss1, g1 in (out[True], out["all"]):
+        assert torch.equal(loss0, loss1) and g0.keys() == g1.keys()
+        assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
+def test_recomputed_branches_run_up_to_the_largest():
+    """The branches from the first to the one holding the most activations (hidden x area): the
+    first alone with the presets' taps, largest map first; all of them when the largest is last."""
+    assert recomputed_branches((64, 64, 32), [(32, 32), (32, 32), (16, 16)]) == {0}  # ResNet / WRN
+    assert recomputed_branches((64, 32, 32), [(32, 32), (16, 16), (8, 8)]) == {0}  # VGG-8
+    assert recomputed_branches((32, 64, 64), [(16, 16), (32, 32), (32, 32)]) == {0, 1}  # taps (2, 0, 1)
+    assert recomputed_branches((32, 32, 64), [(8, 8), (16, 16), (32, 32)]) == {0, 1, 2}
 
 
 @pytest.mark.parametrize(("teacher", "student"), PAIRS)

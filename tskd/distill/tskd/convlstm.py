@@ -23,52 +23,61 @@ _tanh_backward = torch.ops.aten.tanh_backward  # (grad, tanh(x)) -> grad * (1 - 
 
 
 class _Gates(torch.autograd.Function):
-    """``(h', c')`` from the gate pre-activations ``[i, f, g, o]`` and the previous cell ``c``.
+    """``(h', c', gates)`` from the gate pre-activations ``gates`` = ``[i, f, g, o]`` and the previous
+    cell ``c``; ``gates`` is overwritten (see below) and comes back as the third output, to be ignored.
 
     Autograd would build the gates' gradient from four chunk gradients with a concatenation,
     one more full pass over the largest tensor of the step; here each gate's gradient is
     written straight into its slice of one buffer, with PyTorch's fused sigmoid/tanh
     backward kernels. ``c=None`` is the all-zero cell, which the forget gate then multiplies.
+
+    That buffer is ``gates`` itself: the activations overwrite the pre-activations in place (the
+    convolution that made them keeps only its input), are kept for the backward in place of four
+    copies, and each gate's gradient then overwrites its activation once nothing else reads it.
+    The same kernels on the same strides, so the same bits; what is saved is one allocation of
+    the step's largest tensor in the forward (the four copies) and one in the backward (the
+    gradient): on CPU a fresh tensor that large (>= 32 MB at batch 128) costs as much as a pass
+    over it, because glibc maps it from the kernel page by page and unmaps it when freed. A second
+    backward through the same graph is refused (the saved activations are then gradients: their
+    version has moved, which autograd checks).
     """
 
     @staticmethod
-    def forward(ctx, gates: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(ctx, gates: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         i, f, g, o = gates.chunk(4, dim=1)
-        si, tg, so = torch.sigmoid(i), torch.tanh(g), torch.sigmoid(o)
-        sf = None
+        si, tg, so = i.sigmoid_(), g.tanh_(), o.sigmoid_()
         c_new = si * tg
         if c is not None:
-            sf = torch.sigmoid(f)
-            c_new = c_new.addcmul_(sf, c)
+            c_new = c_new.addcmul_(f.sigmoid_(), c)  # the forget gate: left as it is for the zero cell
         tc = torch.tanh(c_new)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(si, sf, tg, so, tc, c)
-        # The gates themselves are not kept alive for backward, only their shape and layout.
-        ctx.shape, ctx.memory_format = gates.shape, (
-            torch.channels_last if not gates.is_contiguous() and gates.is_contiguous(memory_format=torch.channels_last)
-            else torch.contiguous_format)
-        return so * tc, c_new
+        ctx.mark_dirty(gates)
+        ctx.save_for_backward(gates, tc, c)
+        return so * tc, c_new, gates
 
     @staticmethod
-    def backward(ctx, dh: Tensor | None, dc: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        si, sf, tg, so, tc, c = ctx.saved_tensors
-        dgates = torch.empty(ctx.shape, dtype=si.dtype, device=si.device, memory_format=ctx.memory_format)
-        di, df, dg, do = dgates.chunk(4, dim=1)
+    def backward(ctx, dh: Tensor | None, dc: Tensor | None, _: None) -> tuple[Tensor, Tensor | None]:
+        gates, tc, c = ctx.saved_tensors
+        si, sf, tg, so = gates.chunk(4, dim=1)
+        di, df, dg, do = si, sf, tg, so  # each gate's gradient replaces its activation
         if dh is None:
             do.zero_()
             dc_total = dc if dc is not None else torch.zeros_like(tc)
         else:
+            dc_total = _tanh_backward(dh * so, tc)  # reads so: before do overwrites it
             _sigmoid_backward(dh * tc, so, grad_input=do)
-            dc_total = _tanh_backward(dh * so, tc)
             if dc is not None:
                 dc_total = dc_total.add_(dc)
-        _sigmoid_backward(dc_total * tg, si, grad_input=di)
-        _tanh_backward(dc_total * si, tg, grad_input=dg)
+        # di reads tg and dg reads si: both products first.
+        d_si, d_tg = dc_total * tg, dc_total * si
+        _sigmoid_backward(d_si, si, grad_input=di)
+        _tanh_backward(d_tg, tg, grad_input=dg)
         if c is None:
             df.zero_()
-            return dgates, None
+            return gates, None
+        dc_prev = dc_total * sf if ctx.needs_input_grad[1] else None  # reads sf: before df overwrites it
         _sigmoid_backward(dc_total * c, sf, grad_input=df)
-        return dgates, dc_total * sf if ctx.needs_input_grad[1] else None
+        return gates, dc_prev
 
 
 class ConvLSTMCell(nn.Module):
@@ -93,7 +102,8 @@ class ConvLSTMCell(nn.Module):
             gates = F.conv2d(state[0], conv.weight[:, n:], conv.bias, padding=conv.padding)
         else:
             gates = conv(torch.cat([x, state[0]], dim=1))
-        return _Gates.apply(gates, None if state is None else state[1])
+        h, c, _ = _Gates.apply(gates, None if state is None else state[1])
+        return h, c
 
 
 class IncrementForecaster(nn.Module):
@@ -141,6 +151,22 @@ def forecast(forecaster: IncrementForecaster, frames: Tensor, recompute: bool) -
     if recompute and torch.is_grad_enabled():
         return checkpoint(forecaster, frames, use_reentrant=False)
     return forecaster(frames)
+
+
+def recomputed_branches(hidden: tuple[int, ...] | list[int], tap_sizes: list[tuple[int, int]]) -> frozenset[int]:
+    """The branches whose forecasters ``recompute_forecasters`` recomputes: the first ones, up to the one
+    that holds the most activations (``hidden`` x tap area, the first of equals).
+
+    A review step's memory peaks where its backward starts, every branch's activations held.
+    Autograd differentiates the branches last to first and frees each one's activations as it
+    goes, so a kept later branch is gone before an earlier one is rebuilt, while a kept earlier
+    branch stays through every later one's backward. Recomputing the branches up to the largest
+    removes it and all that would be held with it from the peak, which is then about the largest
+    branch alone (rebuilt in its backward), as with every branch recomputed, for fewer forwards.
+    With the taps in order, largest map first, that is the first branch only.
+    """
+    sizes = [c * h * w for c, (h, w) in zip(hidden, tap_sizes, strict=True)]
+    return frozenset(range(sizes.index(max(sizes)) + 1))
 
 
 def auto_hidden(tap_sizes: list[tuple[int, int]]) -> tuple[int, ...]:

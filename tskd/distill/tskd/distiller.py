@@ -22,7 +22,7 @@ from tskd.distill.losses import kd_loss
 from tskd.distill.registry import register_method
 from tskd.distill.tskd.attention import attention_map, increment_sequence, raw_sequence, review_target
 from tskd.distill.tskd.compiled import check_compiles, maybe_compiled
-from tskd.distill.tskd.convlstm import IncrementForecaster, auto_hidden, forecast
+from tskd.distill.tskd.convlstm import IncrementForecaster, auto_hidden, forecast, recomputed_branches
 from tskd.distill.tskd.evolution import MapEvolution
 from tskd.distill.tskd.lifecycle import ReviewSchedule
 from tskd.distill.tskd.memory import SnapshotMemory
@@ -76,10 +76,13 @@ class TSKDParams(MethodParams):
         "step (to about 2.4% between two reviews at lr 0.1); 'frozen': gradients are cleared (set to None, "
         "the torch >= 2.0 default) and the forecasters stay as the last review left them")
     recompute_forecasters: bool = Field(
-        True, description="keep none of the ConvLSTM forecasters' activations for the backward and compute them "
-        "again there (torch.utils.checkpoint): the same numbers (bit for bit on CPU), TSKD's peak memory at "
-        "review ÷ KD's from 1.42 to 1.22 (resnet32x4 -> resnet8x4, batch 128, CPU), for one more forecaster "
-        "forward per review step. false: keep them, as the authors' code does")
+        True, description="keep none of the activations of the ConvLSTM forecasters that would be held at the review "
+        "step's memory peak, and compute them again in the backward (torch.utils.checkpoint): the same numbers (bit "
+        "for bit on CPU), TSKD's peak memory at review about 1.2x KD's instead of 1.4x (resnet32x4 -> resnet8x4, "
+        "batch 128, CPU). The tap sizes decide which: the branches from the first up to the one whose forecaster "
+        "holds the most activations (hidden width x map area), i.e. the first alone with the presets' taps, largest "
+        "map first (convlstm.recomputed_branches, docs/method.md \"Cost\"). false: keep them all, as the authors' "
+        "code does")
     target: Literal["dynamic", "static", "signed"] = Field(
         "dynamic", description="what the forecast is pulled towards: 'dynamic' = |S - T| (authors), 'static' = the "
         "teacher's attention map T (no gradient reaches the student through it), 'signed' = S - T")
@@ -138,6 +141,8 @@ class TSKD(ReviewSchedule, Distiller):
         convlstm = params.forecaster == "convlstm"
         self.forecasters = nn.ModuleList(IncrementForecaster(h) for h in hidden) if convlstm else nn.ModuleList()
         self.every_parameter_every_step = not convlstm
+        self._recomputed = recomputed_branches(hidden, [s_taps[i][-2:] for i in params.taps]) \
+            if params.recompute_forecasters else frozenset()
         self._monitors: dict[str, Tensor] = {}  # see take_monitors
         self.memory = SnapshotMemory(params.k)
         self._prefix = TapPrefix(student, max(params.taps), ctx.image_size, params.snapshot_bn == "train")
@@ -233,7 +238,7 @@ class TSKD(ReviewSchedule, Distiller):
         forecast_mse = last_mse = None
         for branch, tap in enumerate(p.taps):
             frames, target = self._frames_and_target([maps[branch] for maps in memory], s_feats[tap], t_feats[tap])
-            pred = forecast(self.forecasters[branch], frames, p.recompute_forecasters) if self.forecasters \
+            pred = forecast(self.forecasters[branch], frames, branch in self._recomputed) if self.forecasters \
                 else frames[-1]
             if branch == 0 and self._capture is None:
                 self._capture = _review_capture(tap, frames, pred, target)
