@@ -10,7 +10,9 @@ general (= memory-epoch step), review (with the default eager kernels, and with
 ``compile: true`` as the cifar100 preset runs it), and the snapshot taken at the end of a
 memory epoch. The whole-run projection uses the default 240-epoch schedule (192 general,
 36 memory, 12 review). Peak memory runs KD and each TSKD review case in a fresh subprocess
-(VmHWM on CPU, max_memory_allocated on CUDA). Not a test:
+(VmHWM on CPU, max_memory_allocated on CUDA), also with ``recompute_forecasters: false``. On a
+shared CPU both drift from run to run (by about 0.05 in the ratios): repeat a run to see the
+spread. Not a test:
 
     .venv/bin/python benchmarks/bench_methods.py [--batch 128] [--steps 10] [--warmup 2]
     .venv/bin/python benchmarks/bench_methods.py --device cuda --bf16 --channels-last --steps 50
@@ -176,9 +178,17 @@ def peak_memory(method: str, case: str, args: argparse.Namespace) -> float:
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_gb"]
 
 
+def case_params(case: str) -> dict:
+    """The TSKD params a case names: 'review[compile=true]' -> {"compile": True}."""
+    if not case.endswith("]"):
+        return {}
+    key, value = case[case.index("[") + 1:-1].split("=")
+    return {key: json.loads(value)}
+
+
 def child(args: argparse.Namespace) -> None:
     method, case = args.child.split(":")
-    b = Bench(method, args, {"compile": True} if case.endswith("[compile=true]") else None)
+    b = Bench(method, args, case_params(case))
     epoch = 1
     if case.startswith("review"):
         epoch = first_review_epoch(b.d)
@@ -242,7 +252,8 @@ def main(argv=None) -> None:
         if not args.no_memory:
             mem_kd = peak_memory("kd", "general", args)
             print(f"peak memory: KD {mem_kd:.2f} GB", end="")
-            for case in ("review", "review[compile=true]"):
+            # recompute_forecasters=false: every forecaster's activations kept, as the authors' code keeps them.
+            for case in ("review", "review[compile=true]", "review[recompute_forecasters=false]"):
                 mem = peak_memory("tskd", case, args)
                 print(f", TSKD {case} {mem:.2f} GB (÷ KD {mem / mem_kd:.2f})", end="")
             print()
