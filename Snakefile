@@ -1,5 +1,5 @@
 # The tskd pipeline: prepare data -> train teachers -> distil students -> evaluate -> report.
-# Jobs come from the preset's grid (tskd.grid); each rule passes only the params it reads.
+# Jobs come from the preset's grid (tskd.spec.grid); each rule passes only the params it reads.
 from snakemake.utils import min_version
 
 min_version("9.0")

@@ -8,7 +8,7 @@ with random inputs in interleaved rounds against KD, as ``bench_methods.py`` tim
 ``Bench``). k changes the review step (k snapshot forwards, k ConvLSTM steps); δ only changes how
 many epochs review, so it shows in the whole-run ratio. ``--plot FILE.png`` draws these as curves
 (review step and peak memory ÷ KD against k, whole run ÷ KD against δ, through the entries that change
-that param alone) with the study's own drawing (``tskd.plots.study.cost_figure``). Not a test:
+that param alone) with the study's own drawing (``tskd.reporting.plots.study.cost_figure``). Not a test:
 
     .venv/bin/python benchmarks/bench_ablations.py [--preset params/ablations.yaml] [--batch 128] [--steps 6] \
         [--plot cost.png]
@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_methods as bm  # noqa: E402  (a sibling script, not a package)
 
-from tskd.config import VARIANT_KEY, load_preset  # noqa: E402
 from tskd.distill.tskd.schedule import summarize_schedule  # noqa: E402
-from tskd.plots.curves import save  # noqa: E402
-from tskd.plots.study import CostPanel, cost_figure  # noqa: E402
-from tskd.study import BASELINE, varied_only_in  # noqa: E402
+from tskd.reporting.plots.curves import save  # noqa: E402
+from tskd.reporting.plots.study import CostPanel, cost_figure  # noqa: E402
+from tskd.reporting.study import BASELINE, varied_only_in  # noqa: E402
+from tskd.spec.config import VARIANT_KEY, load_preset  # noqa: E402
 
 
 def variants(preset_path: str) -> tuple[dict[str, dict], object]:

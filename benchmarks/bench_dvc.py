@@ -62,7 +62,7 @@ def setup(dest: Path) -> None:
 
 def fabricate_outputs(dest: Path) -> int:
     """Every output of every stage as a small file, in DAG order (increasing mtimes)."""
-    from tskd.dvc_pipeline import load_raw, stages
+    from tskd.workflow.dvc_pipeline import load_raw, stages
 
     p, raw = load_raw(dest / PARAMS)
     (dest / p.dataset.root).mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def main() -> None:
         rows.append(("dvc status, all current", timed(dest, a.repeat, "dvc", "status", PIPELINE)))
         rows.append(("dvc repro (no-op), all current", timed(dest, a.repeat, "dvc", "repro", PIPELINE)))
         rows.append(("snakemake -n, all current", timed(dest, a.repeat, *smk)))
-        from tskd.dvc_pipeline import load_raw, stages
+        from tskd.workflow.dvc_pipeline import load_raw, stages
 
         p, raw = load_raw(dest / PARAMS)
         files = [dest / f for s in stages(p, raw, PARAMS) for f in s.targets]

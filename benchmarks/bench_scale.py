@@ -361,8 +361,8 @@ def measure_finished(repo: Path, rel: Path, experiment: str, training: int, env:
 def again(a: argparse.Namespace) -> int:
     """``--again``: step 3 alone, on the grid a previous run of this script finished in ``--workdir``
     (with that copy's code: a change is measured by copying it there first)."""
-    from tskd.config import parse_preset
-    from tskd.scale_preset import job_counts
+    from tskd.spec.config import parse_preset
+    from tskd.spec.scale_preset import job_counts
 
     work = Path(a.workdir or "").resolve()
     repo = work / "repo"
@@ -444,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     raw["tracking"] = {**raw.get("tracking", {}), "experiment": experiment}
     head = params.read_text().splitlines()[0]
     params.write_text(head + "\n" + yaml.safe_dump(raw, sort_keys=False, width=110))
-    from tskd.config import parse_preset
-    from tskd.scale_preset import job_counts
+    from tskd.spec.config import parse_preset
+    from tskd.spec.scale_preset import job_counts
 
     counts = job_counts(parse_preset(raw, str(params)))
     training = counts["teacher"] + counts["student"]

@@ -32,7 +32,7 @@ CHILD = r"""
 import json, sys, time
 from tskd.engine.distributed import SINGLE
 from tskd.engine.trainer import _tracker
-from tskd.grid import RunSpec
+from tskd.spec.grid import RunSpec
 spec = RunSpec.model_validate_json(sys.argv[1])
 sys.stdin.readline()  # every job waits here, then all start at once
 t0, c0 = time.perf_counter(), time.process_time()
@@ -65,21 +65,21 @@ def main() -> None:
     ap.add_argument("--code", type=Path, default=REPO, help="checkout whose tskd the jobs run")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from tskd.config import load_preset
-    from tskd.tracking_runs import grid_specs
+    from tskd.spec.config import load_preset
+    from tskd.tracking.runs import grid_specs
 
     with tempfile.TemporaryDirectory() as tmp:
         p = load_preset(REPO / "params/smoke.yaml").model_copy(update={"results_dir": f"{tmp}/results"})
         specs = grid_specs(p)[: a.jobs]
         cases = ["cold"]
-        if (a.code / "tskd/tracking_runs.py").is_file():
+        if (a.code / "tskd/tracking/runs.py").is_file():
             cases.append("prepared")
         for case in cases:
             work = Path(tmp) / case
             work.mkdir()
             if case == "prepared":
                 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-                from tskd.tracking_runs import prepare_store
+                from tskd.tracking.runs import prepare_store
 
                 prepare_store(p)
             res = measure(specs, a.code, work)

@@ -45,12 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_methods is a s
 from bench_methods import Bench, first_review_epoch  # noqa: E402
 from bench_methods import parse_args as bench_args  # noqa: E402
 
-from tskd.config import TrainCfg, load_preset  # noqa: E402
 from tskd.data.splits import NORMALIZATION  # noqa: E402
 from tskd.distill.registry import parse_method_params  # noqa: E402
 from tskd.distill.tskd.compiled import CompileUnavailable, check_compiles  # noqa: E402
 from tskd.distill.tskd.schedule import cycle_memory_epochs, summarize_schedule  # noqa: E402
 from tskd.engine.runtime import Runtime, select_runtime  # noqa: E402
+from tskd.spec.config import TrainCfg, load_preset  # noqa: E402
 
 try:  # the GPU-resident CIFAR loader (tskd.data.device_loader), where this checkout has it
     from tskd.data.device_loader import DeviceTrainSet

@@ -65,8 +65,8 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 @pytest.fixture
 def make_spec(tiny_cifar, tmp_path):
     """Build a RunSpec for a tiny run; keyword overrides go to the spec or its recipe."""
-    from tskd.config import Cifar100Data, RecipeCfg, TrainCfg
-    from tskd.grid import RunSpec
+    from tskd.spec.config import Cifar100Data, RecipeCfg, TrainCfg
+    from tskd.spec.grid import RunSpec
 
     def make(out: str = "run", recipe: dict | None = None, **kw) -> RunSpec:
         r = {"epochs": 2, "batch_size": 50, "lr": 0.05, "milestones": [1]} | (recipe or {})

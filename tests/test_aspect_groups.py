@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tskd.config import CocoData, CocoSyntheticCfg, ParamsError, RecipeCfg
 from tskd.data import coco as family
 from tskd.data.aspect_groups import group_ids, grouped_batches
 from tskd.engine.loaders import build_run_data
+from tskd.errors import ParamsError
+from tskd.spec.config import CocoData, CocoSyntheticCfg, RecipeCfg
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
 
@@ -87,7 +88,7 @@ def test_the_loader_draws_grouped_batches_from_the_annotations_sizes(coco_root):
 
 
 def test_grouping_a_dataset_without_image_sizes_is_refused_by_key(tiny_cifar):
-    from tskd.config import Cifar100Data
+    from tskd.spec.config import Cifar100Data
 
     with pytest.raises(ParamsError, match=r"recipe.aspect_grouping: 'quantized'.*cifar100"):
         build_run_data(Cifar100Data(root=str(tiny_cifar)), _recipe(aspect_grouping="quantized"))

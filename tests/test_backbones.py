@@ -13,9 +13,9 @@ import yaml
 
 from tests.conftest import copy_repo
 from tests.test_workflow import snakemake
-from tskd.config import ParamsError, parse_preset
-from tskd.errors import TskdError
-from tskd.grid import student_jobs, student_spec, teacher_spec
+from tskd.errors import ParamsError, TskdError
+from tskd.spec.config import parse_preset
+from tskd.spec.grid import student_jobs, student_spec, teacher_spec
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = "fasterrcnn_resnet18_fpn"
@@ -60,7 +60,7 @@ def test_a_backbone_for_an_architecture_the_preset_does_not_train_is_refused():
         parse_preset(_raw({"fasterrcnn_resnet50_fpn": "x.pth"}))
     with pytest.raises(TskdError, match="backbones.fasterrcnn_resnet18_fpn: 'torchvision:NOPE': torchvision has no "
                                         "weights 'NOPE' for 'resnet18'"):
-        from tskd.grid import backbone_file
+        from tskd.spec.grid import backbone_file
 
         backbone_file(parse_preset(_raw({ARCH: "torchvision:NOPE"})), ARCH)
 
@@ -77,7 +77,7 @@ def test_snakemake_takes_the_file_as_an_input_and_refuses_a_missing_one(tmp_path
 
 
 def test_the_dvc_stages_depend_on_the_file(imagenet_file):
-    from tskd.dvc_pipeline import stages
+    from tskd.workflow.dvc_pipeline import stages
 
     raw = _raw({ARCH: str(imagenet_file)})
     all_stages = stages(parse_preset(raw), raw, "params/coco_smoke.yaml")

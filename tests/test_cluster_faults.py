@@ -270,7 +270,7 @@ def test_a_node_failing_under_a_job_costs_at_most_the_epoch_in_progress(slurm_cl
 def test_status_tells_a_queued_job_from_one_whose_waiting_rule_was_killed(slurm_cluster, tmp_path):
     """A job submitted and not started has no lock yet: `tskd status` asks SLURM's queue whether it is
     still pending (waiting) or gone with its killed Snakemake (stopped), instead of calling it running."""
-    from tskd.status import job_status
+    from tskd.workflow.status import job_status
 
     r = subprocess.run(["sbatch", "--hold", "--parsable", "--job-name", "tskd-status-test", "--wrap", "sleep 60"],
                        capture_output=True, text=True, timeout=60)

@@ -17,13 +17,13 @@ from pycocotools.coco import COCO
 from pydantic import TypeAdapter, ValidationError
 from torchvision.datasets import CocoDetection
 
-from tskd.config import CocoData, CocoSyntheticCfg, DatasetCfg, RecipeCfg
 from tskd.data import DatasetError
 from tskd.data import coco as family
 from tskd.data.families import TASK_OF
 from tskd.data.families import family as family_module
 from tskd.data.integrity import MANIFEST_NAME
 from tskd.data.synthetic_coco import CATEGORIES, write_synthetic_coco_zips
+from tskd.spec.config import CocoData, CocoSyntheticCfg, DatasetCfg, RecipeCfg
 
 # pycocotools' mask decoding under numpy 2: its warning, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")

@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 from tests.conftest import run_cli
-from tskd.config import ParamsError, load_preset
-from tskd.grid import student_jobs
-from tskd.schema import params_schema
+from tskd.errors import ParamsError
+from tskd.spec.config import load_preset
+from tskd.spec.grid import student_jobs
+from tskd.spec.schema import params_schema
 
 
 @pytest.mark.parametrize("name", ["smoke", "cifar100", "imagenet", "imagenet_smoke"])
@@ -71,7 +72,7 @@ def test_committed_schema_is_current(repo_root):
 
 def test_pair_overrides_reach_only_that_pairs_spec(repo_root):
     from tskd.distill.methods.dkd import DKDParams
-    from tskd.grid import StudentJob, student_spec
+    from tskd.spec.grid import StudentJob, student_spec
 
     p = load_preset(repo_root / "params/cifar100.yaml")
     by_pair = {pair.name: student_spec(p, StudentJob("tskd_v1", "dkd", pair, 0)).method_params for pair in p.pairs}
@@ -83,7 +84,7 @@ def test_pair_overrides_reach_only_that_pairs_spec(repo_root):
 
 
 def test_recipe_method_params_sit_between_the_preset_and_the_pair(tmp_path):
-    from tskd.grid import StudentJob, student_jobs, student_spec
+    from tskd.spec.grid import StudentJob, student_jobs, student_spec
 
     def mutate(r):
         r["recipes"]["other"] = dict(r["recipes"]["student"], methods={"kd": {"ce_weight": 0.1, "kd_weight": 0.9}})
@@ -116,7 +117,7 @@ def test_student_alone_with_conflicting_overrides_is_refused(tmp_path):
 
 
 def test_milestones_at_or_after_the_epoch():
-    from tskd.config import RecipeCfg
+    from tskd.spec.config import RecipeCfg
 
     at = RecipeCfg(epochs=240, batch_size=64, lr=0.1, milestones=[150, 180, 210])
     after = at.model_copy(update={"milestone_mode": "after"})
@@ -143,7 +144,7 @@ def test_bad_pair_override_is_named(tmp_path):
 
 def test_recipe_values_per_method(repo_root, tmp_path):
     """mdistiller's ImageNet recipe: KD, AT, DKD at batch 512 and lr 0.2, CRD and ReviewKD at 256 and 0.1."""
-    from tskd.grid import student_jobs, student_spec
+    from tskd.spec.grid import student_jobs, student_spec
 
     p = load_preset(repo_root / "params/imagenet.yaml")
     recipes = {(j.method, j.pair.student): student_spec(p, j).recipe for j in student_jobs(p)}
@@ -163,7 +164,7 @@ def test_recipe_values_per_method(repo_root, tmp_path):
 
 
 def test_linear_warmup_factor_per_step():
-    from tskd.config import RecipeCfg
+    from tskd.spec.config import RecipeCfg
 
     r = RecipeCfg(epochs=2, batch_size=2, lr=0.02, warmup_iters=1000)
     assert r.warmup_at(0) == pytest.approx(0.001) and r.warmup_at(500) == pytest.approx(0.5005)
@@ -221,7 +222,7 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path, text, expect):
 
 def test_tskd_train_refuses_a_spec_with_a_string_number_or_a_key_twice(repo_root, tmp_path):
     """What reaches `tskd train` is judged as strictly as the params file (not coerced, then trained on)."""
-    from tskd.grid import teacher_spec
+    from tskd.spec.grid import teacher_spec
 
     spec = teacher_spec(load_preset(repo_root / "params/smoke.yaml"), "resnet20").model_dump(mode="json")
     spec["out_dir"] = str(tmp_path / "run")
@@ -240,9 +241,9 @@ def test_tskd_train_refuses_a_spec_with_a_string_number_or_a_key_twice(repo_root
 def test_a_job_named_by_preset_file_and_run_directory_gets_the_grids_spec(repo_root, tmp_path):
     """What the workflow's rules pass (--preset FILE --job DIR): the job's spec is the grid's, and a
     directory that is no job of the preset is refused by name."""
-    from tskd.config import canonical_json
-    from tskd.grid import student_dir, student_spec
-    from tskd.job_spec import spec_of_job, write_preset
+    from tskd.spec.config import canonical_json
+    from tskd.spec.grid import student_dir, student_spec
+    from tskd.workflow.job_spec import spec_of_job, write_preset
 
     raw = yaml.safe_load((repo_root / "params/smoke.yaml").read_text())
     path = write_preset(raw, tmp_path)

@@ -292,8 +292,8 @@ def _own_data(root: Path, classes: int = 10, per_class: int = 4, label_shift: in
 
 def test_own_data_is_registered_with_one_command_and_keeps_its_name(tmp_path, make_spec):
     from tests.conftest import run_cli
-    from tskd.config import Cifar100Data
     from tskd.engine.trainer import train
+    from tskd.spec.config import Cifar100Data
 
     root = _own_data(tmp_path / "digits")
     with pytest.raises(IntegrityError) as e:

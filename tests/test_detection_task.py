@@ -87,7 +87,7 @@ def test_evaluate_runs_a_detector_over_a_loader_and_picks_ap(tmp_path):
 
 
 def _cpu():
-    from tskd.config import TrainCfg
+    from tskd.spec.config import TrainCfg
 
     return TrainCfg(device="cpu")
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from tskd.config import Cifar100Data, RecipeCfg
 from tskd.data.cifar import eval_transform
 from tskd.data.device_loader import DeviceTrainSet
 from tskd.engine.distributed import World
 from tskd.engine.loaders import build_run_data
+from tskd.spec.config import Cifar100Data, RecipeCfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,7 +150,7 @@ def test_rank_parts_make_up_the_single_process_batch(tiny_cifar, size):
 
 
 def test_a_batch_smaller_than_the_world_is_refused():
-    from tskd.config import ParamsError
+    from tskd.errors import ParamsError
 
     data = DeviceTrainSet(_coordinate_images(5), torch.zeros(5, dtype=torch.int64), (0.5,) * 3, (0.2,) * 3)
     with pytest.raises(ParamsError, match="cannot be shared by 3 processes"):

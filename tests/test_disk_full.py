@@ -165,8 +165,8 @@ def reference(tiny_cifar, tmp_path_factory, one_thread) -> tuple[dict, dict]:
 
 
 def _spec(root: Path, out: Path):
-    from tskd.config import Cifar100Data, RecipeCfg, TrainCfg
-    from tskd.grid import RunSpec
+    from tskd.spec.config import Cifar100Data, RecipeCfg, TrainCfg
+    from tskd.spec.grid import RunSpec
 
     return RunSpec(preset="test", role="student", method="vanilla", arch="resnet8", seed=0,
                    dataset=Cifar100Data(root=str(root)),

@@ -7,7 +7,7 @@ Fast and offline: it reads files only (no subprocess, no import of tskd's torch-
 * every repository path named in code (inline spans and fenced blocks), e.g.
   ``tskd/engine/trainer.py`` or ``slurm/local-cluster.sh``, exists; placeholders and globs
   (``*``, ``<``, ``{``, ``$``, ``...``) and what runs create (``results/``, ``data/``) are skipped;
-* every dotted reference into the package (``tskd.engine.trainer``, ``tskd.grid.RESULTS_FORMAT``)
+* every dotted reference into the package (``tskd.engine.trainer``, ``tskd.spec.grid.RESULTS_FORMAT``)
   maps to a module file, and a name after the module occurs in that module's source;
 * README.md stays short (at most 200 lines) and names the commands the Makefile and CI run.
 """
@@ -32,7 +32,7 @@ ROOT_FILES = ("Snakefile", "Makefile", "dvc.yaml", "data.dvc", "pyproject.toml",
 PLACEHOLDER = re.compile(r"[*<>{}$\[\]]|\.\.\.")
 # Paths the docs name that a command writes, not the repository: `tskd scale-preset params/cifar100.yaml`.
 GENERATED = {"params/cifar100_scale.yaml"}
-# Dotted names that look like modules but are not: an MLflow tag (tskd/tracking_journal.py, JOURNAL_TAG).
+# Dotted names that look like modules but are not: an MLflow tag (tskd/tracking/journal.py, JOURNAL_TAG).
 NOT_MODULES = {"tskd.journal"}
 
 FENCE = re.compile(r"^(\s*)(```+|~~~+)")

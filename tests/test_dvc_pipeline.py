@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from tests.conftest import run_cli
-from tskd import grid
-from tskd.config import ParamsError, canonical_json, parse_preset
-from tskd.dvc_pipeline import check_pipeline, pipeline_path, render, stages
+from tskd.errors import ParamsError
+from tskd.spec import grid
+from tskd.spec.config import canonical_json, parse_preset
+from tskd.workflow.dvc_pipeline import check_pipeline, pipeline_path, render, stages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,9 +136,9 @@ def test_declared_defaults_are_what_snakemake_reruns_for(preset, monkeypatch):
     change. A default that the params file overrides for a job reruns neither."""
     from pydantic.fields import FieldInfo
 
-    from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, Preset, RecipeCfg, TrainCfg
     from tskd.distill.registry import list_methods, method_class
-    from tskd.dvc_pipeline import code_defaults
+    from tskd.spec.config import DATASET_MODELS, SYNTHETIC_MODELS, Preset, RecipeCfg, TrainCfg
+    from tskd.workflow.dvc_pipeline import code_defaults
 
     raw = _raw(preset)
     p = parse_preset(raw)
@@ -176,9 +177,9 @@ def test_declared_defaults_are_what_snakemake_reruns_for(preset, monkeypatch):
 
 @pytest.mark.parametrize("preset", ["smoke", "ablations_smoke"])
 def test_a_new_results_format_reruns_every_run_in_both(preset, monkeypatch):
-    """What a run writes (tskd.grid.RESULTS_FORMAT) is part of every run's identity: a new version
+    """What a run writes (tskd.spec.grid.RESULTS_FORMAT) is part of every run's identity: a new version
     reruns every training and evaluation job in Snakemake, and DVC's stages declare it."""
-    from tskd.dvc_pipeline import code_defaults
+    from tskd.workflow.dvc_pipeline import code_defaults
 
     raw = _raw(preset)
     p = parse_preset(raw)
@@ -192,7 +193,7 @@ def test_a_new_results_format_reruns_every_run_in_both(preset, monkeypatch):
 
 
 def test_stale_pipeline_names_the_stages_and_the_fix(tmp_path):
-    from tskd.dvc_pipeline import DEFAULTS_FILE, render_defaults
+    from tskd.workflow.dvc_pipeline import DEFAULTS_FILE, render_defaults
 
     (tmp_path / "params").mkdir()
     raw = _raw("smoke")
@@ -245,7 +246,7 @@ def _cache_object(root: Path, data: bytes) -> tuple[str, Path]:
 
 
 def test_verify_names_corrupt_cache_files_and_differing_outputs(tmp_path):
-    from tskd.dvc_verify import remove_corrupt, verify
+    from tskd.workflow.dvc_verify import remove_corrupt, verify
 
     good, bad = b"model weights", b"metrics"
     md5_good, _ = _cache_object(tmp_path, good)

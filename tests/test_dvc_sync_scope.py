@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import copy_repo, run_cli
-from tskd.dvc_pipeline import load_raw, pipeline_path, render
+from tskd.workflow.dvc_pipeline import load_raw, pipeline_path, render
 
 BIN = str(Path(sys.executable).parent)  # dvc and snakemake of this environment
 SMOKE, ABL = "params/smoke.yaml", "params/ablations_smoke.yaml"
@@ -61,7 +61,7 @@ def repo(tmp_path_factory) -> Path:
 
 
 def test_verify_picks_stages_by_pipeline_and_name(repo):
-    from tskd.dvc_verify import verify
+    from tskd.workflow.dvc_verify import verify
 
     assert verify(repo, only={("dvc.yaml", "data"), ("dvc.yaml", "report")}) == []
     problems = verify(repo, only={(ABL_PIPELINE, "data")})

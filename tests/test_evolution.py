@@ -1,4 +1,4 @@
-"""Feature-map evolution (tskd.evolution, tskd.distill.tskd.evolution): a TSKD run's attention maps of
+"""Feature-map evolution (tskd.engine.evolution, tskd.distill.tskd.evolution): a TSKD run's attention maps of
 fixed test images at each memory node, in evolution.npz; that following them changes no number of the
 run; that a resumed run ends with the same file; and the grid the report draws of it."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tskd.distill.tskd.attention import attention_map
+from tskd.engine.evolution import EVOLUTION_FILE, read_evolution, watched_indices
 from tskd.engine.loaders import build_run_data
-from tskd.evolution import EVOLUTION_FILE, read_evolution, watched_indices
 from tskd.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -102,7 +102,7 @@ def test_a_resumed_run_writes_the_same_evolution(make_spec, teacher_path, monkey
 
 
 def test_long_runs_show_evenly_spaced_nodes():
-    from tskd.plots.evolution import shown_nodes
+    from tskd.reporting.plots.evolution import shown_nodes
 
     assert shown_nodes(5) == [0, 1, 2, 3, 4]
     picked = shown_nodes(36)  # 240 epochs, delta 5, k 3
@@ -114,7 +114,7 @@ def test_the_grid_puts_each_map_in_its_cell_on_its_rows_scale():
     # last), coloured on the row's own scale from 0 to the row's largest value.
     from matplotlib import colormaps
 
-    from tskd.plots.evolution import CELL, GAP, evolution_grid
+    from tskd.reporting.plots.evolution import CELL, GAP, evolution_grid
 
     maps = np.zeros((2, 1, 4, 4), dtype=np.float16)  # 2 nodes, 1 image, 4x4 maps
     maps[1, 0] = 1.0

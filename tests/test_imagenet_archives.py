@@ -12,11 +12,11 @@ import torch
 import torchvision.datasets.imagenet as tv_imagenet
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-from tskd.config import ImageNetData, RecipeCfg
 from tskd.data import DatasetError
 from tskd.data import imagenet as family
 from tskd.data.imagenet_archives import DEVKIT, TRAIN, VAL, val_wnids, write_imagenet_archives
 from tskd.data.synthetic_imagenet import wnid
+from tskd.spec.config import ImageNetData, RecipeCfg
 
 ARGS = {"seed": 0, "classes": 3, "train_per_class": 4, "val_per_class": 2, "image_size": 16}
 WNIDS = [wnid(c) for c in range(ARGS["classes"])]

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torchvision.datasets import ImageNet
 
-from tskd.config import ImageNetData, ParamsError, RecipeCfg, parse_preset
 from tskd.data import DatasetError
 from tskd.data import imagenet as family
 from tskd.data.synthetic_imagenet import write_synthetic_imagenet
+from tskd.errors import ParamsError
+from tskd.spec.config import ImageNetData, RecipeCfg, parse_preset
 
 SYNTH = {"seed": 0, "classes": 4, "train_per_class": 3, "val_per_class": 2, "image_size": 40}
 RECIPE = RecipeCfg(epochs=1, batch_size=6, lr=0.05, normalization="imagenet")

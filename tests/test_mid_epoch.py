@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tskd.config import TrainCfg
 from tskd.engine.trainer import train
+from tskd.spec.config import TrainCfg
 
 
 def _partial(path: Path) -> tuple[int, int]:
@@ -36,7 +36,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_bits(make_spec, tiny_cifar, 
     """CRD (random negatives every step, a memory bank, a Z fixed from the first batch) with
     augmentation: the data order, each image's crop and flip, the random streams and the epoch's
     running sums must all continue where the killed run stopped."""
-    from tskd.config import Cifar100Data
+    from tskd.spec.config import Cifar100Data
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
     train(teacher, track=False)
@@ -76,7 +76,7 @@ def test_loader_workers_change_nothing(make_spec, tiny_cifar):
     """Each image's crop and flip come from (epoch seed, image index), whichever process reads it:
     2 persistent worker processes give the bits of the main process, so num_workers is no part of a
     run's identity."""
-    from tskd.config import Cifar100Data
+    from tskd.spec.config import Cifar100Data
 
     runs = [train(make_spec(out=f"w{w}", dataset=Cifar100Data(root=str(tiny_cifar), num_workers=w),
                             recipe={"epochs": 2, "milestones": []}), track=False) for w in (0, 2)]
@@ -94,7 +94,7 @@ def test_checkpoint_settings_do_not_change_a_runs_identity(make_spec):
 def _nan_on_rank_one(rank: int, port: int, spec_json: str, out: str) -> None:
     from tskd.engine.distributed import World
     from tskd.engine.trainer import Trainer, TrainingError
-    from tskd.grid import RunSpec
+    from tskd.spec.grid import RunSpec
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist

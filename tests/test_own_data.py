@@ -54,7 +54,7 @@ def test_the_example_writes_what_the_reader_reads_and_the_same_bytes_for_a_seed(
 
 
 def test_the_example_preset_is_valid_and_reads_the_example_root():
-    from tskd.config import load_preset
+    from tskd.spec.config import load_preset
 
     p = load_preset(EXAMPLE / "preset.yaml")
     assert p.dataset.name == "cifar100" and p.dataset.root == "data/shapes" and p.dataset.synthetic is None
@@ -81,7 +81,7 @@ def test_the_register_message_fits_a_terminal_and_gives_the_command_on_its_own_l
 def test_the_register_command_survives_the_one_line_a_workflow_job_prints(tmp_path):
     """Under Snakemake (`tskd --log`) the terminal gets the message as one line of at most
     MAX_LINE characters: with an absolute root the command is still whole in it."""
-    from tskd.joblog import MAX_LINE, one_line
+    from tskd.workflow.joblog import MAX_LINE, one_line
 
     root = tmp_path / "projects" / "my-lab" / "datasets" / "shapes"
     msg = _unregistered_error(root)

@@ -1,5 +1,5 @@
-"""Paired statistics over seeds (tskd.paired) and the report's section built on them
-(tskd.report_paired): checked against scipy's own paired t-test and the textbook sample sizes."""
+"""Paired statistics over seeds (tskd.reporting.paired) and the report's section built on them
+(tskd.reporting.report_paired): checked against scipy's own paired t-test and the textbook sample sizes."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import yaml
 from scipy import stats
 
-from tskd.config import parse_preset
-from tskd.paired import paired_difference, pooled_sd, power, seeds_needed
-from tskd.report import format_markdown, summaries
-from tskd.report_paired import comparisons, paired_tables, parent_metrics, record
+from tskd.reporting.paired import paired_difference, pooled_sd, power, seeds_needed
+from tskd.reporting.report import format_markdown, summaries
+from tskd.reporting.report_paired import comparisons, paired_tables, parent_metrics, record
+from tskd.spec.config import parse_preset
 
 REPO = Path(__file__).resolve().parents[1]
 KD = [70.0, 71.5, 69.2, 70.8]
@@ -71,7 +71,7 @@ def _preset(tmp_path, by_method: dict | None = None):
 
 def _figures(v: float) -> dict:
     """Every figure column of a row (as collect_rows writes them), all at ``v``."""
-    from tskd.report import figure_columns
+    from tskd.reporting.report import figure_columns
     from tskd.tasks import task_of
 
     return {k: (1 if k.endswith("epoch") else v) for k in figure_columns(task_of("cifar100"))}
@@ -122,7 +122,7 @@ def test_report_files_carry_the_comparison(tmp_path):
     """write_report on a result tree: report.csv's rows carry their group's comparison; the DVC
     summary file too."""
     from tests.test_report import _tskd_preset, _write_tskd_runs
-    from tskd.report import write_report
+    from tskd.reporting.report import write_report
 
     p = _tskd_preset(tmp_path)
     _write_tskd_runs(p, teacher_top1=60.0)  # tskd = kd + 1 and kd = student alone + 2 on each seed

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_report import _tskd_preset, _write_tskd_runs
-from tskd.plots import read_runs
+from tskd.reporting.plots import read_runs
 from tskd.tasks import task_of
 
 
@@ -31,7 +31,7 @@ def _draw(fig):
 
 
 def test_methods_are_told_apart_and_the_legend_covers_no_line(drawn):
-    from tskd.plots.curves import main_figure
+    from tskd.reporting.plots.curves import main_figure
 
     p, runs, task = drawn
     fig = main_figure(p, runs, task, "student", "resnet20-resnet8")
@@ -47,7 +47,7 @@ def test_methods_are_told_apart_and_the_legend_covers_no_line(drawn):
 
 
 def test_the_student_alone_is_named_by_its_network_not_a_pair(drawn):
-    from tskd.plots.curves import losses_figure
+    from tskd.reporting.plots.curves import losses_figure
 
     p, runs, task = drawn
     fig = losses_figure(p, runs, task, "student", "vanilla")
@@ -56,7 +56,7 @@ def test_the_student_alone_is_named_by_its_network_not_a_pair(drawn):
 
 
 def test_colour_bar_labels_stay_clear_of_the_next_panel(drawn):
-    from tskd.plots.attention import attention_figure
+    from tskd.reporting.plots.attention import attention_figure
 
     p, runs, _ = drawn
     # Scales as a real review step has them: increments of a few thousandths, a forecast of either
@@ -80,7 +80,7 @@ def test_colour_bar_labels_stay_clear_of_the_next_panel(drawn):
 
 
 def test_a_single_review_epoch_is_a_point_on_an_integer_epoch(drawn):
-    from tskd.plots.curves import review_figure
+    from tskd.reporting.plots.curves import review_figure
 
     p, runs, _ = drawn
     fig = review_figure(p, runs, "student")

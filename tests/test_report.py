@@ -10,9 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from tskd.config import parse_preset
-from tskd.grid import student_dir, student_jobs, teacher_dir
-from tskd.report import summaries, write_report
+from tskd.reporting.report import summaries, write_report
+from tskd.spec.config import parse_preset
+from tskd.spec.grid import student_dir, student_jobs, teacher_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def _history(offset: float, val: bool) -> list[dict]:
 
 def _metrics(history: list[dict], val: bool) -> dict:
     from tskd.engine.trainer import summarize
-    from tskd.grid import RunSpec
+    from tskd.spec.grid import RunSpec
 
     spec = RunSpec.model_validate({
         "preset": "t", "role": "student", "method": "kd", "arch": "resnet8", "seed": 0,
@@ -96,7 +96,7 @@ def test_selected_epoch_is_reported_with_a_validation_split(tmp_path):
 
 
 def test_published_numbers_beside_ours_only_on_the_official_data(tmp_path):
-    from tskd.report import collect_rows, format_markdown
+    from tskd.reporting.report import collect_rows, format_markdown
 
     raw = yaml.safe_load((REPO / "params/cifar100.yaml").read_text())
     raw.update(results_dir=str(tmp_path / "results"), seeds=[0], student_recipes=["mdistiller"],
@@ -143,7 +143,7 @@ def _write_evolution(d) -> None:
     import numpy as np
     import torch
 
-    from tskd.evolution import write_evolution
+    from tskd.engine.evolution import write_evolution
 
     ramp = torch.linspace(0, 1, 64).view(8, 8)
     records = [{"epoch": e, "label": f"M{e}", "maps": {"tap0": torch.stack([ramp * e, ramp.T * e])}} for e in (1, 2)]
@@ -171,7 +171,7 @@ def _write_tskd_runs(p, teacher_top1: float) -> None:
 
 
 def test_report_in_the_papers_shape_with_delta_to_kd_and_plots(tmp_path):
-    from tskd.plots import plot_files
+    from tskd.reporting.plots import plot_files
 
     p = _tskd_preset(tmp_path)
     _write_tskd_runs(p, teacher_top1=60.0)
@@ -225,7 +225,7 @@ def test_report_warns_when_a_teacher_is_within_its_students_seed_spread(tmp_path
 
 
 def test_losses_plot_has_every_term_of_the_method(tmp_path):
-    from tskd.plots.curves import loss_terms
+    from tskd.reporting.plots.curves import loss_terms
     from tskd.tasks import task_of
 
     runs = [{"history": _train_history(0, True)}]
@@ -271,7 +271,7 @@ def test_report_gives_each_networks_size_and_each_methods_cost(tmp_path):
 def test_report_reads_the_preset_from_a_json_file_and_writes_one_html_page(tmp_path):
     # What the workflow's report rule runs: the preset in its own order from a file, not the command line.
     from tests.conftest import run_cli
-    from tskd.job_spec import write_report_preset
+    from tskd.workflow.job_spec import write_report_preset
 
     p = _tskd_preset(tmp_path)
     _write_tskd_runs(p, 60.0)

@@ -94,7 +94,7 @@ def test_a_job_started_after_its_twin_finished_takes_the_result(make_spec, tmp_p
 
 
 def test_status_tells_a_job_killed_from_outside_from_a_running_one(make_spec, tmp_path):
-    from tskd.status import format_status, job_status
+    from tskd.workflow.status import format_status, job_status
 
     spec = make_spec(recipe={"epochs": 50, "milestones": []})
     out, log = Path(spec.out_dir), tmp_path / "job.log"

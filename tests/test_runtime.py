@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from tskd.config import ParamsError, TrainCfg
 from tskd.engine.runtime import Runtime, select_runtime
+from tskd.errors import ParamsError
+from tskd.spec.config import TrainCfg
 
 
 @pytest.fixture(autouse=True)

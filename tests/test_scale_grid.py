@@ -45,7 +45,7 @@ def test_the_reduced_grid_runs_every_job_on_slurm(rehearsal):
 
 def test_a_waiting_launcher_stays_light(rehearsal):
     # `tskd train --launch` only submits and waits: it never imports torch (~500 MB a process), so a
-    # login node can hold hundreds in flight (tskd.job_spec.spec_of_job_light)
+    # login node can hold hundreds in flight (tskd.workflow.job_spec.spec_of_job_light)
     peak = rehearsal["login_side_at_peak"]
     assert peak and peak["launchers"] >= 2, rehearsal["output"]
     assert peak["launcher_rss_mb_each"] < 150, peak

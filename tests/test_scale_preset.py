@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from tests.conftest import run_cli
-from tskd.config import load_preset, parse_preset
-from tskd.grid import student_jobs, student_spec, teacher_spec
-from tskd.params_yaml import read_params_yaml
-from tskd.scale_preset import ScaleError, derive, job_counts, scaled_milestones
+from tskd.spec.config import load_preset, parse_preset
+from tskd.spec.grid import student_jobs, student_spec, teacher_spec
+from tskd.spec.params_yaml import read_params_yaml
+from tskd.spec.scale_preset import ScaleError, derive, job_counts, scaled_milestones
 
 REPO = Path(__file__).resolve().parents[1]
 

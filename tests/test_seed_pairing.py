@@ -1,6 +1,6 @@
 """Seeds pair across methods: with seed s, every method of a pair starts from the same student
 initialisation and sees the same images in the same order, augmentation included. The report's
-paired statistics (tskd.paired) rest on it; a method whose own modules (connectors, embeddings,
+paired statistics (tskd.reporting.paired) rest on it; a method whose own modules (connectors, embeddings,
 forecasters) drew from the seed's stream before the student, or whose training consumed the random
 stream that the data order reads, would break it."""
 

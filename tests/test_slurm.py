@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from tests.conftest import copy_repo, run_cli
-from tskd.config import ParamsError
+from tskd.errors import ParamsError
 
 pytest_plugins = ["tests.slurm_fixtures"]  # the slurm_cluster fixture
 
@@ -163,7 +163,7 @@ def test_bad_cluster_values_fail_before_submission(slurm_cluster, make_spec, tmp
 
 
 def test_failing_job_names_job_and_log(slurm_cluster, make_spec, tmp_path):
-    from tskd.config import Cifar100Data
+    from tskd.spec.config import Cifar100Data
 
     # Bad params that only the node can find out: the dataset directory is missing there.
     missing = tmp_path / "no-such-cifar"
@@ -368,9 +368,9 @@ def test_smoke_dag_under_profile_trains_on_slurm_and_reports_the_local_numbers(d
         assert _sacct(job, "State") == ["COMPLETED"], job
 
     # Every run went to the MLflow server (MariaDB): params, metrics, artifacts, parents.
-    from tskd.config import parse_preset
-    from tskd.tracking import flatten
-    from tskd.tracking_runs import grid_specs, run_name
+    from tskd.spec.config import parse_preset
+    from tskd.tracking.runs import grid_specs, run_name
+    from tskd.tracking.store import flatten
 
     client = MlflowClient(tracking_uri=dag["tracking"])
     exp = client.get_experiment_by_name(dag["params"]["tracking"]["experiment"]).experiment_id

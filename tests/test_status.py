@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tskd.status import format_status, job_status
+from tskd.workflow.status import format_status, job_status
 
 
 def test_a_run_with_a_checkpoint_is_running_with_its_epoch_and_eta(make_spec, tmp_path, one_thread):

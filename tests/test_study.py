@@ -1,4 +1,4 @@
-"""The ablation study (tskd.study): each TSKD variant against the default TSKD, paired over seeds, in
+"""The ablation study (tskd.reporting.study): each TSKD variant against the default TSKD, paired over seeds, in
 study.md / study.csv and three plots, with each entry's time ÷ KD's; and the ablations_smoke study end
 to end through Snakemake."""
 
@@ -17,14 +17,14 @@ from scipy import stats
 from tests.conftest import copy_repo
 from tests.test_report import _metrics, _train_history
 from tests.test_workflow import snakemake
-from tskd.config import VARIANT_KEY, load_preset, parse_preset
 from tskd.distill.tskd.schedule import summarize_schedule
-from tskd.dvc_pipeline import stages
-from tskd.evolution import EVOLUTION_FILE, read_evolution
-from tskd.grid import student_dir, student_jobs, teacher_dir
-from tskd.plots.runs import read_runs
-from tskd.report import write_report
-from tskd.study import cost_panels, study_files, study_rows, tskd_params, varied_only_in
+from tskd.engine.evolution import EVOLUTION_FILE, read_evolution
+from tskd.reporting.plots.runs import read_runs
+from tskd.reporting.report import write_report
+from tskd.reporting.study import cost_panels, study_files, study_rows, tskd_params, varied_only_in
+from tskd.spec.config import VARIANT_KEY, load_preset, parse_preset
+from tskd.spec.grid import student_dir, student_jobs, teacher_dir
+from tskd.workflow.dvc_pipeline import stages
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -47,10 +47,10 @@ def top5_task(monkeypatch):
 
 
 def test_the_loop_and_the_report_follow_the_task(top5_task, make_spec, tmp_path):
-    from tskd.config import parse_preset
     from tskd.engine.trainer import train
-    from tskd.grid import student_dir, student_jobs, teacher_dir
-    from tskd.report import write_report
+    from tskd.reporting.report import write_report
+    from tskd.spec.config import parse_preset
+    from tskd.spec.grid import student_dir, student_jobs, teacher_dir
 
     m = train(make_spec(recipe={"epochs": 3, "milestones": [], "lr": 0.2}), track=False)
     h = m["history"]

@@ -12,7 +12,7 @@ from tests.mlflow_server import mlflow_server
 
 
 def _smoke(repo_root: Path, tmp_path: Path):
-    from tskd.config import load_preset
+    from tskd.spec.config import load_preset
 
     p = load_preset(repo_root / "params/smoke.yaml")
     return p.model_copy(update={"results_dir": str(tmp_path / "results")})
@@ -27,7 +27,8 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
     from mlflow.tracking import MlflowClient
 
     from tskd.engine.trainer import train
-    from tskd.tracking_runs import prepare_store, summarize_parents
+    from tskd.reporting.publish import summarize_parents
+    from tskd.tracking.runs import prepare_store
 
     p = _smoke(repo_root, tmp_path)
     parents = prepare_store(p)  # what the DAG's onstart does
@@ -104,7 +105,7 @@ def test_a_resume_while_the_server_is_down_makes_no_second_run(make_spec, tmp_pa
     from mlflow.tracking import MlflowClient
 
     from tskd.engine.trainer import Trainer, train
-    from tskd.tracking_journal import sync_dirs
+    from tskd.tracking.journal import sync_dirs
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     spec = make_spec(recipe={"epochs": 2, "milestones": []})
@@ -134,7 +135,7 @@ def _log_at_once(uri: str, run_id: str, barrier) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from tskd.tracking_runs import log_dataset
+    from tskd.tracking.runs import log_dataset
 
     logging.disable(logging.CRITICAL)
     client = MlflowClient(uri)

@@ -23,14 +23,14 @@ pytestmark = pytest.mark.slow
 
 
 def _journal(out: Path):
-    from tskd.tracking_journal import Journal
+    from tskd.tracking.journal import Journal
 
     (j,) = Journal.all_in(out)
     return j
 
 
 def _applied(out: Path) -> int:
-    from tskd.tracking_journal import Journal
+    from tskd.tracking.journal import Journal
 
     return sum(j.state().get("applied", 0) for j in Journal.all_in(out))
 
@@ -168,7 +168,7 @@ def test_a_server_that_never_answers_costs_bounded_time_and_loses_nothing(make_s
     silent = _Silent()
     try:
         t0 = time.monotonic()
-        # 3 s a request instead of the jobs' 10 (tskd.tracking_journal.JOB_HTTP_DEFAULTS), to keep the test short.
+        # 3 s a request instead of the jobs' 10 (tskd.tracking.journal.JOB_HTTP_DEFAULTS), to keep the test short.
         r = run_cli("train", "--spec", spec.model_dump_json(),
                     env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{silent.port}", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
         took = time.monotonic() - t0
@@ -191,7 +191,7 @@ def test_applying_again_after_a_lost_answer_makes_no_second_run(make_spec, mlflo
     from mlflow.tracking import MlflowClient
 
     from tskd.engine.trainer import train
-    from tskd.tracking_journal import apply
+    from tskd.tracking.journal import apply
 
     spec = make_spec(recipe={"epochs": 1, "milestones": []})
     train(spec)
@@ -208,7 +208,7 @@ def test_applying_again_after_a_lost_answer_makes_no_second_run(make_spec, mlflo
 def test_http_limits_of_a_job_bound_a_request_and_leave_a_users_own_settings(monkeypatch):
     """While a job applies its records, a request is bounded; the user's own settings win, and nothing
     else in the process sees the job's limits."""
-    from tskd.tracking_journal import JOB_HTTP_DEFAULTS, job_http_limits
+    from tskd.tracking.journal import JOB_HTTP_DEFAULTS, job_http_limits
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
@@ -229,7 +229,7 @@ def test_sync_refuses_a_directory_that_does_not_exist(tmp_path):
 def test_a_journal_that_cannot_be_written_never_fails_the_run(tmp_path, caplog):
     """A full disk (here: the journal's path taken by a directory) loses the record, not the run: the
     error the run meets elsewhere stays its own."""
-    from tskd.tracking_journal import Journal, JournaledRun
+    from tskd.tracking.journal import Journal, JournaledRun
 
     j = Journal.begin(tmp_path)
     j.path.mkdir()

@@ -13,8 +13,9 @@ from tests.test_report import _tskd_preset, _write_tskd_runs
 def test_parents_carry_their_plots_and_a_summary_run_carries_the_report(tmp_path, mlflow_uri, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from tskd.report import write_report
-    from tskd.tracking_runs import log_report, prepare_store
+    from tskd.reporting.publish import log_report
+    from tskd.reporting.report import write_report
+    from tskd.tracking.runs import prepare_store
 
     p = _tskd_preset(tmp_path)
     parents = prepare_store(p)  # the DAG's set-up: the experiment and a parent per group

@@ -257,7 +257,7 @@ def test_teacher_file_of_another_architecture_is_refused(make_spec, tmp_path):
 
 
 def test_missing_dataset_directory_is_named(make_spec, tmp_path):
-    from tskd.config import Cifar100Data
+    from tskd.spec.config import Cifar100Data
 
     missing = tmp_path / "no-such-cifar"
     spec = make_spec(dataset=Cifar100Data(root=str(missing)))

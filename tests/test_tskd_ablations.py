@@ -126,8 +126,8 @@ def test_predictability_in_the_history_mlflow_and_a_mid_epoch_resume(make_spec, 
     epoch resumes to the same history, monitors included; last_increment trains end to end."""
     from mlflow.tracking import MlflowClient
 
-    from tskd.config import TrainCfg
     from tskd.engine import trainer as trainer_mod
+    from tskd.spec.config import TrainCfg
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
     trainer_mod.train(teacher, track=False)

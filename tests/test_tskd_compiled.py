@@ -68,8 +68,8 @@ def test_train_compile_trains_the_same_network(make_spec):
     rounding) and the exported model has the architecture's own state_dict keys."""
     from pathlib import Path
 
-    from tskd.config import TrainCfg
     from tskd.engine.trainer import train
+    from tskd.spec.config import TrainCfg
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
     train(teacher, track=False)

@@ -10,10 +10,11 @@ import yaml
 
 from tests.conftest import copy_repo
 from tests.test_workflow import snakemake
-from tskd import tracking_runs as tr
-from tskd.config import ParamsError, load_preset, parse_preset
-from tskd.dvc_pipeline import stages
-from tskd.grid import student_dir, student_jobs, student_spec
+from tskd.errors import ParamsError
+from tskd.spec.config import load_preset, parse_preset
+from tskd.spec.grid import student_dir, student_jobs, student_spec
+from tskd.tracking import runs as tr
+from tskd.workflow.dvc_pipeline import stages
 
 SMOKE = Path(__file__).parents[1] / "params/smoke.yaml"
 

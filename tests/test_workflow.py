@@ -51,8 +51,8 @@ def smoke_repo(tmp_path_factory) -> Path:
 def test_smoke_dag_produces_report_and_mlflow_runs(smoke_repo):
     from mlflow.tracking import MlflowClient
 
-    from tskd.config import load_preset
-    from tskd.grid import student_jobs
+    from tskd.spec.config import load_preset
+    from tskd.spec.grid import student_jobs
 
     p = load_preset(smoke_repo / "params/smoke.yaml")
     rows = list(csv.DictReader((smoke_repo / "results/smoke/report.csv").open()))
@@ -97,8 +97,8 @@ def test_smoke_dag_produces_report_and_mlflow_runs(smoke_repo):
 def test_smoke_report_and_plots_show_every_method(smoke_repo):
     """report.md in the preset's order with its plots; `snakemake --report` and `dvc plots show`
     hold every plot and every method, TSKD included."""
-    from tskd.config import load_preset
-    from tskd.plots import plot_files
+    from tskd.reporting.plots import plot_files
+    from tskd.spec.config import load_preset
 
     p = load_preset(smoke_repo / "params/smoke.yaml")
     md = (smoke_repo / "results/smoke/report.md").read_text()
@@ -184,8 +184,8 @@ def test_changing_a_kd_value_reruns_only_kd_jobs(smoke_repo):
 
 def test_cifar100_dry_run_lists_every_job_without_data(tmp_path):
     """`snakemake -n` on the paper's grid needs no dataset: every job of the grid is listed."""
-    from tskd.config import load_preset
-    from tskd.grid import student_jobs
+    from tskd.spec.config import load_preset
+    from tskd.spec.grid import student_jobs
 
     repo = copy_repo(tmp_path)
     p = load_preset(repo / "params/cifar100.yaml")
@@ -243,8 +243,8 @@ def test_imagenet_smoke_dag_runs_every_method_on_both_pairs(tmp_path):
     """The ImageNet grid's shape end to end on the tiny synthetic ImageNet (real layout), on CPU."""
     from mlflow.tracking import MlflowClient
 
-    from tskd.config import load_preset
-    from tskd.grid import student_jobs
+    from tskd.spec.config import load_preset
+    from tskd.spec.grid import student_jobs
 
     repo = copy_repo(tmp_path / "repo")
     snakemake(repo, "--configfile", "params/imagenet_smoke.yaml")
@@ -273,8 +273,8 @@ def test_coco_smoke_dag_trains_detectors_and_scores_them_with_cocoeval(tmp_path)
     a Faster R-CNN teacher learns (box AP > 0), every method distils from it, COCOeval scores all."""
     from mlflow.tracking import MlflowClient
 
-    from tskd.config import load_preset
-    from tskd.grid import student_jobs, teacher_dir
+    from tskd.spec.config import load_preset
+    from tskd.spec.grid import student_jobs, teacher_dir
 
     repo = copy_repo(tmp_path / "repo")
     snakemake(repo, "--configfile", "params/coco_smoke.yaml")
@@ -303,8 +303,8 @@ def test_coco_smoke_dag_trains_detectors_and_scores_them_with_cocoeval(tmp_path)
 
 
 def test_imagenet_dry_run_lists_every_job_without_data(tmp_path):
-    from tskd.config import load_preset
-    from tskd.grid import student_jobs
+    from tskd.spec.config import load_preset
+    from tskd.spec.grid import student_jobs
 
     repo = copy_repo(tmp_path)
     p = load_preset(repo / "params/imagenet.yaml")
@@ -343,9 +343,9 @@ def test_mlflow_server_finds_every_run_by_its_tags_and_the_ui_lists_them(smoke_r
     tags, with every param of its identity; in a real browser, the experiment page lists the groups
     and a run's page its name."""
     from tests.mlflow_server import mlflow_server
-    from tskd.config import load_preset
-    from tskd.tracking import flatten
-    from tskd.tracking_runs import grid_specs, group_name, pair_label, run_name
+    from tskd.spec.config import load_preset
+    from tskd.tracking.runs import grid_specs, group_name, pair_label, run_name
+    from tskd.tracking.store import flatten
 
     p = load_preset(smoke_repo / "params/smoke.yaml")
     p = p.model_copy(update={"results_dir": str(smoke_repo / "results")})

@@ -12,7 +12,19 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tskd.errors import TskdError
+from tskd.data.prepare import prepare_dataset
+from tskd.errors import ParamsError, TskdError
+from tskd.io import atomic_write_text
+from tskd.spec.config import DatasetCfg, format_validation_error, load_preset, parse_preset
+from tskd.spec.grid import RunSpec, merge_parts, student_jobs
+from tskd.spec.params_yaml import DuplicateKeyError, loads_json, read_params_yaml, validate_strict
+from tskd.spec.scale_preset import derive, job_counts
+from tskd.spec.schema import write_schema
+from tskd.tracking.journal import grid_dirs, sync_dirs
+from tskd.workflow.dvc_verify import remove_corrupt, verify
+from tskd.workflow.job_spec import spec_of_job, spec_of_job_light
+from tskd.workflow.joblog import one_line, redirect_to_log
+from tskd.workflow.status import format_status, preset_status, watch
 
 
 class UsageError(TskdError):
@@ -20,9 +32,6 @@ class UsageError(TskdError):
 
 
 def _parse(model, data, source: str):
-    from tskd.config import ParamsError, format_validation_error
-    from tskd.params_yaml import validate_strict
-
     try:
         return validate_strict(model, data)
     except ValidationError as e:
@@ -30,9 +39,6 @@ def _parse(model, data, source: str):
 
 
 def _json(text: str, source: str):
-    from tskd.config import ParamsError
-    from tskd.params_yaml import DuplicateKeyError, loads_json
-
     try:
         return loads_json(text)
     except (json.JSONDecodeError, DuplicateKeyError) as e:
@@ -41,12 +47,9 @@ def _json(text: str, source: str):
 
 def _spec(a):
     """The run spec: ``--spec`` (a whole spec, or its identity) with ``--place`` (its placement)."""
-    from tskd.grid import RunSpec, merge_parts
-
     if getattr(a, "job", None) or getattr(a, "preset", None):
         if not (a.job and a.preset) or a.spec:
             raise UsageError("give --preset FILE and --job DIR together, or --spec (and --place)")
-        from tskd.job_spec import spec_of_job
 
         return spec_of_job(a.preset, a.job)
     if not a.spec:
@@ -62,7 +65,7 @@ def _launch_settings(a, spec):
     None (this process) without a file. Snakemake passes an empty ``--launch=`` for local runs."""
     if not a.launch:
         return None
-    from tskd.launch import load_settings
+    from tskd.launch import load_settings  # lazy: submitit
 
     return load_settings(a.launch, a.launch_rule or spec.role)
 
@@ -70,12 +73,11 @@ def _launch_settings(a, spec):
 def _launched_spec(a):
     """The spec, with its task's main figure (name, label), for ``train``/``import-teacher``."""
     if a.launch and a.job and a.preset and not a.spec:
-        # Submitted (SLURM, local): this process only waits, so it never imports torch (tskd.job_spec).
-        from tskd.job_spec import spec_of_job_light
+        # Submitted (SLURM, local): this process only waits, so it never imports torch (tskd.workflow.job_spec).
 
         spec, figure = spec_of_job_light(a.preset, a.job)
         return spec, figure["best"], figure["label"]
-    from tskd.tasks import task_of
+    from tskd.tasks import task_of  # lazy: torch
 
     spec = _spec(a)
     task = task_of(spec.dataset.name)
@@ -83,7 +85,7 @@ def _launched_spec(a):
 
 
 def cmd_train(a) -> None:
-    from tskd.launch import launch
+    from tskd.launch import launch  # lazy: submitit
 
     spec, best, label = _launched_spec(a)
     m = launch(spec, _launch_settings(a, spec), "train", track=not a.no_track)
@@ -92,14 +94,14 @@ def cmd_train(a) -> None:
 
 
 def cmd_evaluate(a) -> None:
-    from tskd.engine.eval_run import evaluate_model_file
+    from tskd.engine.eval_run import evaluate_model_file  # lazy: torch
 
     res = evaluate_model_file(_spec(a), Path(a.model), Path(a.out))
     print(f"{a.model}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items() if isinstance(v, float)))
 
 
 def cmd_import_teacher(a) -> None:
-    from tskd.launch import launch
+    from tskd.launch import launch  # lazy: submitit
 
     spec, best, label = _launched_spec(a)
     res = launch(spec, _launch_settings(a, spec), "import-teacher", checkpoint=str(Path(a.checkpoint)))
@@ -107,7 +109,7 @@ def cmd_import_teacher(a) -> None:
 
 
 def cmd_data_synth(a) -> None:
-    from tskd.data.synthetic import write_synthetic_cifar100
+    from tskd.data.synthetic import write_synthetic_cifar100  # lazy: numpy
 
     path = write_synthetic_cifar100(Path(a.root), seed=a.seed, train_per_class=a.train_per_class,
                                     test_per_class=a.test_per_class)
@@ -115,7 +117,7 @@ def cmd_data_synth(a) -> None:
 
 
 def cmd_data_register(a) -> None:
-    from tskd.data.cifar import register_cifar100_layout
+    from tskd.data.cifar import register_cifar100_layout  # lazy: torch
 
     info = register_cifar100_layout(Path(a.root), a.name)
     print(f"registered {info['folder']} as {info['registered_as']!r}: {info['classes']} classes, "
@@ -125,24 +127,18 @@ def cmd_data_register(a) -> None:
 def cmd_data_prepare(a) -> None:
     from pydantic import TypeAdapter
 
-    from tskd.config import DatasetCfg
-    from tskd.data.prepare import prepare_dataset
-
     try:
         ds = TypeAdapter(DatasetCfg).validate_python(_json(a.dataset, "--dataset").get("dataset"))
     except ValidationError as e:
-        from tskd.config import ParamsError, format_validation_error
-
         raise ParamsError(format_validation_error(e, "--dataset")) from None
     info = prepare_dataset(ds, Path(a.marker))
     print(f"dataset ready: {info}")
 
 
 def cmd_report(a) -> None:
-    from tskd.config import load_preset, parse_preset
-    from tskd.report import collect_rows, write_report
-    from tskd.report_paired import comparisons, parent_metrics
-    from tskd.tracking_runs import summarize_after_report
+    from tskd.reporting.publish import summarize_after_report  # lazy: torch
+    from tskd.reporting.report import collect_rows, write_report  # lazy: torch
+    from tskd.reporting.report_paired import comparisons, parent_metrics  # lazy: torch
 
     given = [x for x in (a.params, a.json, a.json_file) if x is not None]
     if len(given) != 1:
@@ -164,9 +160,6 @@ def cmd_report(a) -> None:
 
 
 def cmd_sync(a) -> None:
-    from tskd.config import load_preset
-    from tskd.tracking_journal import grid_dirs, sync_dirs
-
     dirs = [Path(d) for d in a.dirs] if a.dirs else grid_dirs(load_preset(a.params))
     missing = [str(d) for d in (a.dirs or []) if not Path(d).is_dir()]
     if missing:
@@ -180,14 +173,14 @@ def cmd_sync(a) -> None:
 
 
 def cmd_models(a) -> None:
-    from tskd.models.summary import format_model_table, model_table
+    from tskd.models.summary import format_model_table, model_table  # lazy: torch
 
     print(format_model_table(model_table(a.family)))
 
 
 def cmd_methods(a) -> None:
-    from tskd.distill import list_methods, method_class
-    from tskd.tasks import TASKS
+    from tskd.distill import list_methods, method_class  # lazy: torch
+    from tskd.tasks import TASKS  # lazy: torch
 
     for task in TASKS:
         names = list_methods(task)
@@ -199,9 +192,6 @@ def cmd_methods(a) -> None:
 
 
 def cmd_check(a) -> None:
-    from tskd.config import load_preset
-    from tskd.grid import student_jobs
-
     p = load_preset(a.params)
     print(f"{a.params}: ok ({len(p.teachers)} teachers, {len(student_jobs(p))} student runs)")
     # Real data may arrive after the check (dvc pull, a copy): a warning, not an error. A synthetic
@@ -224,11 +214,6 @@ def cmd_check(a) -> None:
 def cmd_scale_preset(a) -> None:
     import yaml
 
-    from tskd.config import parse_preset
-    from tskd.io import atomic_write_text
-    from tskd.params_yaml import read_params_yaml
-    from tskd.scale_preset import derive, job_counts
-
     raw = derive(read_params_yaml(a.params), epochs=a.epochs, per_class=a.per_class, pairs=a.pairs,
                  seeds=a.seeds, recipes=a.recipes, name=a.name)
     out = Path(a.out) if a.out else Path(a.params).with_name(f"{raw['preset']}.yaml")
@@ -240,9 +225,6 @@ def cmd_scale_preset(a) -> None:
 
 
 def cmd_status(a) -> None:
-    from tskd.config import load_preset
-    from tskd.status import format_status, preset_status, watch
-
     p = load_preset(a.params)
     if a.watch:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the watch, not with a traceback
@@ -252,13 +234,11 @@ def cmd_status(a) -> None:
 
 
 def cmd_schema(a) -> None:
-    from tskd.schema import write_schema
-
     print(f"wrote {write_schema(Path(a.out))}")
 
 
 def cmd_dvc_write(a) -> None:
-    from tskd.dvc_pipeline import write_pipeline
+    from tskd.workflow.dvc_pipeline import write_pipeline  # lazy: torch
 
     if a.out and len(a.params) != 1:
         raise UsageError("--out needs exactly one params file")
@@ -267,8 +247,7 @@ def cmd_dvc_write(a) -> None:
 
 
 def cmd_dvc_check(a) -> None:
-    from tskd.config import load_preset
-    from tskd.dvc_pipeline import check_pipeline, pipeline_path
+    from tskd.workflow.dvc_pipeline import check_pipeline, pipeline_path  # lazy: torch
 
     path = Path(a.pipeline) if a.pipeline else pipeline_path(load_preset(a.params))
     check_pipeline(a.params, path)
@@ -276,8 +255,6 @@ def cmd_dvc_check(a) -> None:
 
 
 def cmd_dvc_verify(a) -> None:
-    from tskd.dvc_verify import remove_corrupt, verify
-
     problems = verify(Path("."), workspace=not a.cache_only)
     if not problems:
         print("DVC cache and outputs match the lock files")
@@ -292,8 +269,8 @@ def cmd_dvc_verify(a) -> None:
 
 
 def cmd_dvc_sync(a) -> None:
-    from tskd.dvc_pipeline import load_raw
-    from tskd.dvc_sync import sync
+    from tskd.workflow.dvc_pipeline import load_raw  # lazy: torch
+    from tskd.workflow.dvc_sync import sync  # lazy: torch
 
     p, raw = load_raw(a.params)
     synced = sync(p, raw, a.params)
@@ -302,10 +279,10 @@ def cmd_dvc_sync(a) -> None:
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spec", help="run spec as JSON (see tskd.grid.RunSpec): the whole spec, or its identity "
+    p.add_argument("--spec", help="run spec as JSON (see tskd.spec.grid.RunSpec): the whole spec, or its identity "
                    "with --place")
     p.add_argument("--place", default=None, help="the spec's placement as JSON (output dir, MLflow experiment, "
-                   "labels, paths: tskd.grid.PLACEMENT), merged into --spec")
+                   "labels, paths: tskd.spec.grid.PLACEMENT), merged into --spec")
     p.add_argument("--preset", default=None, metavar="FILE", help="instead of --spec: the preset as JSON (what the "
                    "workflow writes under .snakemake/tskd/), with --job")
     p.add_argument("--job", default=None, metavar="DIR", help="with --preset: the run directory of the teacher or "
@@ -430,8 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tskd.joblog import one_line, redirect_to_log
-
     a = build_parser().parse_args(argv)
     # --log (the workflow's rules): the log gets everything, the terminal one line if the job fails.
     with redirect_to_log(a.log) as terminal:

@@ -16,6 +16,10 @@ class TskdError(Exception):
     """An expected failure; its message is the whole story (no traceback is shown)."""
 
 
+class ParamsError(TskdError, ValueError):
+    """Bad params: the message names the file, the key and what is allowed."""
+
+
 class DiskFullError(TskdError, OSError):
     """A file could not be written because its filesystem (or the user's quota on it) is full.
 

@@ -24,6 +24,7 @@ from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
+from tskd.data.device_loader import DeviceTrainSet
 from tskd.data.integrity import (
     MANIFEST_NAME,
     DatasetError,
@@ -34,6 +35,7 @@ from tskd.data.integrity import (
     write_manifest,
 )
 from tskd.data.splits import NORMALIZATION, IndexedSplit, Splits, split_train, stratified_split
+from tskd.data.synthetic import Nuisance, write_synthetic_cifar100
 
 __all__ = [
     "NORMALIZATION",
@@ -91,7 +93,7 @@ def _unregistered_message(folder: Path, name: str, md5: str) -> str:
     """Why ``folder`` (a cifar-100-python directory) is refused when it is neither registered nor
     the official release: short lines, the facts and the register command (on a line of its own)
     first, so a terminal shows it whole; under Snakemake (``tskd --log``) it is flattened into one
-    line of at most ``tskd.joblog.MAX_LINE`` characters, cut at the end, after the command."""
+    line of at most ``tskd.workflow.joblog.MAX_LINE`` characters, cut at the end, after the command."""
     root = folder.parent
     return "\n".join([
         f"{folder}: unregistered, not the official CIFAR-100",
@@ -241,8 +243,6 @@ def prepare(cfg) -> dict[str, Any]:
     """The data stage: write the synthetic set (if asked), then read both splits as a run will."""
     root = Path(cfg.root)
     if cfg.synthetic is not None:
-        from tskd.data.synthetic import Nuisance, write_synthetic_cifar100
-
         s = cfg.synthetic
         write_synthetic_cifar100(root, seed=s.seed, train_per_class=s.train_per_class,
                                  test_per_class=s.test_per_class, nuisance=Nuisance().scaled(s.nuisance_scale))
@@ -278,7 +278,6 @@ def train_batches(cfg, recipe, splits: Splits):
     ``splits.train`` (tskd.data.device_loader); None keeps the DataLoader."""
     if getattr(cfg, "loader", "dataloader") != "device":
         return None
-    from tskd.data.device_loader import DeviceTrainSet
 
     images, labels = train_images(splits.train)
     mean, std = _stats(recipe.normalization)

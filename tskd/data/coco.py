@@ -55,6 +55,7 @@ from torchvision.transforms import v2
 
 from tskd.data.integrity import MANIFEST_NAME, DatasetError, sha256_file, verify_manifest
 from tskd.data.splits import IndexedSplit, Splits
+from tskd.data.synthetic_coco import write_synthetic_coco
 from tskd.io import atomic_write_json
 
 PREPARED = "tskd_prepared.json"
@@ -301,8 +302,6 @@ def prepare(cfg) -> dict[str, Any]:
     _refuse_val_fraction(cfg)
     root = Path(cfg.root).expanduser()
     if cfg.synthetic is not None:
-        from tskd.data.synthetic_coco import write_synthetic_coco
-
         s = cfg.synthetic
         write_synthetic_coco(root, seed=s.seed, train_images=s.train_images, val_images=s.val_images,
                              image_size=(s.min_image_size, s.max_image_size), categories=s.categories)

@@ -31,8 +31,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from tskd.config import ParamsError
 from tskd.engine.distributed import SINGLE, World, part_bounds
+from tskd.errors import ParamsError
 
 PAD = 4  # px, as torchvision's RandomCrop(32, padding=4) in the CIFAR recipes
 AUGMENT = ("crop", "flip")

@@ -10,7 +10,7 @@
   stage depends on (CIFAR: the directory; ImageNet: the three archives, not 1.28 M files; COCO: its three
   zips, not 123 k files).
 
-Its params are its own model in ``tskd.config`` (the ``DatasetCfg`` union, told apart by
+Its params are its own model in ``tskd.spec.config`` (the ``DatasetCfg`` union, told apart by
 ``dataset.name``). Each family poses one task (``tskd.tasks``: what the run learns, how it is
 scored). Adding a family: a params model there, a module here, a line in each table below.
 """
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+from tskd.data.integrity import DatasetError
 
 _MODULES = {"cifar100": "tskd.data.cifar", "imagenet": "tskd.data.imagenet", "coco": "tskd.data.coco"}
 TASK_OF = {"cifar100": "classification", "imagenet": "classification", "coco": "detection"}
@@ -29,6 +31,4 @@ def family(name: str) -> ModuleType:
     try:
         return importlib.import_module(_MODULES[name])
     except KeyError:
-        from tskd.data.integrity import DatasetError
-
         raise DatasetError(f"unknown dataset family {name!r}; known: {', '.join(sorted(_MODULES))}") from None

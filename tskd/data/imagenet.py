@@ -31,6 +31,7 @@ from torchvision.datasets.imagenet import ARCHIVE_META
 
 from tskd.data.integrity import MANIFEST_NAME, DatasetError, sha256_file, verify_manifest
 from tskd.data.splits import NORMALIZATION, IndexedSplit, Splits, split_train
+from tskd.data.synthetic_imagenet import write_synthetic_imagenet
 from tskd.io import atomic_write_json
 
 META_FILE = "meta.bin"
@@ -85,8 +86,6 @@ def prepare(cfg) -> dict[str, Any]:
     """The data stage: write the synthetic set, or prepare (once) and check the real one."""
     root = Path(cfg.root)
     if cfg.synthetic is not None:
-        from tskd.data.synthetic_imagenet import write_synthetic_imagenet
-
         s = cfg.synthetic
         write_synthetic_imagenet(root, seed=s.seed, classes=s.classes, train_per_class=s.train_per_class,
                                  val_per_class=s.val_per_class, image_size=s.image_size)

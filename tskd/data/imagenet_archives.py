@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tskd.data.integrity import DatasetError
+from tskd.data.synthetic import synthetic_cifar100_arrays
 from tskd.data.synthetic_imagenet import _jpeg, wnid
 from tskd.io import atomic_write_bytes
 
@@ -109,8 +110,6 @@ def _meta_mat(classes: int, ids: np.ndarray, train_per_class: int) -> bytes:
 def write_imagenet_archives(dest: Path, *, seed: int, classes: int, train_per_class: int, val_per_class: int,
                             image_size: int) -> dict[str, str]:
     """Write the three archives into ``dest``; return each one's md5 by file name."""
-    from tskd.data.synthetic import synthetic_cifar100_arrays
-
     if not 2 <= classes <= 100:
         raise DatasetError(f"ImageNet archives: classes must be 2..100 (the synthetic classes), got {classes}")
     arrays = synthetic_cifar100_arrays(seed=seed, train_per_class=train_per_class, test_per_class=val_per_class)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tskd.data.integrity import DatasetError
+
 # Mean and std per channel, by the name a recipe gives (`recipes.<r>.normalization`).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     # CRD / mdistiller: CIFAR-100 training-set statistics.
@@ -108,8 +110,6 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
     Deterministic for (labels, fraction, seed); every class keeps at least one row.
     """
-    from tskd.data.integrity import DatasetError
-
     if not 0.0 <= fraction < 1.0:
         raise DatasetError(f"val_fraction must be in [0, 1), got {fraction}")
     labels = np.asarray(labels)
@@ -127,8 +127,6 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 def split_train(source: Any, val_fraction: float, val_seed: int, train_tf: Any, eval_tf: Any
                 ) -> tuple[IndexedSplit, IndexedSplit | None]:
     """The training split of ``source`` and, with ``val_fraction`` > 0, a validation split held out of it."""
-    from tskd.data.integrity import DatasetError
-
     if val_fraction <= 0:
         return IndexedSplit(source, None, train_tf), None
     train_rows, val_rows = stratified_split(np.asarray(source.targets), val_fraction, val_seed)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tskd.data.integrity import DatasetError, holds_current, staged_dir, write_manifest
+from tskd.data.synthetic import synthetic_cifar100_arrays
 
 GENERATOR_VERSION = 1
 META_FILE = "meta.bin"
@@ -45,8 +46,6 @@ def write_synthetic_imagenet(root: str | Path, *, seed: int, classes: int, train
     """
     import torch
     from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    from tskd.data.synthetic import synthetic_cifar100_arrays
 
     if not 2 <= classes <= 100:
         raise DatasetError(f"synthetic ImageNet: classes must be 2..100 (the synthetic classes), got {classes}")

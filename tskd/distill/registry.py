@@ -7,9 +7,9 @@ from typing import Any
 from pydantic import ValidationError
 from torch import nn
 
-from tskd.config import ParamsError
 from tskd.distill.base import DistillContext, Distiller, MethodParams
-from tskd.params_yaml import validate_strict
+from tskd.errors import ParamsError
+from tskd.spec.params_yaml import validate_strict
 
 # Methods by (task, name): a method name means the same idea on every task (``kd`` distils the
 # classifier's logits; on detection, the RoI head's), with the task's own implementation and params.
@@ -54,7 +54,7 @@ def parse_method_params(name: str, raw: dict[str, Any] | None, where: str = "met
     """Validate ``raw`` against the method's typed params; errors name ``where.name.key``."""
     cls = method_class(name, task)
     try:
-        # Strict, as the preset (tskd.params_yaml): T: "4" is refused, T: 4 is a float.
+        # Strict, as the preset (tskd.spec.params_yaml): T: "4" is refused, T: 4 is a float.
         return validate_strict(cls.Params, raw or {})
     except ValidationError as e:
         lines = []

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-from tskd.config import ParamsError
+from tskd.errors import ParamsError
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from tskd.data.integrity import sha256_file
 from tskd.engine.checkpoint import export_model
 from tskd.engine.loaders import RunData, build_run_data
 from tskd.engine.runtime import select_runtime
-from tskd.grid import RunSpec
 from tskd.io import atomic_write_json
 from tskd.models.published import check_torchvision_hash, load_published_checkpoint
+from tskd.spec.grid import RunSpec
 from tskd.tasks import task_of
 
 

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tskd.config import DatasetCfg, ParamsError, RecipeCfg
 from tskd.data.aspect_groups import group_ids, grouped_batches
-from tskd.data.splits import IndexedSplit
+from tskd.data.families import family
+from tskd.data.splits import NORMALIZATION, IndexedSplit
 from tskd.engine.distributed import SINGLE, RankBatches, World, global_batch_size, part_bounds
+from tskd.errors import ParamsError
+from tskd.spec.config import DatasetCfg, RecipeCfg
 
 
 @dataclass
@@ -119,9 +121,6 @@ class _EpochBatches:
 
 def build_run_data(ds: DatasetCfg, recipe: RecipeCfg) -> RunData:
     """The run's data, from its dataset family (tskd.data.families)."""
-    from tskd.data.families import family
-    from tskd.data.splits import NORMALIZATION
-
     fam = family(ds.name)
     splits = fam.load_splits(ds, recipe)
     mean, std = NORMALIZATION[recipe.normalization]

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tskd.config import ParamsError, TrainCfg
+from tskd.errors import ParamsError
+from tskd.spec.config import TrainCfg
 
 # TF32 (a 10-bit mantissa in fp32 matmuls and convolutions) on CUDA is ``train.tf32``. Its default,
 # on, is the authors' behaviour: torch 1.7-1.11 (theirs: 1.9) enabled it for matmuls and cuDNN on

@@ -16,22 +16,28 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tskd.config import fingerprint
+from tskd.data.integrity import sha256_file
 from tskd.distill import DistillContext, build_distiller
 from tskd.distill.registry import parse_method_params
+from tskd.distill.tskd.compiled import check_compiles
 from tskd.engine import distributed
 from tskd.engine.checkpoint import export_model, load_latest_checkpoint, remove_checkpoints, save_checkpoint
 from tskd.engine.distributed import SINGLE, World
 from tskd.engine.epoch_state import EpochTotals, restore_rng
+from tskd.engine.evolution import EVOLUTION_FILE, shown_images, watched_indices, write_evolution
 from tskd.engine.loaders import build_run_data
 from tskd.engine.phase_clock import PhaseClock
 from tskd.engine.run_lock import run_dir_lock
 from tskd.engine.runtime import Runtime, seed_epoch, select_runtime, uses_cuda
 from tskd.errors import TskdError
-from tskd.grid import RunSpec
 from tskd.io import atomic_write_json
 from tskd.models import create_model, model_entry
+from tskd.models.published import load_model_file
+from tskd.spec.config import fingerprint
+from tskd.spec.grid import RunSpec
 from tskd.tasks import Task, task_of
+from tskd.tracking import runs as tr
+from tskd.tracking.journal import RUN_FILE, Journal, JournaledRun, apply, close_earlier
 
 log = logging.getLogger("tskd.train")
 
@@ -57,8 +63,6 @@ class TeacherFile:
 def _load_teacher(spec: RunSpec, num_classes: int, model_kwargs: dict[str, Any]) -> TeacherFile | None:
     if spec.teacher_path is None:
         return None
-    from tskd.data.integrity import sha256_file
-    from tskd.models.published import load_model_file
 
     path = Path(spec.teacher_path)
     model, input_spec = load_model_file(path, spec.teacher_arch, num_classes=num_classes, **model_kwargs)
@@ -72,8 +76,7 @@ def _student(spec: RunSpec, num_classes: int, model_kwargs: dict[str, Any]) -> t
     (FrozenBatchNorm2d, the first layers frozen) and the ImageNet file is loaded into its backbone."""
     if spec.backbone_path is None:
         return create_model(spec.arch, num_classes=num_classes, **model_kwargs), None
-    from tskd.data.integrity import sha256_file
-    from tskd.models.detection import load_backbone_weights
+    from tskd.models.detection import load_backbone_weights  # lazy: torchvision
 
     model = create_model(spec.arch, num_classes=num_classes, pretrained_backbone=True, **model_kwargs)
     load_backbone_weights(model, spec.backbone_path)
@@ -90,10 +93,8 @@ def run_identity(spec: RunSpec, method_params: dict[str, Any], teacher_sha256: s
 
 def _start_record(spec: RunSpec, identity: dict[str, Any], world: World, extra_tags: dict[str, str],
                   data: Any, supersedes: list[str]) -> dict[str, Any]:
-    """The journal's first record of a run: its MLflow name, tags (tskd.tracking_runs), params (the
+    """The journal's first record of a run: its MLflow name, tags (tskd.tracking.runs), params (the
     identity, every default filled in), its group's parent and its dataset input."""
-    from tskd import tracking_runs as tr
-
     return {"experiment": spec.experiment, "name": tr.run_name(spec), "params": identity,
             "tags": tr.run_tags(spec, world.size, extra_tags),
             "parent": {"preset": spec.preset, "group": tr.group_name(spec)},
@@ -104,8 +105,6 @@ def _start_record(spec: RunSpec, identity: dict[str, Any], world: World, extra_t
 
 def _model_record(spec: RunSpec) -> dict[str, Any]:
     """The logged model that the run's end records for its model.pt artifact."""
-    from tskd import tracking_runs as tr
-
     # Logged-model names allow no ":" (MLflow refuses it).
     return {"name": tr.run_name(spec).replace(":", "-"), "artifact": "model.pt", "step": spec.recipe.epochs,
             "tags": {"role": spec.role, "method": spec.method, "variant": spec.variant or spec.method,
@@ -178,7 +177,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.capture: dict[str, Any] | None = None  # see _keep_capture
         self.evolution: list[dict[str, Any]] = []  # see _watch
-        self.journal_id: str | None = None  # the tracking journal this attempt goes on with (tskd.tracking_journal)
+        self.journal_id: str | None = None  # the tracking journal this attempt goes on with (tskd.tracking.journal)
         self._orphans: list[str] = []  # MLflow runs of earlier attempts kept outside any journal (older tskd)
         self._resume()
         self._watched = self._watch()
@@ -191,7 +190,6 @@ class Trainer:
         n = self.distiller.evolution_images() if self.world.main else 0
         if not n:
             return None
-        from tskd.evolution import shown_images, watched_indices
 
         indices = watched_indices(len(self.data.test), n)
         items = [self.data.test[i] for i in indices]
@@ -206,8 +204,6 @@ class Trainer:
         """torch.compile the student's and the teacher's forwards, in place (``Module.compile``: the
         state_dict keys stay the architecture's). Checked on a tiny kernel first, so a machine that
         cannot build kernels fails now, naming the param."""
-        from tskd.distill.tskd.compiled import check_compiles
-
         check_compiles(self.rt.device, "train.compile")
         self.distiller.student.compile()
         if self.distiller.needs_teacher:
@@ -396,9 +392,7 @@ class Trainer:
     def _start_tracking(self):
         """This attempt's tracker: the checkpoint's journal when resuming, else a new one. Earlier
         attempts' journals still open end KILLED (a run killed before its first checkpoint, or
-        superseded). Nothing here fails for want of a tracking server (tskd.tracking_journal)."""
-        from tskd.tracking_journal import RUN_FILE, Journal, JournaledRun, apply, close_earlier
-
+        superseded). Nothing here fails for want of a tracking server (tskd.tracking.journal)."""
         journal = Journal(self.out, self.journal_id) if self.journal_id else None
         if journal is not None and journal.path.is_file():
             journal.append("resume")
@@ -456,7 +450,6 @@ class Trainer:
             export_model(self.out / "model.pt", self.distiller.student, arch=spec.arch,
                          num_classes=self.data.num_classes, epoch=spec.recipe.epochs,
                          accuracy=metrics[f"last_{self.task.best}"], method=spec.method, input_spec=self.input_spec)
-            from tskd.evolution import EVOLUTION_FILE, write_evolution
 
             if self._watched is not None:
                 w = self._watched

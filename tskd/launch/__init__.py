@@ -21,7 +21,7 @@ from typing import Any
 
 import submitit
 
-from tskd.grid import RunSpec
+from tskd.launch.gpus import claim_gpu_for_this_process
 from tskd.launch.job import RunJob, run_verb
 from tskd.launch.settings import (
     LaunchError,
@@ -34,6 +34,8 @@ from tskd.launch.settings import (
     resolve,
 )
 from tskd.launch.wait import cancel_on_interrupt, job_paths, job_result, say, summary, wait_local, wait_slurm
+from tskd.spec.grid import RunSpec
+from tskd.tracking.store import tracking_uri
 
 __all__ = ["LaunchError", "LaunchFile", "LaunchSettings", "Resources", "RunJob", "launch", "load_launch_file",
            "load_settings", "resolve", "run_verb"]
@@ -78,8 +80,6 @@ def launch(spec: RunSpec, settings: LaunchSettings | None = None, verb: str = "t
     ParamsError / LaunchError before submitting anything when the settings cannot work.
     """
     if settings is None or settings.backend == "inline":
-        from tskd.launch.gpus import claim_gpu_for_this_process
-
         with claim_gpu_for_this_process():  # one GPU per in-process job on a multi-GPU workstation
             return run_verb(verb, spec, options)
     r = settings.resources
@@ -115,8 +115,6 @@ def warn_sqlite_on_cluster() -> None:
     """Many SLURM jobs writing one SQLite file: its locks are unreliable on a network filesystem
     (NFS, Lustre), so runs can fail to log or lose records. Said in the rule's log, not refused:
     a single-node cluster on a local disk (the test cluster) works."""
-    from tskd.tracking import tracking_uri
-
     uri = tracking_uri()
     if uri.startswith("sqlite:"):
         say(f"tskd: WARNING: MLflow logs to {uri}, one SQLite file that every SLURM job writes; on a shared "

@@ -11,7 +11,7 @@ from typing import Any
 
 import submitit
 
-from tskd.grid import RunSpec
+from tskd.spec.grid import RunSpec
 
 # Snakemake sets these to the rule's threads (0 for a waiting training rule under the profile)
 # and sbatch exports them into the job; the job sets them to the CPUs it was given instead.
@@ -23,14 +23,14 @@ def run_verb(verb: str, spec: RunSpec, options: dict[str, Any]) -> Any:
     """Run one call in this process: ``train`` or ``import-teacher``."""
     if verb == "train":
         t0, c0 = time.perf_counter(), time.process_time()
-        from tskd.engine.trainer import train
+        from tskd.engine.trainer import train  # lazy: torch
 
         # One of the per-job overheads benchmarks/bench_scale.py adds up (torch and tskd's import).
         print(f"tskd-job: imports {time.perf_counter() - t0:.2f} s (CPU {time.process_time() - c0:.2f} s)",
               flush=True)
         return train(spec, track=options.get("track", True))
     if verb == "import-teacher":
-        from tskd.engine.eval_run import import_teacher
+        from tskd.engine.eval_run import import_teacher  # lazy: torch
 
         return import_teacher(spec, Path(options["checkpoint"]))
     raise ValueError(f"unknown verb {verb!r}")

@@ -16,8 +16,8 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from tskd.config import ParamsError, Strict
-from tskd.errors import TskdError
+from tskd.errors import ParamsError, TskdError
+from tskd.spec.config import Strict
 
 Backend = Literal["slurm", "local", "inline"]
 RuleName = Literal["teacher", "student"]

@@ -91,7 +91,7 @@ def load_model_file(path: str | Path, arch: str, num_classes: int | None = None,
     if detection:
         # torchvision's detection modules rewrite a few keys while loading (a COCO_V1 file's older
         # layout, BatchNorm counters for FrozenBatchNorm2d): compare the keys that load will check.
-        from tskd.models.detection.weights import torchvision_keys
+        from tskd.models.detection.weights import torchvision_keys  # lazy: torchvision
 
         state_dict = torchvision_keys(model, state_dict)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -19,6 +19,7 @@ line in ``TASKS``, and its dataset families in ``tskd.data.families.TASK_OF``.
 
 from __future__ import annotations
 
+from tskd.data.families import TASK_OF, family
 from tskd.tasks.base import Task
 from tskd.tasks.classification import CLASSIFICATION
 from tskd.tasks.detection import DETECTION
@@ -28,8 +29,6 @@ TASKS: dict[str, Task] = {CLASSIFICATION.name: CLASSIFICATION, DETECTION.name: D
 
 def task_of(dataset_family: str) -> Task:
     """The task that dataset family ``dataset_family`` poses."""
-    from tskd.data.families import TASK_OF, family
-
     family(dataset_family)  # an unknown family is refused there, with the known ones
     return TASKS[TASK_OF[dataset_family]]
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tskd.data.integrity import DatasetError
 from tskd.engine import distributed
 from tskd.engine.distributed import SINGLE, World
 from tskd.engine.runtime import Runtime
@@ -67,8 +68,6 @@ class Classification:
                  ) -> dict[str, float]:
         """Accuracy (percent) and mean cross-entropy of ``forward`` over ``loader``; in a
         data-parallel run, over every rank's shard (counts summed over ranks)."""
-        from tskd.data.integrity import DatasetError
-
         n = c1 = c5 = 0
         loss = 0.0
         for batch in loader:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tskd.data.integrity import DatasetError
 from tskd.engine.distributed import SINGLE, World
 from tskd.engine.runtime import Runtime
 from tskd.tasks.base import summarize_epochs
@@ -105,8 +106,6 @@ class Detection:
     def evaluate(self, forward: Callable[[list[Tensor]], list[dict[str, Tensor]]], loader, rt: Runtime,
                  world: World = SINGLE) -> dict[str, float]:
         """Box AP of ``forward``'s detections over the split (every rank's shard, gathered)."""
-        from tskd.data.integrity import DatasetError
-
         results: list[dict[str, Any]] = []
         image_ids: list[int] = []
         for images, targets, _ in loader:

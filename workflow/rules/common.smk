@@ -5,15 +5,17 @@ import shlex
 import sys
 from pathlib import Path
 
-from tskd.config import ParamsError, canonical_json, parse_preset
-from tskd.params_yaml import read_params_yaml
-from tskd.job_spec import write_preset, write_specs
-from tskd import grid
+from tskd.errors import ParamsError
+
+from tskd.spec.config import canonical_json, parse_preset
+from tskd.spec.params_yaml import read_params_yaml
+from tskd.workflow.job_spec import write_preset, write_specs
+from tskd.spec import grid
 from tskd.data.integrity import sha256_file
 from tskd.errors import TskdError
-from tskd.dvc_sync import sync_for_snakemake
-from tskd.dvc_pipeline import check_from_dvc_env
-from tskd.report import summary_files
+from tskd.workflow.dvc_sync import sync_for_snakemake
+from tskd.workflow.dvc_pipeline import check_from_dvc_env
+from tskd.reporting.report import summary_files
 
 _SOURCE = ", ".join(map(str, workflow.configfiles)) or "config"
 # tskd's validator is the only one (no JSON-schema `validate`: it would judge types on its own and
@@ -79,7 +81,7 @@ def q(obj):
 TEACHER_SPECS = {str(grid.teacher_dir(P, arch)): grid.teacher_spec(P, arch) for arch in P.teachers}
 STUDENT_SPECS = {str(grid.student_dir(P, job)): grid.student_spec(P, job) for job in grid.student_jobs(P)}
 # Every training job's spec beside the preset file: a rule that submits its job reads it there instead
-# of importing torch to compute it (tskd.job_spec.spec_of_job_light).
+# of importing torch to compute it (tskd.workflow.job_spec.spec_of_job_light).
 write_specs(PRESET_JSON, TEACHER_SPECS | STUDENT_SPECS)
 
 

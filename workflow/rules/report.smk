@@ -1,7 +1,7 @@
 # Phase 5: one results table for the preset, and its plots.
-from tskd.job_spec import write_report_preset
-from tskd.plots import plot_files
-from tskd.study import study_files
+from tskd.workflow.job_spec import write_report_preset
+from tskd.reporting.plots import plot_files
+from tskd.reporting.study import study_files
 
 PLOTS = plot_files(P)
 # The preset in its own order, as a file: the command (and the report's info panel) names it
@@ -21,7 +21,7 @@ rule report:
         summary=[str(f) for f in summary_files(P)],
         # The plots, also pages of `snakemake --report report.html`.
         plots=[report(str(f), category="Plots", labels={"plot": f.stem}) for f in PLOTS.values()],
-        # A preset with TSKD variants: the ablation study's table and plots (tskd.study).
+        # A preset with TSKD variants: the ablation study's table and plots (tskd.reporting.study).
         study=[report(str(f), category="Study", labels={"file": f.name}) for f in study_files(P)],
     params:
         key=REPORT_KEY,

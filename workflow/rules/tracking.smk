@@ -1,12 +1,12 @@
 # The MLflow store, set up once before any job starts (not in a dry run): its schema, the
-# experiment and a parent run per group of seeds (tskd.tracking_runs.prepare_store). A training
+# experiment and a parent run per group of seeds (tskd.tracking.runs.prepare_store). A training
 # job then only reads them, without a lock, however many start at once. Only when a training job
 # is to run: a DVC stage that prepares data, evaluates or reports does not touch the store.
 
 
 onstart:
     if any(job.rule.name in ("teacher", "student") for job in workflow.dag.needrun_jobs()):
-        from tskd.tracking_runs import prepare_store
+        from tskd.tracking.runs import prepare_store
 
         prepare_store(P)
 
@@ -16,7 +16,7 @@ onstart:
 # writing its directory is left to it). Best effort: the DAG's own error is what the user needs.
 onerror:
     try:
-        from tskd.tracking_journal import grid_dirs, sync_dirs
+        from tskd.tracking.journal import grid_dirs, sync_dirs
 
         sync_dirs(grid_dirs(P))
     except Exception as e:

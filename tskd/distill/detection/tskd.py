@@ -21,7 +21,6 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tskd.config import ParamsError
 from tskd.distill.detection.base import DetectionDistiller, DetectionParams
 from tskd.distill.losses import kd_loss
 from tskd.distill.registry import register_method
@@ -29,6 +28,7 @@ from tskd.distill.tskd.attention import attention_map, increment_sequence
 from tskd.distill.tskd.convlstm import IncrementForecaster, forecast
 from tskd.distill.tskd.lifecycle import ReviewSchedule
 from tskd.distill.tskd.memory import SnapshotMemory
+from tskd.errors import ParamsError
 
 
 class DetectionTSKDParams(DetectionParams):

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.registry import register_method
+from tskd.errors import ParamsError
 from tskd.models.taps import probe_taps
 
 

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.registry import register_method
 from tskd.engine import distributed
+from tskd.errors import ParamsError
 from tskd.models.taps import probe_taps
 
 

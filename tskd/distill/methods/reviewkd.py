@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.losses import warmup_factor
 from tskd.distill.registry import register_method
+from tskd.errors import ParamsError
 from tskd.models.taps import probe_taps
 
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from tskd.config import ParamsError
 from tskd.distill.base import Distiller, MethodParams
 from tskd.distill.losses import kd_loss
 from tskd.distill.registry import register_method
@@ -27,6 +26,7 @@ from tskd.distill.tskd.evolution import MapEvolution
 from tskd.distill.tskd.lifecycle import ReviewSchedule
 from tskd.distill.tskd.memory import SnapshotMemory
 from tskd.distill.tskd.prefix import TapPrefix
+from tskd.errors import ParamsError
 from tskd.models.cifar.vgg import VGG
 from tskd.models.taps import probe_taps
 

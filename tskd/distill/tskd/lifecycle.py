@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from tskd.config import ParamsError
 from tskd.distill.tskd.schedule import Node, cycle_memory_epochs, node_at, schedule_problem
+from tskd.errors import ParamsError
 
 
 class ReviewSchedule:

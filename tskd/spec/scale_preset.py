@@ -20,8 +20,10 @@ import copy
 import math
 from typing import Any
 
-from tskd.config import VARIANT_KEY, ParamsError, Preset, parse_preset
-from tskd.params_yaml import validate_strict
+from tskd.errors import ParamsError
+from tskd.spec.config import VARIANT_KEY, Preset, parse_preset
+from tskd.spec.grid import effective_method_params, student_jobs
+from tskd.spec.params_yaml import validate_strict
 
 SUFFIX = "_scale"
 TSKD = "tskd"
@@ -78,8 +80,6 @@ def derive(raw: dict[str, Any], *, epochs: int = 2, per_class: int | None = None
            seeds: int | None = None, recipes: int | None = None, name: str | None = None) -> dict[str, Any]:
     """The scale-test preset of the params mapping ``raw`` (validated first); ``pairs``, ``seeds`` and
     ``recipes`` keep only the first N of each (a reduced grid), ``None`` keeps all."""
-    from tskd.grid import effective_method_params
-
     original = parse_preset(raw, "<preset>")
     if epochs < 1:
         raise ScaleError(f"--epochs: at least 1, got {epochs}")
@@ -159,16 +159,12 @@ def derive(raw: dict[str, Any], *, epochs: int = 2, per_class: int | None = None
 
 def _tskd_epochs(p: Preset, entry: str, pair, recipe: str) -> int:
     """Epochs a TSKD run needs to reach its first review."""
-    from tskd.grid import effective_method_params
-
     params = effective_method_params(TSKD, p.method_params(entry, pair, recipe), p.dataset.name)
     return int(params["k"]) * int(params["delta"]) + 1
 
 
 def _same_shape(original: Preset, derived: Preset, reduced: bool) -> None:
     """The derived grid has the original's jobs (a reduced one: a subset of their kinds), or it is refused."""
-    from tskd.grid import student_jobs
-
     def shape(p: Preset) -> list[tuple]:
         return sorted((j.recipe, j.method, j.pair.teacher, j.pair.student, j.seed) for j in student_jobs(p))
 
@@ -180,8 +176,6 @@ def _same_shape(original: Preset, derived: Preset, reduced: bool) -> None:
 
 def job_counts(p: Preset) -> dict[str, int]:
     """Jobs of the DAG by rule, as Snakemake plans them from nothing."""
-    from tskd.grid import student_jobs
-
     students = len(student_jobs(p))
     return {"all": 1, "data": 1, "teacher": len(p.teachers), "student": students, "evaluate": students,
             "report": 1}

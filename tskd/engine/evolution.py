@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from tskd.config import Preset
-from tskd.grid import StudentJob, effective_method_params, student_dir, student_jobs
 from tskd.io import atomic_write_bytes
+from tskd.spec.config import Preset
+from tskd.spec.grid import StudentJob, effective_method_params, student_dir, student_jobs
+from tskd.tasks import task_of
 
 EVOLUTION_FILE = "evolution.npz"
 
@@ -33,8 +34,6 @@ EVOLUTION_FILE = "evolution.npz"
 def keeps_evolution(p: Preset, job: StudentJob) -> bool:
     """Whether a student run writes an evolution file: TSKD on a classification dataset with
     ``evolution_images`` > 0 (its default included)."""
-    from tskd.tasks import task_of
-
     if p.registered(job.method) != "tskd" or task_of(p.dataset.name).name != "classification":
         return False
     params = effective_method_params("tskd", p.method_params(job.method, job.pair, job.recipe), p.dataset.name)
@@ -42,7 +41,7 @@ def keeps_evolution(p: Preset, job: StudentJob) -> bool:
 
 
 def evolution_grids(p: Preset) -> list[tuple[StudentJob, Path]]:
-    """Every run that keeps an evolution file, with the report's grid of it (tskd.plots.evolution)."""
+    """Every run that keeps an evolution file, with the report's grid of it (tskd.reporting.plots.evolution)."""
     return [(job, p.out / "plots" / "evolution" / f"{job.recipe}-{job.pair.name}-{job.method}-seed{job.seed}.png")
             for job in student_jobs(p) if keeps_evolution(p, job)]
 

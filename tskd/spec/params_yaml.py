@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
-from tskd.errors import TskdError
+from tskd.errors import ParamsError, TskdError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -50,8 +50,6 @@ _NoDuplicates.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def read_params_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in ``path``; a missing file, bad YAML, a duplicated key or a non-mapping top level
     raise ParamsError naming the file (and the line)."""
-    from tskd.config import ParamsError
-
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")

@@ -1,4 +1,4 @@
-"""One TSKD run's feature-map evolution as an image grid (tskd.evolution): for each watched test
+"""One TSKD run's feature-map evolution as an image grid (tskd.engine.evolution): for each watched test
 image and each branch's tap, a row of the student's attention maps at the memory nodes, oldest
 first, then the teacher's map of the same image, the reference the student is pulled towards."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from tskd.config import Preset
-from tskd.evolution import EVOLUTION_FILE, read_evolution
-from tskd.grid import StudentJob, student_dir
+from tskd.engine.evolution import EVOLUTION_FILE, read_evolution
+from tskd.spec.config import Preset
+from tskd.spec.grid import StudentJob, student_dir
 
 MAX_COLUMNS = 12  # memory nodes shown; a long run's are thinned evenly, its first and last always kept
 

@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tskd.config import Preset
 from tskd.errors import TskdError
-from tskd.grid import student_dir, student_jobs, teacher_dir
+from tskd.spec.config import Preset
+from tskd.spec.grid import student_dir, student_jobs, teacher_dir
 
 
 @dataclass

@@ -11,9 +11,9 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from tskd.config import Preset
-from tskd.model_cost import NetworkCost
-from tskd.reference_numbers import published
+from tskd.reporting.model_cost import NetworkCost
+from tskd.reporting.reference_numbers import published
+from tskd.spec.config import Preset
 from tskd.tasks import task_of
 
 KINDS = {"best": "the epoch of highest test {main} (mdistiller / TSKD authors' figure)",
@@ -57,7 +57,7 @@ def paper_tables(p: Preset, rows: list[dict[str, Any]], official: str | None,
                  sizes: Mapping[str, NetworkCost] | None = None) -> list[str]:
     """The markdown lines of every recipe's best and last tables (``official``: the dataset whose
     published figures apply, None for synthetic or registered data). ``sizes``: each architecture's
-    parameters and MACs (``tskd.model_cost``), the tables' header rows as in the papers."""
+    parameters and MACs (``tskd.reporting.model_cost``), the tables' header rows as in the papers."""
     task = task_of(p.dataset.name)
     main = task.labels[task.best]
     methods = ["vanilla", *(m for m in p.methods if m != "vanilla")]  # the student alone first

@@ -11,7 +11,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 
-from tskd.config import DatasetCfg, PairCfg, Preset, RecipeCfg, Strict, TrainCfg
+from tskd.data.families import TASK_OF
+from tskd.spec.config import DatasetCfg, PairCfg, Preset, RecipeCfg, Strict, TrainCfg
 
 # The fields of a RunSpec that say where a run's files go and how it is labelled, not what it
 # computes. Everything else is the run's identity (``RunSpec.identity``).
@@ -37,7 +38,7 @@ class RunSpec(Strict):
     checkpoint, and it is what Snakemake's rerun trigger and MLflow's params hold. Its
     *placement* (``PLACEMENT``: output directory, MLflow experiment, labels, the dataset's and the
     teacher's paths, the evaluation batch size) may change without changing any result.
-    ``method_params`` hold every value the method reads, defaults filled in (``tskd.grid``
+    ``method_params`` hold every value the method reads, defaults filled in (``tskd.spec.grid``
     fills them; the trainer fills them again for a spec written by hand).
     """
 
@@ -105,7 +106,6 @@ class StudentJob(NamedTuple):
 def effective_method_params(method: str, raw: dict[str, Any] | None, dataset: str = "cifar100") -> dict[str, Any]:
     """Every param the method reads (its implementation for ``dataset``'s task), defaults filled in:
     a changed default changes the run's identity."""
-    from tskd.data.families import TASK_OF
     from tskd.distill.registry import parse_method_params  # imports torch: only where params are made
 
     return parse_method_params(method, raw, task=TASK_OF[dataset]).model_dump(mode="json")
@@ -132,7 +132,7 @@ def published_teacher(p: Preset, arch: str) -> Path | None:
     value = p.teachers[arch].checkpoint
     if value is None:
         return None
-    from tskd.models.published import resolve_checkpoint
+    from tskd.models.published import resolve_checkpoint  # lazy: torch
 
     return resolve_checkpoint(arch, value)
 
@@ -142,8 +142,8 @@ def backbone_file(p: Preset, arch: str) -> Path | None:
     value = p.backbones.get(arch)
     if value is None:
         return None
-    from tskd.models.detection import BACKBONE_OF
-    from tskd.models.published import resolve_checkpoint
+    from tskd.models.detection import BACKBONE_OF  # lazy: torch
+    from tskd.models.published import resolve_checkpoint  # lazy: torch
 
     return resolve_checkpoint(BACKBONE_OF[arch], value, key=f"backbones.{arch}")
 

@@ -30,7 +30,7 @@ def network_cost(model_file: Path) -> NetworkCost:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tskd.models import create_model, model_entry
+    from tskd.models import create_model, model_entry  # lazy: torch
 
     blob = torch.load(model_file, map_location="cpu", weights_only=True)
     arch = blob["arch"]

@@ -1,4 +1,4 @@
-"""The ablation study's plots (tskd.study): each variant's paired difference to the default TSKD,
+"""The ablation study's plots (tskd.reporting.study): each variant's paired difference to the default TSKD,
 the forecaster's predictability by review epoch, and what the variants cost ÷ KD as one param varies
 (also drawn by benchmarks/bench_ablations.py from its own measurements)."""
 
@@ -9,9 +9,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from tskd.config import Preset
-from tskd.plots.curves import _seed_band
-from tskd.plots.runs import Runs
+from tskd.reporting.plots.curves import _seed_band
+from tskd.reporting.plots.runs import Runs
+from tskd.spec.config import Preset
 
 
 def _panels(p: Preset) -> list[tuple[str, str]]:

@@ -22,12 +22,17 @@ from typing import Any
 
 import yaml
 
-from tskd import grid
-from tskd.config import DATASET_MODELS, SYNTHETIC_MODELS, VARIANT_KEY, ParamsError, Preset, RecipeCfg, TrainCfg
-from tskd.evolution import EVOLUTION_FILE, evolution_files, keeps_evolution
-from tskd.plots import plot_files
-from tskd.report import summary_files
-from tskd.study import study_files
+from tskd.data.families import TASK_OF, family
+from tskd.distill.registry import list_methods, method_class
+from tskd.engine.evolution import EVOLUTION_FILE, evolution_files, keeps_evolution
+from tskd.errors import ParamsError
+from tskd.io import atomic_write_text
+from tskd.reporting.plots import plot_files
+from tskd.reporting.report import summary_files
+from tskd.reporting.study import study_files
+from tskd.spec import grid
+from tskd.spec.config import DATASET_MODELS, SYNTHETIC_MODELS, VARIANT_KEY, Preset, RecipeCfg, TrainCfg, load_preset
+from tskd.tasks import task_of
 
 ROOT_PRESET = "smoke"  # the preset whose pipeline is the repository's top-level dvc.yaml
 # Every default the code fills in (method params, recipe, train and dataset settings), written by
@@ -130,10 +135,7 @@ def _dataset_keys(p: Preset, raw: dict[str, Any]) -> list[tuple[list[str], list[
 
 def _run_keys(p: Preset, raw: dict[str, Any], recipe: str, method: str,
               method_layers: list[str]) -> tuple[list[str], list[str]]:
-    """The params and defaults keys a training run's identity is built from (tskd.grid)."""
-    from tskd.data.families import TASK_OF
-    from tskd.distill.registry import method_class
-
+    """The params and defaults keys a training run's identity is built from (tskd.spec.grid)."""
     task = TASK_OF[p.dataset.name]
     recipe_layers = [f"recipes.{recipe}", f"recipes.{recipe}.by_method.{method}"]
     parts = [*_dataset_keys(p, raw),
@@ -142,7 +144,7 @@ def _run_keys(p: Preset, raw: dict[str, Any], recipe: str, method: str,
              _declare(raw, _fields("train", TrainCfg), ["train"], "train", whole=False),
              _declare(raw, list(method_class(method, task).Params.model_fields), method_layers,
                       f"{METHOD_DEFAULTS[task]}.{method}")]
-    # results_format: what the run writes (tskd.grid.RESULTS_FORMAT), a code default of every run.
+    # results_format: what the run writes (tskd.spec.grid.RESULTS_FORMAT), a code default of every run.
     return [k for keys, _ in parts for k in keys], [k for _, defaults in parts for k in defaults] + ["results_format"]
 
 
@@ -152,8 +154,6 @@ METHOD_DEFAULTS = {"classification": "methods", "detection": "detection_methods"
 
 def code_defaults() -> dict[str, Any]:
     """The content of DEFAULTS_FILE: each section's defaults as the code has them now."""
-    from tskd.distill.registry import list_methods, method_class
-
     def defaults(section: str, model, *skip: str) -> dict[str, Any]:
         fields = model.model_fields
         return {k: fields[k].get_default(call_default_factory=True) for k in _fields(section, model, *skip)
@@ -174,8 +174,6 @@ def render_defaults() -> str:
 
 
 def _real_data(p: Preset) -> list[str]:
-    from tskd.data.families import family
-
     return family(p.dataset.name).versioned_inputs(p.dataset)
 
 
@@ -216,7 +214,7 @@ def stages(p: Preset, raw: dict[str, Any], params_file: str) -> list[Stage]:
         keys, defaults = _run_keys(p, raw, job.recipe, method, layers)
         if method != job.method:  # a variant: the registered method it runs is a param of its own
             keys.append(f"methods.{job.method}.{VARIANT_KEY}")
-        # The evolution file: written by the same job, not a Snakemake target (tskd.evolution).
+        # The evolution file: written by the same job, not a Snakemake target (tskd.engine.evolution).
         extra = [str(d / EVOLUTION_FILE)] if keeps_evolution(p, job) else []
         out.append(Stage(f"train-{tag}", "student", files, inputs,
                          deps=_data_deps(p) + teacher + _backbone_deps(p, job.pair.student), params=keys,
@@ -274,8 +272,6 @@ def _plots(p: Preset, all_stages: list[Stage]) -> list[Any]:
     """Training curves: the test main figure per epoch, one vega plot for the teachers and one per
     method (drawn by DVC's HTML, which loads vega from a CDN), then the report's PNG plots, which
     DVC shows as images (readable offline)."""
-    from tskd.tasks import task_of
-
     key = f"test_{task_of(p.dataset.name).best}"
     groups: dict[str, list[str]] = {}
     for s in all_stages:
@@ -289,7 +285,7 @@ def _plots(p: Preset, all_stages: list[Stage]) -> list[Any]:
 
 HEADER = """\
 # Generated from {params} by `tskd dvc write {params}`: do not edit by hand.
-# Each stage runs one job of the Snakemake DAG (same grid: tskd/grid.py). Only the keys each
+# Each stage runs one job of the Snakemake DAG (same grid: tskd/spec/grid.py). Only the keys each
 # stage reads are listed, not their values: `dvc exp run -S {params}:<key>=<value>` works as is.
 # Regenerate after adding a method, pair, seed or per-pair override; stages refuse to run otherwise.
 """
@@ -312,15 +308,11 @@ def render(p: Preset, raw: dict[str, Any], params_file: str, path: Path) -> str:
 
 
 def load_raw(params_file: str | Path) -> tuple[Preset, dict[str, Any]]:
-    from tskd.config import load_preset
-
     p = load_preset(params_file)
     return p, yaml.safe_load(Path(params_file).read_text())
 
 
 def write_pipeline(params_file: str, out: Path | None = None) -> Path:
-    from tskd.io import atomic_write_text
-
     p, raw = load_raw(params_file)
     path = out or pipeline_path(p)
     atomic_write_text(DEFAULTS_FILE, render_defaults())

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tskd.config import Preset
-from tskd.evolution import evolution_grids
-from tskd.plots.runs import Runs, read_runs
+from tskd.engine.evolution import evolution_grids
+from tskd.reporting.plots.runs import Runs, read_runs
+from tskd.spec.config import Preset
 from tskd.tasks import task_of
 
 
@@ -41,9 +41,10 @@ def plot_files(p: Preset) -> dict[str, Path]:
 
 def write_plots(p: Preset) -> list[Path]:
     """Draw every plot of ``plot_files`` (each written to a temporary name, then renamed)."""
-    from tskd.plots.attention import attention_figure
-    from tskd.plots.curves import losses_figure, main_figure, review_figure, save, teachers_figure
-    from tskd.plots.evolution import evolution_figure
+    # lazy: matplotlib
+    from tskd.reporting.plots.attention import attention_figure
+    from tskd.reporting.plots.curves import losses_figure, main_figure, review_figure, save, teachers_figure
+    from tskd.reporting.plots.evolution import evolution_figure
 
     runs = read_runs(p)
     task = task_of(p.dataset.name)

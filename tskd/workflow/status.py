@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tskd.config import Preset
 from tskd.engine.run_lock import describe, holder, lock_path
-from tskd.grid import student_dir, student_jobs, teacher_dir
+from tskd.spec.config import Preset
+from tskd.spec.grid import student_dir, student_jobs, teacher_dir
 
 # tskd --log writes this line last when a job fails (tskd.cli.main).
 _SUBMITTED = re.compile(r"submitted SLURM job (\d+)")

@@ -19,9 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tskd.config import Preset
-from tskd.dvc_pipeline import Stage, pipeline_path, stages
 from tskd.errors import TskdError
+from tskd.spec.config import Preset
+from tskd.workflow.dvc_pipeline import Stage, pipeline_path, stages
+from tskd.workflow.dvc_verify import verify
 
 
 class SyncError(TskdError):
@@ -87,8 +88,6 @@ def _damaged(root: Path, pipeline: Path, names: set[str]) -> dict[str, list[str]
     back as a 'current' output; only re-hashing the bytes tells. Only this pipeline's stages: the
     others have stages of the same names (every pipeline has `data` and `report`).
     """
-    from tskd.dvc_verify import verify
-
     if pipeline.is_absolute():
         pipeline = pipeline.relative_to(root.resolve())
     out: dict[str, list[str]] = {}

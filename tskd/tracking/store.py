@@ -4,9 +4,9 @@ Uses ``MlflowClient`` directly (no fluent API, so no process-global active run).
 default store is ``sqlite:///mlflow.db`` in the working directory (MLflow's file store is
 deprecated); ``MLFLOW_TRACKING_URI`` overrides it, e.g. with an ``mlflow server`` that many
 cluster jobs share (slurm/mlflow-server.sh). What a run carries (names, tags, parent, dataset,
-model) is decided in ``tskd.tracking_runs``; the DAG sets the store up once before its jobs start,
+model) is decided in ``tskd.tracking.runs``; the DAG sets the store up once before its jobs start,
 so a job's start only reads it. A training run's records go through its journal
-(``tskd.tracking_journal``): kept in its directory first, applied when the store answers.
+(``tskd.tracking.journal``): kept in its directory first, applied when the store answers.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
@@ -65,11 +65,11 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 def open_experiment(experiment: str) -> tuple[Any, str]:
     """(client, experiment id), creating the store's schema and the experiment when missing.
 
-    When both exist (the DAG's set-up made them: ``tskd.tracking_runs.prepare_store``) this only
+    When both exist (the DAG's set-up made them: ``tskd.tracking.runs.prepare_store``) this only
     reads, with no lock: parallel jobs start at once. Creating them takes a file lock beside a
     SQLite store, so that parallel first starts do not race on the schema."""
     uri = tracking_uri()
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None or db.is_file():
         client = _client(uri)
         exp = retry_locked(lambda: client.get_experiment_by_name(experiment))
@@ -95,7 +95,7 @@ def open_experiment(experiment: str) -> tuple[Any, str]:
 def existing_experiment(experiment: str) -> tuple[Any, str] | None:
     """(client, experiment id) when the store and the experiment exist; creates nothing."""
     uri = tracking_uri()
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None and not db.is_file():
         return None
     client = _client(uri)

@@ -12,9 +12,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tskd.config import Preset
 from tskd.io import atomic_write_bytes
-from tskd.plots.runs import Runs
+from tskd.reporting.plots.runs import Runs
+from tskd.spec.config import Preset
 from tskd.tasks import Task
 
 

@@ -25,8 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tskd.engine.run_lock import lock_if_free
 from tskd.io import atomic_write_json
-from tskd.tracking import open_experiment, retry_locked
+from tskd.spec.grid import student_dir, student_jobs, teacher_dir
+from tskd.tracking.runs import PARENT_TAG, find_parent_id, log_dataset, log_model
+from tskd.tracking.store import flatten, open_experiment, retry_locked
 
 log = logging.getLogger("tskd.tracking")
 
@@ -159,9 +162,6 @@ def apply(journal: Journal, store: tuple[Any, str] | None = None) -> int:
 def _apply_start(client, exp_id: str, journal: Journal, op: dict[str, Any]) -> str:
     from mlflow.entities import Param
 
-    from tskd.tracking import flatten
-    from tskd.tracking_runs import PARENT_TAG, find_parent_id, log_dataset
-
     # Created before a kill or a lost answer, but not recorded: the same run, not a second one.
     found = retry_locked(lambda: client.search_runs([exp_id], f"tags.`{JOURNAL_TAG}` = '{journal.id}'", max_results=1))
     if found:
@@ -223,7 +223,6 @@ def _apply_finish(client, exp_id, run_id, journal, before, op) -> None:
     if op["status"] == "FINISHED" and model and model["artifact"] in logged:
         run = retry_locked(lambda: client.get_run(run_id))
         if not run.outputs or not run.outputs.model_outputs:  # not logged by an earlier, interrupted apply
-            from tskd.tracking_runs import log_model
 
             retry_locked(lambda: log_model(client, exp_id, run_id, **model))
     retry_locked(lambda: client.set_terminated(run_id, status=op["status"], end_time=op["time"]))
@@ -320,8 +319,6 @@ def sync_dirs(dirs: list[Path]) -> dict[str, int]:
     """``_sync_dir`` on every directory that has journals and no live writer (a running job applies
     its own). Returns counts: ``runs`` synced, records ``applied``, records still ``pending``
     (the store did not answer), ``live`` directories left to their writer."""
-    from tskd.engine.run_lock import lock_if_free
-
     totals = {"runs": 0, "applied": 0, "pending": 0, "live": 0}
     for d in dirs:
         if not journal_dir(d).is_dir():
@@ -339,6 +336,4 @@ def sync_dirs(dirs: list[Path]) -> dict[str, int]:
 
 def grid_dirs(p: Any) -> list[Path]:
     """Every training run directory of a preset's grid, teachers first."""
-    from tskd.grid import student_dir, student_jobs, teacher_dir
-
     return [teacher_dir(p, a) for a in p.teachers] + [student_dir(p, j) for j in student_jobs(p)]

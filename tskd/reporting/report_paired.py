@@ -1,6 +1,6 @@
 """The report's answer to "is this method better than KD, or than the student alone, here?".
 
-For each recipe, pair and method: the paired difference over seeds (``tskd.paired``) of the main
+For each recipe, pair and method: the paired difference over seeds (``tskd.reporting.paired``) of the main
 figure (best test top-1 on classification) against KD and against the student trained alone; per
 method, its wins / ties / losses over the pairs; and the seed planner (how many seeds a pair needs to
 detect 0.3 and 0.5 points at 80 % power, from the spread of the differences seen here). The same
@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tskd.config import Preset
-from tskd.paired import LEVEL, POWER, Difference, paired_difference, pooled_sd, seeds_cell, seeds_needed
+from tskd.reporting.paired import LEVEL, POWER, Difference, paired_difference, pooled_sd, seeds_cell, seeds_needed
+from tskd.spec.config import Preset
 from tskd.tasks import task_of
 
 # The baselines every method is held against: the row's column prefix and its name in the text.

@@ -5,7 +5,7 @@ report, ``study.md`` and ``study.csv`` (one row per recipe, pair and method entr
 order) and three plots. Seeds are paired: a variant's run with seed s is compared with ``tskd``'s run
 with seed s (the same data order and initialisation), so the spread of the differences excludes the
 seed-to-seed variation that both share. Only seeds present for both count in the paired columns.
-The differences carry the report's paired statistics (``tskd.paired``): the mean, its 95 %
+The differences carry the report's paired statistics (``tskd.reporting.paired``): the mean, its 95 %
 confidence interval and the paired t-test's p-value, against ``tskd`` and against ``kd``.
 
 Each row also has its cost ÷ KD, from the runs' own wall-clock ``seconds`` per epoch: its review
@@ -21,10 +21,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tskd.config import PairCfg, Preset
+from tskd.engine.evolution import evolution_grids
 from tskd.io import atomic_write_text
-from tskd.paired import Difference, paired_difference
-from tskd.plots.runs import Runs, read_runs
+from tskd.reporting.paired import Difference, paired_difference
+from tskd.reporting.plots.runs import Runs, read_runs
+from tskd.spec.config import PairCfg, Preset
+from tskd.spec.grid import effective_method_params
 from tskd.tasks import task_of
 
 BASELINE = "tskd"  # the default TSKD: the entry every variant is compared with
@@ -123,8 +125,6 @@ def varied_only_in(params: dict[str, dict[str, Any]], key: str, base: str = BASE
 
 def tskd_params(p: Preset, recipe: str, pair: PairCfg) -> dict[str, dict[str, Any]]:
     """Every TSKD entry's effective params for one (recipe, pair): defaults, overrides and all."""
-    from tskd.grid import effective_method_params  # imports torch: only where the plots are made
-
     return {n: effective_method_params(BASELINE, p.method_params(n, pair, recipe), p.dataset.name)
             for n in p.methods if p.registered(n) == BASELINE}
 
@@ -132,7 +132,7 @@ def tskd_params(p: Preset, recipe: str, pair: PairCfg) -> dict[str, dict[str, An
 def cost_panels(p: Preset, rows: list[dict[str, Any]]) -> list[Any]:
     """The cost figure's panels: review-epoch time ÷ KD against k, whole-run time ÷ KD against δ, one
     curve per (recipe, pair) through the entries that change that param alone."""
-    from tskd.plots.study import CostPanel
+    from tskd.reporting.plots.study import CostPanel  # lazy: matplotlib
 
     axes = {"k": ("k", "review epoch time ÷ KD's", "review_epoch_ratio"),
             "delta": ("δ", "whole-run time ÷ KD's", "run_ratio")}
@@ -203,9 +203,7 @@ def format_study(p: Preset, rows: list[dict[str, Any]]) -> str:
 
 
 def _evolution_links(p: Preset) -> list[str]:
-    """Each entry's feature-map evolution grids (tskd.plots.evolution), one link per seed."""
-    from tskd.evolution import evolution_grids
-
+    """Each entry's feature-map evolution grids (tskd.reporting.plots.evolution), one link per seed."""
     grids: dict[tuple[str, str, str], list[str]] = {}
     for job, path in evolution_grids(p):
         grids.setdefault((job.recipe, job.pair.name, job.method), []).append(
@@ -227,8 +225,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 def write_study(p: Preset) -> list[Path]:
     """Write study.md, study.csv and the study's plots (each to a temporary name, then renamed)."""
-    from tskd.plots.curves import save
-    from tskd.plots.study import accuracy_figure, cost_figure, predictability_figure
+    from tskd.reporting.plots.curves import save  # lazy: matplotlib
+    from tskd.reporting.plots.study import accuracy_figure, cost_figure, predictability_figure  # lazy: matplotlib
 
     files = study_files(p)
     if not files:

@@ -1,10 +1,10 @@
 """How training runs look in MLflow's UI: names, tags, the parent run that groups a run's seeds,
-the dataset input and the logged model. A run's journal (``tskd.tracking_journal``) writes one run;
+the dataset input and the logged model. A run's journal (``tskd.tracking.journal``) writes one run;
 this module decides what it carries, and sets the store up once for a whole grid (``prepare_store``).
 
 Grouping: every (preset, recipe, pair, method) of the grid, and every teacher, has one *parent*
 run (tag ``run_kind: seeds``) whose children are its seeds (tag ``mlflow.parentRunId``, which
-the UI nests under the parent). ``summarize_parents`` (the report stage) logs the children's
+the UI nests under the parent). The report stage (``tskd.reporting.publish.summarize_parents``) logs the children's
 mean and std on the parent and marks it FINISHED.
 """
 
@@ -14,16 +14,18 @@ import getpass
 import json
 import logging
 import os
-import statistics
 import subprocess
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from tskd.io import atomic_write_json
+from tskd.spec import grid
+from tskd.tracking.store import EXPERIMENT_KIND, open_experiment, retry_locked, sqlite_path, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from tskd.config import Preset
-    from tskd.grid import RunSpec
+    from tskd.spec.config import Preset
+    from tskd.spec.grid import RunSpec
 
 log = logging.getLogger("tskd.tracking")
 
@@ -119,8 +121,6 @@ def _parent_tags(spec: RunSpec) -> dict[str, str]:
 
 def grid_specs(p: Preset) -> list[RunSpec]:
     """Every training run of the grid (imported teachers are not trained: no MLflow run)."""
-    from tskd import grid
-
     teachers = [grid.teacher_spec(p, a) for a in p.teachers if grid.published_teacher(p, a) is None]
     return teachers + [grid.student_spec(p, j) for j in grid.student_jobs(p)]
 
@@ -133,13 +133,11 @@ def prepare_store(p: Preset) -> dict[str, str]:
     Beside a SQLite store, a stamp (``mlflow.db.tskd-setup.json``) records what was set up for
     that very file (its inode): a later DAG run (every DVC stage runs one) then skips the set-up
     without importing MLflow."""
-    from tskd.tracking import EXPERIMENT_KIND, _sqlite_path, open_experiment, tracking_uri
-
     specs = {group_name(s): s for s in grid_specs(p)}
     if not specs:
         return {}
     experiment = next(iter(specs.values())).experiment
-    db = _sqlite_path(tracking_uri())
+    db = sqlite_path(tracking_uri())
     stamp = db.with_name(db.name + ".tskd-setup.json") if db else None
     if stamp and db.is_file() and stamp.is_file():
         try:
@@ -169,8 +167,6 @@ def prepare_store(p: Preset) -> dict[str, str]:
             existing[group] = run.info.run_id
         parents[group] = existing[group]
     if stamp:
-        from tskd.io import atomic_write_json
-
         atomic_write_json(stamp, {"inode": db.stat().st_ino, "experiment": experiment, "parents": parents})
     return parents
 
@@ -184,8 +180,6 @@ def log_dataset(client: MlflowClient, run_id: str, name: str, identity: str, roo
     import json
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from tskd.tracking import retry_locked
 
     # MLflow shows a short digest; the whole identity string stays in the run's params (data_identity).
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -235,161 +229,6 @@ def log_model(client: MlflowClient, exp_id: str, run_id: str, name: str, artifac
     client.finalize_logged_model(model.model_id, "READY")
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
     return model.model_id
-
-
-# -- the report stage ------------------------------------------------------------------------
-def summarize_parents(p: Preset, figures: list[str],
-                      group_metrics: Mapping[tuple[str, str, str], Mapping[str, float]] | None = None) -> int:
-    """Log on every parent run the mean and std over its finished children of each figure
-    (``best_top1`` -> ``best_top1_mean``, ``best_top1_std``, and ``n_seeds``), the report's figures
-    of its group (``group_metrics``: (recipe, pair, variant) -> metrics, the paired comparisons), and
-    mark it FINISHED. Returns how many parents were updated. A store that was never set up (no DAG
-    ran with tracking) is left alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mlflow.entities import Metric
-
-    from tskd.tracking import existing_experiment
-
-    found = existing_experiment(grid_experiment(p))
-    if found is None:
-        return 0
-    client, exp_id = found
-    parents = _all_runs(client, exp_id, f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{p.preset}'")
-    # Every finished child in one paged query, grouped here: a query per parent made the report on
-    # the cifar100 grid (178 parents) wait on the server for 6 s of its run.
-    children: dict[str, list] = {}
-    for c in _all_runs(client, exp_id, f"tags.{KIND_TAG} = 'train' and attributes.status = 'FINISHED'"):
-        if PARENT_TAG in c.data.tags:
-            children.setdefault(c.data.tags[PARENT_TAG], []).append(c)
-
-    def metrics_of(parent) -> list[Metric]:
-        kids = children.get(parent.info.run_id, [])
-        metrics = [Metric("n_seeds", float(len(kids)), 0, 0)]
-        cost = [c.data.metrics["device_seconds"] for c in kids if "device_seconds" in c.data.metrics]
-        if cost:  # the group's cost: its seeds' device-seconds, summed
-            metrics.append(Metric("device_seconds", float(sum(cost)), 0, 0))
-        for f in figures:
-            values = [c.data.metrics[f] for c in kids if f in c.data.metrics]
-            if values:
-                metrics.append(Metric(f"{f}_mean", statistics.fmean(values), 0, 0))
-                metrics.append(Metric(f"{f}_std", statistics.stdev(values) if len(values) > 1 else 0.0, 0, 0))
-        tags = parent.data.tags
-        group = (tags.get("recipe", ""), tags.get("pair", ""), tags.get("variant", ""))
-        return metrics + [Metric(k, float(v), 0, 0) for k, v in (group_metrics or {}).get(group, {}).items()]
-
-    def update(parent) -> None:
-        client.log_batch(parent.info.run_id, metrics=metrics_of(parent))
-        client.set_terminated(parent.info.run_id, "FINISHED")
-
-    todo = [q for q in parents if children.get(q.info.run_id)]
-    # Two requests per parent, each mostly a wait on the server: a few at once (the server has workers).
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(update, todo))  # list(): the first error is raised here
-    return len(todo)
-
-
-def _all_runs(client: MlflowClient, exp_id: str, query: str) -> list:
-    """Every run of the experiment that ``query`` selects, page by page."""
-    out, token = [], None
-    while True:
-        page = client.search_runs([exp_id], query, max_results=5000, page_token=token)
-        out += list(page)
-        token = page.token
-        if not token:
-            return out
-
-
-def grid_experiment(p: Preset) -> str:
-    from tskd.grid import experiment_name
-
-    return experiment_name(p)
-
-
-def summarize_after_report(p: Preset,
-                           group_metrics: Mapping[tuple[str, str, str], Mapping[str, float]] | None = None) -> None:
-    """``tskd report``'s one line: the parents' mean ± std and their group's figures from the report
-    (``summarize_parents``), without failing the report when the store cannot be reached (the
-    tables are the report's result; MLflow is a view of it)."""
-    from tskd.tasks import task_of
-    from tskd.tracking_journal import grid_dirs, sync_dirs
-
-    task = task_of(p.dataset.name)
-    figures = [f"{w}_{f}" for w in ("best", "last") for f in task.figures]
-    try:  # first what runs recorded while the store was away: their parents' figures need them
-        synced = sync_dirs(grid_dirs(p))
-    except Exception as e:
-        log.warning("MLflow: the runs' waiting records were not logged: %s", e)
-    else:
-        if synced["applied"] or synced["pending"]:
-            log.log(logging.WARNING if synced["pending"] else logging.INFO,
-                    "MLflow: %d waiting records logged, %d still wait (`tskd sync` once the store answers)",
-                    synced["applied"], synced["pending"])
-    try:
-        n = summarize_parents(p, figures, group_metrics)
-    except Exception as e:  # an unreachable server, a locked file: the report stands without it
-        log.warning("MLflow: the parent runs' mean and std were not updated: %s", e)
-        return
-    if n:
-        log.info("MLflow: %d parent runs carry their seeds' mean and std and the paired comparisons", n)
-    try:
-        n = log_run_grids(p)
-    except Exception as e:
-        log.warning("MLflow: the runs' evolution grids were not logged: %s", e)
-        return
-    if n:
-        log.info("MLflow: %d runs carry their feature-map evolution grid", n)
-    try:
-        n, summary = log_report(p)
-    except Exception as e:
-        log.warning("MLflow: the report and its plots were not logged: %s", e)
-        return
-    if summary:
-        log.info("MLflow: %d parent runs carry their group's plots; run %s carries the report and every plot",
-                 n, summary)
-
-
-def log_report(p: Preset) -> tuple[int, str | None]:
-    """Each parent's group plots, and the summary run with the report (tskd.tracking_report)."""
-    from tskd.tracking import existing_experiment, tracking_uri
-    from tskd.tracking_report import Uploads, log_parent_plots, log_summary
-
-    found = existing_experiment(grid_experiment(p))
-    if found is None:
-        return 0, None
-    client, exp_id = found
-    parents = _all_runs(client, exp_id, f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{p.preset}'")
-    uploads = Uploads(p, tracking_uri())
-    try:
-        return log_parent_plots(p, client, parents, uploads), log_summary(p, client, exp_id, uploads)
-    finally:
-        uploads.save()  # what was sent, also when a later upload failed
-
-
-def log_run_grids(p: Preset) -> int:
-    """Log each run's own figure of the report (TSKD's feature-map evolution grid) on that run, under
-    ``plots/``: the run's page then shows the picture drawn from its evolution.npz. The run is the
-    one its directory's mlflow_run.json names; a run without one (tracking off) is skipped. Logging
-    again replaces the file. Returns how many runs got their grid."""
-    from tskd.evolution import evolution_grids
-    from tskd.grid import student_dir
-    from tskd.tracking import existing_experiment
-
-    grids = [(job, png) for job, png in evolution_grids(p) if png.is_file()]
-    found = existing_experiment(grid_experiment(p)) if grids else None
-    if found is None:
-        return 0
-    client, _ = found
-    logged = 0
-    for job, png in grids:
-        run_file = student_dir(p, job) / "mlflow_run.json"
-        try:
-            run_id = json.loads(run_file.read_text())["run_id"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        client.log_artifact(run_id, str(png), "plots")
-        logged += 1
-    return logged
 
 
 def identity_counts(data: Any) -> dict[str, int]:

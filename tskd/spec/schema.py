@@ -1,4 +1,4 @@
-"""JSON schema of the params, generated from the typed models in ``tskd.config``.
+"""JSON schema of the params, generated from the typed models in ``tskd.spec.config``.
 
 Snakemake validates the config against the committed file; a test checks it is current.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tskd.config import Preset
 from tskd.io import atomic_write_text
+from tskd.spec.config import Preset
 
 
 def params_schema() -> dict:

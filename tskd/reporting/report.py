@@ -14,17 +14,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tskd.config import Preset
 from tskd.errors import TskdError
-from tskd.grid import student_dir, student_jobs, teacher_dir
 from tskd.io import atomic_write_text
-from tskd.model_cost import NetworkCost, network_cost
-from tskd.plots import write_plots
-from tskd.reference_numbers import published
-from tskd.report_html import markdown_html
-from tskd.report_paired import add_run_columns, comparisons, paired_tables, run_columns, summary_entries
-from tskd.report_tables import paper_tables, teacher_warnings
-from tskd.study import write_study
+from tskd.reporting.model_cost import NetworkCost, network_cost
+from tskd.reporting.plots import write_plots
+from tskd.reporting.reference_numbers import published
+from tskd.reporting.report_html import markdown_html
+from tskd.reporting.report_paired import add_run_columns, comparisons, paired_tables, run_columns, summary_entries
+from tskd.reporting.report_tables import paper_tables, teacher_warnings
+from tskd.reporting.study import write_study
+from tskd.spec.config import Preset
+from tskd.spec.grid import student_dir, student_jobs, teacher_dir
 from tskd.tasks import Task, task_of
 
 

@@ -15,8 +15,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from tskd.errors import TskdError
-from tskd.params_yaml import validate_strict
+from tskd.data.families import TASK_OF
+from tskd.errors import ParamsError
+from tskd.spec.params_yaml import read_params_yaml, validate_strict
 
 
 class Strict(BaseModel):
@@ -381,10 +382,6 @@ class Preset(Strict):
         return Path(self.results_dir) / self.preset
 
 
-class ParamsError(TskdError, ValueError):
-    """Bad params: the message names the file, the key and what is allowed."""
-
-
 def format_validation_error(e: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid params"]
     for err in e.errors():
@@ -404,7 +401,7 @@ def format_validation_error(e: ValidationError, source: str) -> str:
 
 
 def parse_preset(raw: dict[str, Any], source: str = "<params>") -> Preset:
-    """Validate a params mapping, strictly (``tskd.params_yaml.validate_strict``: "64" is not an int, "yes"
+    """Validate a params mapping, strictly (``tskd.spec.params_yaml.validate_strict``: "64" is not an int, "yes"
     not a bool); methods and architectures are checked against the registries."""
     # Checked here, not in a "before" validator of the model: one would make pydantic validate the
     # whole file in Python mode, where strict mode refuses YAML's lists for tuple fields.
@@ -421,9 +418,8 @@ def parse_preset(raw: dict[str, Any], source: str = "<params>") -> Preset:
 
 def _check_registered(preset: Preset, source: str) -> None:
     # Imported here: registries import torch, which the schema generator does not need.
-    from tskd.data.families import TASK_OF
-    from tskd.distill.registry import list_methods, method_class, parse_method_params
-    from tskd.models.registry import list_models
+    from tskd.distill.registry import list_methods, method_class, parse_method_params  # lazy: torch
+    from tskd.models.registry import list_models  # lazy: torch
 
     task = TASK_OF.get(preset.dataset.name, "classification")
 
@@ -434,7 +430,7 @@ def _check_registered(preset: Preset, source: str) -> None:
         if arch not in known_models:
             raise ParamsError(f"{source}: {key}: unknown architecture {arch!r}; "
                               f"registered: {', '.join(sorted(known_models))}")
-    from tskd.models.registry import model_entry
+    from tskd.models.registry import model_entry  # lazy: torch
 
     used = {arch for _, arch in archs}
     for arch in preset.backbones:
@@ -531,8 +527,6 @@ def _check_student_alone(preset: Preset, recipe: str, source: str) -> None:
 
 def load_preset(path: str | Path) -> Preset:
     """Read and validate ``params/<preset>.yaml``."""
-    from tskd.params_yaml import read_params_yaml
-
     return parse_preset(read_params_yaml(path), source=str(path))
 
 

@@ -11,8 +11,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from tskd.config import Preset
-from tskd.plots.runs import Runs
+from tskd.reporting.plots.runs import Runs
+from tskd.spec.config import Preset
 
 
 def attention_figure(p: Preset, runs: Runs, recipe: str, pair: str) -> Figure:

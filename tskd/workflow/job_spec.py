@@ -15,8 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tskd.config import ParamsError, canonical_json, fingerprint
+from tskd.errors import ParamsError
 from tskd.io import atomic_write_text
+from tskd.spec import grid
+from tskd.spec.config import canonical_json, fingerprint, parse_preset
+from tskd.spec.grid import RunSpec
+from tskd.spec.params_yaml import DuplicateKeyError, loads_json
 
 PRESET_DIR = Path(".snakemake/tskd")
 
@@ -45,10 +49,6 @@ def write_report_preset(p, root: Path = PRESET_DIR) -> Path:
 
 def spec_of_job(preset_file: str | Path, job_dir: str | Path):
     """The RunSpec (teacher or student) whose run directory is ``job_dir`` in the preset of ``preset_file``."""
-    from tskd import grid
-    from tskd.config import parse_preset
-    from tskd.params_yaml import DuplicateKeyError, loads_json
-
     path = Path(preset_file)
     if not path.is_file():
         raise ParamsError(f"--preset {path}: file not found (the workflow writes it while building the DAG)")
@@ -78,7 +78,7 @@ def write_specs(preset_file: str | Path, specs: dict[str, Any]) -> Path:
     """Every training job's spec (run directory -> spec), with its task's main figure, beside the preset
     file: what ``spec_of_job_light`` reads. Written by the Snakemake that builds the DAG, whose code
     computed the specs, and rewritten whenever they differ (a changed default in the code)."""
-    from tskd.tasks import task_of
+    from tskd.tasks import task_of  # lazy: torch
 
     data = {}
     for job_dir, spec in specs.items():
@@ -99,12 +99,10 @@ def spec_of_job_light(preset_file: str | Path, job_dir: str | Path) -> tuple[Any
     Returns the spec and how its task names its main figure ({best, label})."""
     import subprocess
 
-    from tskd.grid import RunSpec
-
     with contextlib.suppress(OSError, ValueError, KeyError):
         entry = json.loads(specs_file(preset_file).read_text())[str(Path(job_dir))]
         return RunSpec.model_validate(entry["spec"]), entry["figure"]
-    r = subprocess.run([sys.executable, "-m", "tskd.job_spec", str(preset_file), str(job_dir)],
+    r = subprocess.run([sys.executable, "-m", "tskd.workflow.job_spec", str(preset_file), str(job_dir)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         lines = r.stderr.strip().splitlines()
@@ -115,8 +113,8 @@ def spec_of_job_light(preset_file: str | Path, job_dir: str | Path) -> tuple[Any
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m tskd.job_spec PRESET_FILE JOB_DIR``: the job's spec and main figure, as JSON."""
-    from tskd.tasks import task_of
+    """``python -m tskd.workflow.job_spec PRESET_FILE JOB_DIR``: the job's spec and main figure, as JSON."""
+    from tskd.tasks import task_of  # lazy: torch
 
     try:
         spec = spec_of_job(*argv)
