@@ -78,7 +78,7 @@ class TSKDParams(MethodParams):
     recompute_forecasters: bool = Field(
         True, description="keep none of the activations of the ConvLSTM forecasters that would be held at the review "
         "step's memory peak, and compute them again in the backward (torch.utils.checkpoint): the same numbers (bit "
-        "for bit on CPU), TSKD's peak memory at review about 1.2x KD's instead of 1.4x (resnet32x4 -> resnet8x4, "
+        "for bit on CPU), TSKD's peak memory at review about 1.25x KD's instead of 1.4x (resnet32x4 -> resnet8x4, "
         "batch 128, CPU). The tap sizes decide which: the branches from the first up to the one whose forecaster "
         "holds the most activations (hidden width x map area), i.e. the first alone with the presets' taps, largest "
         "map first (convlstm.recomputed_branches, docs/method.md \"Cost\"). false: keep them all, as the authors' "
