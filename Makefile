@@ -9,7 +9,7 @@ PRESET ?= smoke
 GPUS   ?=
 JOBS_PER_GPU ?= 1
 
-.PHONY: demo test lint venv cxx browser clean
+.PHONY: demo test test-fast lint venv cxx browser clean
 
 venv: $(STAMP)
 
@@ -48,12 +48,25 @@ cxx:
 browser:
 	$(call apt_install,chromium,chromium)
 
+# The full suite, as CI runs it: pytest-xdist's workers share the cores (tests that share the local
+# SLURM cluster, or a module's expensive fixture, stay on one worker: tests/conftest.py), in random
+# order (pytest-randomly prints the seed; `-p randomly -p "randomly_seed=N"` replays it).
+TEST_WORKERS ?= $(CORES)
+PYTEST = $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20
 test: $(STAMP) cxx browser
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/lint-imports
+	$(PYTEST)
+
+# The inner loop: every unit test and one training step of every method, no end-to-end DAG.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports  # the layers of docs/architecture.md (.importlinter)
 	$(VENV)/bin/snakemake --lint --configfile params/smoke.yaml
 
 clean:

@@ -28,6 +28,24 @@ needs_cxx = needs_program("g++", "c++", "clang++", installed_by="make cxx")
 needs_chromium = needs_program("chromium", "chromium-browser", installed_by="make browser")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Where pytest-xdist's workers may split the suite (`--dist loadgroup`): every test that uses the
+    one local SLURM cluster runs on one worker, one at a time (some stop its database or fill its
+    queue); a module whose own module-scoped fixture builds something shares one worker, so that it is
+    built once. Every other test goes wherever a worker is free."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = [d for name in item.fixturenames for d in (info.name2fixturedefs.get(name, ()) if info else ())]
+        if "slurm_cluster" in item.fixturenames:
+            group = "slurm"
+        elif any(d.scope in ("module", "class") and d.baseid.startswith(item.nodeid.split("::")[0])
+                 for d in defs):
+            group = item.nodeid.split("::")[0]
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one intra-op thread for a module of tiny-batch steps: they gain nothing from more,
@@ -95,4 +113,40 @@ def copy_repo(dest: Path) -> Path:
         if src.is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
+    return dest
+
+
+def build_once(tmp_path_factory, name: str, make) -> Path:
+    """``make(dest)`` run once per test session, even across pytest-xdist's workers: the first
+    worker to ask builds under a file lock in the session's shared temporary root, the others wait
+    and get the same directory. Treat it as read-only; copy it (``copy_built``) to change it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # popen-gw0, popen-gw1, ... share their parent
+    dest = root / f"built-{name}"
+    with FileLock(f"{dest}.lock"):
+        if not (dest / ".built").exists():  # a failed build is retried, not trusted
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+            make(dest)
+            (dest / ".built").touch()
+    return dest
+
+
+def copy_built(src: Path, dest: Path) -> Path:
+    """A private copy of a built repo: mtimes kept (Snakemake's and DVC's view of what is up to date
+    stays), and its SQLite MLflow store pointed at the copy's own artifacts, so a test that trains,
+    logs or deletes there leaves the shared original as it found it."""
+    import sqlite3
+
+    shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns(".built"))
+    db = dest / "mlflow.db"
+    if db.exists():
+        old, new = src.resolve().as_uri(), dest.resolve().as_uri()
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+            con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+        con.close()
     return dest
