@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_repo
+from tests.conftest import build_once, copy_built, copy_repo
 
 pytestmark = pytest.mark.slow
 
@@ -93,9 +93,8 @@ def _small_grid(raw: dict) -> None:
     raw["dataset"]["synthetic"].update(train_per_class=3, test_per_class=3)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("dvcrepo"))
+def _build(repo: Path) -> None:
+    copy_repo(repo)
     for leftover in ("dvc.lock", "mlflow.db"):
         (repo / leftover).unlink(missing_ok=True)
     set_param(repo, _small_grid)
@@ -106,7 +105,18 @@ def repo(tmp_path_factory) -> Path:
     sh(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "grid")
     r = sh(repo, "dvc", "repro")
     repo.joinpath("first_repro.log").write_text(r.stdout)
-    return repo
+
+
+@pytest.fixture(scope="session")
+def dvc_built(tmp_path_factory) -> Path:
+    """The small grid after its first `dvc repro`, built once per session."""
+    return build_once(tmp_path_factory, "dvc-grid", _build)
+
+
+@pytest.fixture
+def repo(dvc_built, tmp_path) -> Path:
+    """Each test's own copy (git, DVC cache, results, MLflow store): no test sees another's edits."""
+    return copy_built(dvc_built, tmp_path / "repo")
 
 
 def commit(repo: Path, msg: str) -> None:
@@ -296,6 +306,8 @@ def test_remote_round_trip_and_mtimes_after_pull(repo, tmp_path):
 
 
 def test_missing_remote_and_corrupt_cache_fail_clearly(repo, tmp_path):
+    sh(repo, "dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    commit(repo, "remote")
     clone = tmp_path / "clone"
     sh(repo, "git", "clone", "-q", str(repo), str(clone))
     sh(clone, "dvc", "remote", "remove", "store")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_repo
+from tests.conftest import build_once, copy_built, copy_repo
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +41,16 @@ def planned_jobs(repo: Path) -> dict[str, int]:
     return jobs
 
 
-@pytest.fixture(scope="module")
-def smoke_repo(tmp_path_factory) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
-    snakemake(repo)
-    return repo
+@pytest.fixture(scope="session")
+def smoke_built(tmp_path_factory) -> Path:
+    """The smoke DAG, run once per session (once across xdist's workers too)."""
+    return build_once(tmp_path_factory, "smoke", lambda dest: snakemake(copy_repo(dest)))
+
+
+@pytest.fixture
+def smoke_repo(smoke_built, tmp_path) -> Path:
+    """Each test's own copy of the finished smoke DAG: what one test reruns or edits, no other sees."""
+    return copy_built(smoke_built, tmp_path / "repo")
 
 
 def test_smoke_dag_produces_report_and_mlflow_runs(smoke_repo):
@@ -149,15 +154,11 @@ def test_smoke_report_and_plots_show_every_method(smoke_repo):
 
 def test_renaming_the_experiment_or_the_eval_batch_reruns_nothing(smoke_repo):
     params = smoke_repo / "params/smoke.yaml"
-    text = params.read_text()
-    raw = yaml.safe_load(text)
+    raw = yaml.safe_load(params.read_text())
     raw["tracking"] = {"experiment": "another-name"}
     raw["train"]["eval_batch_size"] = 31
     params.write_text(yaml.safe_dump(raw))
-    try:
-        assert "Nothing to be done" in snakemake(smoke_repo, "-n").stdout
-    finally:
-        params.write_text(text)
+    assert "Nothing to be done" in snakemake(smoke_repo, "-n").stdout
 
 
 def test_second_run_does_nothing(smoke_repo):
@@ -357,14 +358,11 @@ def test_mlflow_server_finds_every_run_by_its_tags_and_the_ui_lists_them(smoke_r
                     "pair": pair_label(spec), "recipe": spec.recipe_name, "seed": str(spec.seed)}
             query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
             runs = _rest(url, "runs/search", {"experiment_ids": [exp], "filter": query})["runs"]
-            # Earlier tests of this module rerun the kd jobs with other params (other runs, same tags):
-            # the preset's run is the one whose params hold its identity now.
-            runs = [r for r in runs if flatten(spec.identity()).items()
-                    <= {x["key"]: x["value"] for x in r["data"]["params"]}.items()]
             assert len(runs) == 1, (query, runs)
             run = runs[0]
             assert run["info"]["run_name"] == run_name(spec)
             params = {x["key"]: x["value"] for x in run["data"]["params"]}
+            assert flatten(spec.identity()).items() <= params.items()  # the whole identity, as logged
             assert {"data_identity", "teacher_sha256", "device"} <= set(params)
             found[run["info"]["run_id"]] = spec
         dom = _browser_dom(f"{url}/#/experiments/{exp}/runs")
