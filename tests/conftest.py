@@ -28,24 +28,6 @@ needs_cxx = needs_program("g++", "c++", "clang++", installed_by="make cxx")
 needs_chromium = needs_program("chromium", "chromium-browser", installed_by="make browser")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Where pytest-xdist's workers may split the suite (`--dist loadgroup`): every test that uses the
-    one local SLURM cluster runs on one worker, one at a time (some stop its database or fill its
-    queue); a module whose own module-scoped fixture builds something shares one worker, so that it is
-    built once. Every other test goes wherever a worker is free."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        defs = [d for name in item.fixturenames for d in (info.name2fixturedefs.get(name, ()) if info else ())]
-        if "slurm_cluster" in item.fixturenames:
-            group = "slurm"
-        elif any(d.scope in ("module", "class") and d.baseid.startswith(item.nodeid.split("::")[0])
-                 for d in defs):
-            group = item.nodeid.split("::")[0]
-        else:
-            continue
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one intra-op thread for a module of tiny-batch steps: they gain nothing from more,
