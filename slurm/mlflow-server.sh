@@ -227,16 +227,85 @@ local_cluster_db() {
     chmod 600 "$DBPASS"
     pw=$(<"$DBPASS")
     [[ $pw =~ ^[0-9a-f]+$ ]] || fail "$DBPASS does not hold a generated password; remove it to make a new one"
-    # The SQL (and the password in it) goes through stdin, not the command line.
+    # The SQL (and the password in it) goes through stdin, not the command line. utf8mb4: MLflow's
+    # schema needs it (since 3.18 some columns are utf8mb4_bin), and Debian's MariaDB defaults to latin1.
     mariadb --no-defaults --protocol=socket --socket="$sock" -uroot -N -B <<EOF >/dev/null ||
-CREATE DATABASE IF NOT EXISTS \`$DB_NAME\`;
+CREATE DATABASE IF NOT EXISTS \`$DB_NAME\` CHARACTER SET utf8mb4;
 CREATE USER IF NOT EXISTS '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$pw';
 ALTER USER '$DB_USER'@'127.0.0.1' IDENTIFIED BY '$pw';
 GRANT ALL PRIVILEGES ON \`$DB_NAME\`.* TO '$DB_USER'@'127.0.0.1';
 EOF
         fail "could not create database $DB_NAME in the MariaDB at $sock"
+    convert_to_utf8mb4 "$sock"
     printf '[client]\nuser = %s\npassword = %s\n' "$DB_USER" "$pw" >"$MYCNF"
     printf 'mysql+pymysql://%s@127.0.0.1:%s/%s?read_default_file=%s\n' "$DB_USER" "$db_port" "$DB_NAME" "$MYCNF"
+}
+
+# A database this script made in latin1 (before it asked for utf8mb4) is converted, its tables too,
+# including any that a failed MLflow migration left behind; MLflow's next start completes the
+# migration. MariaDB refuses to convert a column a foreign key uses (even with the checks off), so
+# the foreign keys are dropped, the tables converted and the keys put back, in one session.
+convert_to_utf8mb4() {
+    local sock=$1 tables drops adds t sql
+    local q=(mariadb --no-defaults --protocol=socket --socket="$sock" -uroot -N -B)
+    tables=$("${q[@]}" -e "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = '$DB_NAME' AND TABLE_COLLATION NOT LIKE 'utf8mb4%'") ||
+        fail "could not read the tables of database $DB_NAME in the MariaDB at $sock"
+    sql="ALTER DATABASE \`$DB_NAME\` CHARACTER SET utf8mb4;"
+    if [[ -n $tables ]]; then
+        say "converting database $DB_NAME to utf8mb4 (MLflow's schema needs it): $(wc -w <<<"$tables") tables"
+        drops=$("${q[@]}" -e "SELECT CONCAT('ALTER TABLE \`', TABLE_NAME, '\` DROP FOREIGN KEY \`', CONSTRAINT_NAME, '\`;')
+            FROM information_schema.REFERENTIAL_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = '$DB_NAME'") &&
+            adds=$("${q[@]}" -e "SELECT CONCAT('ALTER TABLE \`', rc.TABLE_NAME, '\` ADD CONSTRAINT \`', rc.CONSTRAINT_NAME,
+                '\` FOREIGN KEY (', GROUP_CONCAT(CONCAT('\`', k.COLUMN_NAME, '\`') ORDER BY k.ORDINAL_POSITION),
+                ') REFERENCES \`', rc.REFERENCED_TABLE_NAME, '\` (',
+                GROUP_CONCAT(CONCAT('\`', k.REFERENCED_COLUMN_NAME, '\`') ORDER BY k.ORDINAL_POSITION),
+                ') ON DELETE ', rc.DELETE_RULE, ' ON UPDATE ', rc.UPDATE_RULE, ';')
+                FROM information_schema.REFERENTIAL_CONSTRAINTS rc JOIN information_schema.KEY_COLUMN_USAGE k
+                  ON k.CONSTRAINT_SCHEMA = rc.CONSTRAINT_SCHEMA AND k.CONSTRAINT_NAME = rc.CONSTRAINT_NAME
+                 AND k.TABLE_NAME = rc.TABLE_NAME
+                WHERE rc.CONSTRAINT_SCHEMA = '$DB_NAME'
+                GROUP BY rc.TABLE_NAME, rc.CONSTRAINT_NAME, rc.REFERENCED_TABLE_NAME, rc.DELETE_RULE, rc.UPDATE_RULE") ||
+            fail "could not read the foreign keys of database $DB_NAME in the MariaDB at $sock"
+        sql+=" USE \`$DB_NAME\`; SET FOREIGN_KEY_CHECKS = 0; $drops"
+        for t in $tables; do sql+=" ALTER TABLE \`$t\` CONVERT TO CHARACTER SET utf8mb4;"; done
+        sql+=" $adds SET FOREIGN_KEY_CHECKS = 1;"
+    fi
+    "${q[@]}" <<<"$sql" || fail "could not convert database $DB_NAME in the MariaDB at $sock to utf8mb4"
+}
+
+# A given MySQL/MariaDB database must be utf8mb4 (MLflow >= 3.18 pins utf8mb4_bin on some columns;
+# on latin1 its migration fails at the server's start). Checked before the start so that the
+# message says what to do; a database that cannot be reached is left to the server to report.
+check_mysql_charset() {
+    local msg rc=0
+    msg=$("$PY" - "$1" <<'EOF'
+import sys
+
+import sqlalchemy as sa
+
+try:
+    with sa.create_engine(sys.argv[1]).connect() as c:
+        db = c.execute(sa.text("SELECT DATABASE()")).scalar()
+        cs = c.execute(sa.text("SELECT DEFAULT_CHARACTER_SET_NAME FROM information_schema.SCHEMATA "
+                               "WHERE SCHEMA_NAME = DATABASE()")).scalar()
+        bad = [r[0] for r in c.execute(sa.text(
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() "
+            "AND TABLE_COLLATION NOT LIKE 'utf8mb4%'"))]
+except Exception:
+    sys.exit(0)
+if db is None or (cs == "utf8mb4" and not bad):
+    sys.exit(0)
+fix = [f"ALTER DATABASE `{db}` CHARACTER SET utf8mb4;"]
+fix += [f"ALTER TABLE `{db}`.`{t}` CONVERT TO CHARACTER SET utf8mb4;" for t in bad]
+print(f"database {db} of TSKD_MLFLOW_DB_URI has character set {cs}"
+      + (f" and tables not in utf8mb4 ({', '.join(bad)})" if bad else "")
+      + "; MLflow's schema needs utf8mb4 (docs/slurm.md). As its owner, run: " + " ".join(fix)
+      + (" (MariaDB will not convert a column that a foreign key uses: drop such keys first, add them back after)"
+         if bad else ""))
+sys.exit(1)
+EOF
+) || rc=$?
+    ((rc == 0)) || fail "$msg"
 }
 
 # A URI naming an option file (pymysql's read_default_file): the file must exist (pymysql
@@ -288,6 +357,27 @@ print_exports() {
     fi
 }
 
+# Its own session, stdin/out closed: it outlives this script and no caller's pipe stays open.
+# Secrets reach it through its environment (readable by its owner only; `env VAR=...` would put
+# them on a command line), never argv. What it writes gets TSKD_MLFLOW_UMASK.
+launch_server() {
+    local uri=$1
+    shift
+    (
+        umask "$ART_UMASK"
+        export MLFLOW_BACKEND_STORE_URI="$uri"
+        unset MLFLOW_AUTH_ADMIN_USERNAME MLFLOW_AUTH_ADMIN_PASSWORD # the ini names the admin, not the caller's env
+        if ((AUTH)); then
+            export MLFLOW_AUTH_CONFIG_PATH="$AUTH_INI"
+            MLFLOW_FLASK_SERVER_SECRET_KEY="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
+            export MLFLOW_FLASK_SERVER_SECRET_KEY
+        fi
+        exec setsid -f "$PY" -m mlflow server --host "$HOST" --port "$PORT" --workers 2 \
+            --artifacts-destination "$ARTIFACTS" "$@" \
+            </dev/null >>"$LOG" 2>&1 9>&-
+    )
+}
+
 cmd_start() {
     check_input
     mkdir -p -- "$STATE"
@@ -324,6 +414,7 @@ cmd_start() {
     mysql*)
         "$PY" -c 'import pymysql' 2>/dev/null || fail "$PY has no pymysql (pip install -e . installs it)"
         check_uri_option_file "$uri"
+        check_mysql_charset "$uri"
         ;;
     postgresql*) "$PY" -c 'import psycopg2' 2>/dev/null || fail "$PY has no psycopg2 (pip install psycopg2-binary)" ;;
     *) fail "TSKD_MLFLOW_DB_URI is neither mysql+pymysql:// nor postgresql://" ;;
@@ -342,22 +433,9 @@ cmd_start() {
     fi
     [[ -e $LOG ]] || : >"$LOG"
     say "starting mlflow server at $URL (artifacts in $ARTIFACTS, log $LOG, authentication $( ((AUTH)) && echo on || echo off))"
-    # Its own session, stdin/out closed: it outlives this script and no caller's pipe stays open.
-    # Secrets reach it through its environment (readable by its owner only; `env VAR=...` would
-    # put them on a command line), never argv. What it writes gets TSKD_MLFLOW_UMASK.
-    (
-        umask "$ART_UMASK"
-        export MLFLOW_BACKEND_STORE_URI="$uri"
-        unset MLFLOW_AUTH_ADMIN_USERNAME MLFLOW_AUTH_ADMIN_PASSWORD # the ini names the admin, not the caller's env
-        if ((AUTH)); then
-            export MLFLOW_AUTH_CONFIG_PATH="$AUTH_INI"
-            MLFLOW_FLASK_SERVER_SECRET_KEY="$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')"
-            export MLFLOW_FLASK_SERVER_SECRET_KEY
-        fi
-        exec setsid -f "$PY" -m mlflow server --host "$HOST" --port "$PORT" --workers 2 \
-            --artifacts-destination "$ARTIFACTS" "${extra[@]}" \
-            </dev/null >>"$LOG" 2>&1 9>&-
-    )
+    local log_at upgraded=0
+    log_at=$(stat -c %s -- "$LOG")
+    launch_server "$uri" "${extra[@]}"
     local pid t0=$SECONDS
     # The server's own process (its session leader): found by its port on its command line.
     # A first start on an empty database creates MLflow's schema: a minute or so.
@@ -372,6 +450,19 @@ cmd_start() {
             return 0
         fi
         if ! pgrep -f -- "mlflow server --host $HOST --port $PORT " >/dev/null; then
+            # A newer MLflow than made the schema: it asks for `mlflow db upgrade`. Done here for
+            # the test cluster's database (ours); a given database's owner backs it up first.
+            if tail -c +$((log_at + 1)) -- "$LOG" | grep -q "out-of-date database schema"; then
+                if [[ -z ${TSKD_MLFLOW_DB_URI:-} ]] && ((!upgraded)); then
+                    say "upgrading database $DB_NAME to the schema of MLflow $("$PY" -c 'import mlflow; print(mlflow.__version__)')"
+                    "$PY" -m mlflow db upgrade "$uri" >>"$LOG" 2>&1 || fail "mlflow db upgrade failed" "$LOG"
+                    upgraded=1
+                    log_at=$(stat -c %s -- "$LOG")
+                    launch_server "$uri" "${extra[@]}"
+                    continue
+                fi
+                fail "the MLflow schema of the database of TSKD_MLFLOW_DB_URI is older than this MLflow: back the database up, then run: $PY -m mlflow db upgrade '$uri'" "$LOG"
+            fi
             fail "mlflow server exited" "$LOG"
         fi
         sleep 0.2
