@@ -8,6 +8,13 @@ import torch
 from torch import nn
 
 
+def authors_preact(model: nn.Module) -> str:
+    """Which tap list stands for "the pre-activation maps" in the authors' code of ``model``'s
+    architecture: ``"preact_feats"``, unless the class says otherwise in its ``authors_preact``
+    (mdistiller's VGG ignores its ``preact`` flag and returns post-activation maps: ``"feats"``)."""
+    return getattr(type(model), "authors_preact", "preact_feats")
+
+
 def make_taps(feats: list[torch.Tensor], preact_feats: list[torch.Tensor], pooled: torch.Tensor) -> dict:
     """The ``taps`` dict every model's ``forward`` returns next to its logits (see tskd.models.registry)."""
     return {"feats": feats, "preact_feats": preact_feats, "pooled_feat": pooled}

@@ -27,8 +27,7 @@ from tskd.distill.tskd.lifecycle import ReviewSchedule
 from tskd.distill.tskd.memory import SnapshotMemory
 from tskd.distill.tskd.prefix import TapPrefix
 from tskd.errors import ParamsError
-from tskd.models.cifar.vgg import VGG
-from tskd.models.taps import probe_taps
+from tskd.models.taps import authors_preact, probe_taps
 
 BnMode = Literal["train", "eval"]
 
@@ -128,8 +127,9 @@ class TSKD(ReviewSchedule, Distiller):
         super().__init__(student, teacher, params, ctx)
         self.check_schedule(params, epochs=ctx.epochs)
         s_taps = probe_taps(student, ctx.image_size).feats
-        post = params.teacher_taps == "post" or (params.teacher_taps == "authors" and isinstance(teacher, VGG))
-        self._teacher_taps = "feats" if post else "preact_feats"
+        # "authors": what the architecture's authors' code calls pre-activation (the model says).
+        self._teacher_taps = {"preact": "preact_feats", "post": "feats"}.get(params.teacher_taps) \
+            or authors_preact(teacher)
         t_taps = getattr(probe_taps(teacher, ctx.image_size), self._teacher_taps)
         if max(params.taps) >= min(len(s_taps), len(t_taps)):
             raise ParamsError(f"TSKD pair {type(teacher).__name__} -> {type(student).__name__}: methods.tskd.taps "

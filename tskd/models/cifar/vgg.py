@@ -11,6 +11,8 @@ the ReLU, except that the first entry is block 0's post-ReLU output, as in mdist
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,10 @@ def _block(in_channels: int, widths: list[int]) -> nn.Sequential:
 
 class VGG(nn.Module):
     """VGG-BN with five conv blocks ``block0`` ... ``block4`` and a linear ``classifier``."""
+
+    # The authors' VGG (mdistiller's) ignores its ``preact`` flag: where their code asks a network
+    # for pre-activation maps, this one gives the post-activation ones (tskd.models.taps.authors_preact).
+    authors_preact: ClassVar[str] = "feats"
 
     def __init__(self, config: list[list[int]], num_classes: int = 100):
         super().__init__()
