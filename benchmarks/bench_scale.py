@@ -15,7 +15,7 @@ What it does, in a copy of this checkout (``--workdir``, a git and DVC repositor
    that 32 one-CPU jobs run at once sharing the machine's cores), sampling every 2 s the jobs in
    SLURM's queue and the login side's memory (Snakemake and each waiting ``tskd train --launch``);
 3. reads every training job's log for its overhead outside training (submission to start, Python
-   start, imports, data, models, tracking start, teardown), checks the tracking server (runs = the
+   start, imports, data, models, run start (the tracker), teardown), checks the tracking server (runs = the
    grid's, none RUNNING or FAILED, every parent with its children; its CPU time and the slowest of
    the requests a probe sends every 5 s, the UI's runs query), and times ``snakemake -n``,
    ``tskd status``, ``tskd report``, ``dvc commit`` + ``dvc status`` + ``dvc push``, and the MLflow
@@ -49,7 +49,7 @@ STARTED = re.compile(r"started ([0-9.]+) s after submission \(process up ([0-9.]
 IMPORTS = re.compile(r"tskd-job: imports ([0-9.]+) s(?: \(CPU ([0-9.]+) s\))?")
 SECONDS = re.compile(r": seconds: (.+)$", re.M)
 CPU_SECONDS = re.compile(r": CPU seconds: (.+)$", re.M)
-PHASES = ("queue", "python", "imports", "data", "models", "tracking start", "teardown")
+PHASES = ("queue", "python", "imports", "data", "models", "run start", "teardown")
 GOALS = {"overhead median s": 5.0, "snakemake -n s": 10.0, "tskd report s": 60.0, "ui runs table s": 5.0}
 
 

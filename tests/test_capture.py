@@ -17,10 +17,10 @@ def _rows(m: dict) -> list[dict]:
 
 def test_tskd_keeps_one_review_steps_attention_without_changing_the_run(make_spec):
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
-    train(teacher, track=False)
+    train(teacher)
     spec = make_spec(out="tskd", method="tskd", method_params={"delta": 1, "k": 2}, teacher_arch="resnet8",
                      teacher_path=str(Path(teacher.out_dir) / "model.pt"), recipe={"epochs": 3, "milestones": [2]})
-    m = train(spec, track=False)
+    m = train(spec)
     cap = m["capture"]
     # Epochs 1-2 are memory nodes, epoch 3 the first review: its k=2 frames, forecast and target.
     assert cap["epoch"] == 3 and cap["tap"] == 0 and len(cap["frames"]) == 2
@@ -34,12 +34,12 @@ def test_tskd_keeps_one_review_steps_attention_without_changing_the_run(make_spe
     # The same run without the capture: the same numbers to the last bit.
     quiet = make_spec(out="quiet", method="tskd", method_params={"delta": 1, "k": 2}, teacher_arch="resnet8",
                       teacher_path=str(Path(teacher.out_dir) / "model.pt"), recipe={"epochs": 3, "milestones": [2]})
-    t = Trainer(quiet, track=False)
+    t = Trainer(quiet)
     t.distiller._capture = {}  # taken already: nothing is captured
     plain = t.run()
     assert "capture" not in plain and _rows(plain) == _rows(m)
 
 
 def test_other_methods_keep_nothing(make_spec):
-    m = train(make_spec(recipe={"epochs": 1, "milestones": []}), track=False)
+    m = train(make_spec(recipe={"epochs": 1, "milestones": []}))
     assert "capture" not in m and [r["epoch"] for r in m["history"]] == [1] and m["best_epoch"] == 1

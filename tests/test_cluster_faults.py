@@ -192,7 +192,7 @@ def test_a_node_failing_under_a_job_costs_at_most_the_epoch_in_progress(slurm_cl
 
     recipe = {"epochs": 30, "milestones": [15]}
     t0 = time.monotonic()
-    ref = train(make_spec(out="ref", recipe=recipe), track=False)
+    ref = train(make_spec(out="ref", recipe=recipe))
     ref_s = time.monotonic() - t0
     spec = make_spec(out="nodefail", recipe=recipe)
     ckpt = Path(spec.out_dir) / "checkpoint.pt"

@@ -309,7 +309,7 @@ def test_own_data_is_registered_with_one_command_and_keeps_its_name(tmp_path, ma
     assert splits.num_classes == 10 and splits.name == "digits" and splits.verified_by == "manifest"
 
     m = train(make_spec(dataset=Cifar100Data(root=str(root)), recipe={"epochs": 1, "milestones": [],
-                                                                    "augment": ["crop"]}), track=False)
+                                                                    "augment": ["crop"]}))
     assert m["dataset"] == "digits"
     before = splits.identity
     (root / "cifar-100-python" / "test").write_bytes((root / "cifar-100-python" / "test").read_bytes())

@@ -115,11 +115,11 @@ def test_two_local_tasks_train_like_one_process(make_spec, mlflow_uri, method):
     kw = {}
     if method == "tskd":
         teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
-        train(teacher, track=False)
+        train(teacher)
         recipe["epochs"] = 4
         kw = dict(method="tskd", teacher_arch="resnet8", teacher_path=str(Path(teacher.out_dir) / "model.pt"),
                   method_params={"delta": 1, "k": 1})
-    one = train(make_spec(out="one", recipe=recipe, **kw), track=False)
+    one = train(make_spec(out="one", recipe=recipe, **kw))
     spec = make_spec(out="two", recipe=recipe, **kw)
     # submitit's local executor: two processes, each a rank (TorchDistributedEnvironment)
     two = launch(spec, LaunchSettings(backend="local", resources=Resources(tasks_per_node=2, timeout_min=10)))

@@ -182,7 +182,7 @@ def test_the_device_path_trains_and_repeats_itself(make_spec, tiny_cifar):
         spec = make_spec(out=out, recipe={"epochs": 2, "milestones": [1]},
                          dataset=Cifar100Data(root=str(tiny_cifar), loader="device"))
         assert spec.identity()["dataset"]["loader"] == "device"  # another run than the DataLoader's
-        return train(spec, track=False)
+        return train(spec)
 
     a, b = run("a"), run("b")
     assert [r["epoch"] for r in a["history"]] == [1, 2]

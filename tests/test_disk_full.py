@@ -160,7 +160,7 @@ def reference(tiny_cifar, tmp_path_factory, one_thread) -> tuple[dict, dict]:
     from tskd.engine.trainer import train
 
     spec = _spec(tiny_cifar, tmp_path_factory.mktemp("reference"))
-    metrics = train(spec, track=False)
+    metrics = train(spec)
     return metrics, torch.load(Path(spec.out_dir) / "model.pt", weights_only=True)["model"]
 
 

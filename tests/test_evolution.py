@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.kill import KillAt
 from tskd.distill.tskd.attention import attention_map
 from tskd.engine.evolution import EVOLUTION_FILE, read_evolution, watched_indices
 from tskd.engine.loaders import build_run_data
@@ -23,7 +24,7 @@ def teacher_path(make_spec):
     from tskd.engine.trainer import train
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
-    train(teacher, track=False)
+    train(teacher)
     return str(Path(teacher.out_dir) / "model.pt")
 
 
@@ -42,7 +43,7 @@ def test_memory_nodes_maps_of_fixed_images(make_spec, teacher_path):
     from tskd.engine.trainer import train
 
     spec = _spec(make_spec, teacher_path, "tskd", evolution_images=3)
-    m = train(spec, track=False)
+    m = train(spec)
     ev = read_evolution(Path(spec.out_dir) / EVOLUTION_FILE)
     assert ev["epochs"].tolist() == [1, 2, 4] and ev["labels"].tolist() == ["M1", "M2", "M1"]
     assert ev["names"] == ["tap0", "tap1", "tap2"]
@@ -76,7 +77,7 @@ def test_memory_nodes_maps_of_fixed_images(make_spec, teacher_path):
                                atol=2e-3, rtol=2e-3)
 
     # Following the images changes nothing the run computes.
-    quiet = train(_spec(make_spec, teacher_path, "quiet", evolution_images=0), track=False)
+    quiet = train(_spec(make_spec, teacher_path, "quiet", evolution_images=0))
     assert not (Path(make_spec(out="quiet").out_dir) / EVOLUTION_FILE).exists()
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in m["history"]]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in quiet["history"]]
@@ -85,15 +86,15 @@ def test_memory_nodes_maps_of_fixed_images(make_spec, teacher_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_resumed_run_writes_the_same_evolution(make_spec, teacher_path, monkeypatch):
-    from tests.test_tskd import _kill_at
+def test_a_resumed_run_writes_the_same_evolution(make_spec, teacher_path):
     from tskd.engine import trainer as trainer_mod
 
     whole = _spec(make_spec, teacher_path, "whole", evolution_images=2)
-    trainer_mod.train(whole, track=False)
+    trainer_mod.train(whole)
     resumed = _spec(make_spec, teacher_path, "resumed", evolution_images=2)
-    _kill_at(monkeypatch, trainer_mod, 3, lambda: trainer_mod.train(resumed, track=False))  # after M1, M2, review
-    trainer_mod.train(resumed, track=False)
+    with pytest.raises(KeyboardInterrupt):  # after M1, M2, review
+        trainer_mod.train(resumed, observers=[KillAt(3)])
+    trainer_mod.train(resumed)
     a, b = (read_evolution(Path(s.out_dir) / EVOLUTION_FILE) for s in (whole, resumed))
     assert a["names"] == b["names"] and a["epochs"].tolist() == [1, 2, 4]
     for key in a:

@@ -90,13 +90,13 @@ def test_a_teacher_and_a_kd_student_train_on_it(tiny_imagenet, make_spec):
     data = _cfg(tiny_imagenet)
     recipe = {"epochs": 1, "batch_size": 6, "milestones": [], "normalization": "imagenet"}
     teacher = make_spec(out="t", arch="resnet34", dataset=data, recipe=recipe)
-    m = train(teacher, track=False)
+    m = train(teacher)
     assert m["dataset"] == "synthetic-imagenet" and 0 <= m["last_top1"] <= 100
     exported = torch.load(Path(teacher.out_dir) / "model.pt", weights_only=True)
     assert exported["input"]["image_size"] == [32, 32] and exported["num_classes"] == 4
     student = make_spec(out="s", method="kd", arch="resnet18", teacher_arch="resnet34",
                         teacher_path=str(Path(teacher.out_dir) / "model.pt"), dataset=data, recipe=recipe)
-    assert len(train(student, track=False)["history"]) == 1
+    assert len(train(student)["history"]) == 1
 
 
 def test_imagenet_presets_refuse_cifar_keys(repo_root, tmp_path):

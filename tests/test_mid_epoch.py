@@ -39,13 +39,13 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_bits(make_spec, tiny_cifar, 
     from tskd.spec.config import Cifar100Data
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
-    train(teacher, track=False)
+    train(teacher)
     kw = dict(method="crd", teacher_arch="resnet8", teacher_path=str(Path(teacher.out_dir) / "model.pt"),
               dataset=Cifar100Data(root=str(tiny_cifar), loader=loader),
               # every check (every 2 steps) is a checkpoint: the kill lands mid-epoch
               train=TrainCfg(device="cpu", threads=1, checkpoint_minutes=1e-9, check_finite_every=2))
     recipe = {"epochs": 2, "batch_size": 10, "milestones": [1]}  # 30 steps per epoch
-    ref = train(make_spec(out="ref", recipe=recipe, **kw), track=False)
+    ref = train(make_spec(out="ref", recipe=recipe, **kw))
 
     spec = make_spec(out="killed", recipe=recipe, **kw)
     out = Path(spec.out_dir)
@@ -79,7 +79,7 @@ def test_loader_workers_change_nothing(make_spec, tiny_cifar):
     from tskd.spec.config import Cifar100Data
 
     runs = [train(make_spec(out=f"w{w}", dataset=Cifar100Data(root=str(tiny_cifar), num_workers=w),
-                            recipe={"epochs": 2, "milestones": []}), track=False) for w in (0, 2)]
+                            recipe={"epochs": 2, "milestones": []})) for w in (0, 2)]
     assert _history(runs[0]) == _history(runs[1])
     assert make_spec(dataset=Cifar100Data(root=str(tiny_cifar), num_workers=0)).identity() == \
         make_spec(dataset=Cifar100Data(root=str(tiny_cifar), num_workers=3)).identity()
@@ -101,7 +101,7 @@ def _nan_on_rank_one(rank: int, port: int, spec_json: str, out: str) -> None:
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        t = Trainer(RunSpec.model_validate_json(spec_json), track=False, world=World(rank, 2))
+        t = Trainer(RunSpec.model_validate_json(spec_json), world=World(rank, 2))
         forward, calls = t.distiller.forward_train, []
 
         def poisoned(*args, **kwargs):

@@ -37,9 +37,9 @@ def test_the_reduced_grid_runs_every_job_on_slurm(rehearsal):
     assert f["jobs"] == {"all": 1, "data": 1, "teacher": 2, "student": 16, "evaluate": 16, "report": 1}
     assert f["snakemake_rc"] == 0, f["output"]
     assert f["snakemake -n nothing to do"], "Snakemake has work left on the finished grid"
-    # every training job wrote its phases: queue, python, imports, data, models, tracking start, teardown
+    # every training job wrote its phases: queue, python, imports, data, models, run start, teardown
     assert f["jobs_with_phases"] == f["training_jobs"] == 18
-    assert set(f["phases_s"]) >= {"queue", "imports", "tracking start", "teardown", "overhead"}
+    assert set(f["phases_s"]) >= {"queue", "imports", "run start", "teardown", "overhead"}
     assert f["tskd status"].startswith("18 training jobs: 18 done"), f["tskd status"]
 
 

@@ -28,7 +28,7 @@ def _observe(spec) -> tuple[dict[str, str], list[tuple]]:
     a digest of its augmented images), as the loop consumed them."""
     from tskd.engine.trainer import Trainer
 
-    trainer = Trainer(spec, track=False)
+    trainer = Trainer(spec)
     init = {k: _digest(v) for k, v in trainer.distiller.student.state_dict().items()}
     seen: list[tuple] = []
     loader = trainer.data.train_loader
@@ -55,7 +55,7 @@ def test_a_seed_gives_every_method_the_same_initialisation_and_data(make_spec):
     from tskd.engine.trainer import train
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
-    train(teacher, track=False)
+    train(teacher)
     recipe = {"epochs": 2, "milestones": [], "augment": ["crop", "flip"]}
     observed = {}
     for method in list_methods():

@@ -224,7 +224,7 @@ def test_requeued_and_preempted_job_resumes_to_the_same_metrics(slurm_cluster, m
     # Long enough that the requeued step cannot finish the run in the seconds SLURM gives it after
     # its SIGTERM (which submitit ignores) before the SIGKILL: 12 epochs did, on a fast machine.
     recipe = {"epochs": 40, "milestones": [20]}
-    ref = train(make_spec(out="ref", recipe=recipe), track=False)
+    ref = train(make_spec(out="ref", recipe=recipe))
     spec = make_spec(out="requeued", recipe=recipe)
     ckpt = Path(spec.out_dir) / "checkpoint.pt"
     # On the gpu partition with its one (fake) GPU: the GPU resources reach sbatch too.
@@ -421,9 +421,9 @@ def test_two_task_job_trains_data_parallel(slurm_cluster, make_spec, tmp_path):
     from tskd.launch import launch, load_settings
 
     recipe = {"epochs": 1, "batch_size": 55, "milestones": [], "augment": []}
-    one = train(make_spec(out="one", recipe=recipe), track=False)
+    one = train(make_spec(out="one", recipe=recipe))
     launch_file = _launch_file(tmp_path / "launch.yaml", tasks_per_node=2)
-    two = launch(make_spec(out="two", recipe=recipe), load_settings(launch_file, "student"), track=False)
+    two = launch(make_spec(out="two", recipe=recipe), load_settings(launch_file, "student"))
     # srun started two ranks (gloo); tolerances as in tests/test_ddp.py
     assert two["history"][0]["train_loss"] == pytest.approx(one["history"][0]["train_loss"], rel=1e-4)
     assert abs(two["history"][0]["test_top1"] - one["history"][0]["test_top1"]) <= 0.5 + 1e-9
@@ -435,7 +435,7 @@ def test_import_teacher_runs_as_a_job_too(slurm_cluster, make_spec, tmp_path):
     from tskd.engine.trainer import train
 
     trained = make_spec(out="trained", role="teacher", recipe={"epochs": 1, "milestones": []})
-    train(trained, track=False)
+    train(trained)
     spec = make_spec(out="imported", role="teacher")
     r = run_cli("import-teacher", "--spec", spec.model_dump_json(), "--checkpoint",
                 str(Path(trained.out_dir) / "model.pt"), "--launch", str(_launch_file(tmp_path / "launch.yaml")),

@@ -52,7 +52,7 @@ def test_the_loop_and_the_report_follow_the_task(top5_task, make_spec, tmp_path)
     from tskd.spec.config import parse_preset
     from tskd.spec.grid import student_dir, student_jobs, teacher_dir
 
-    m = train(make_spec(recipe={"epochs": 3, "milestones": [], "lr": 0.2}), track=False)
+    m = train(make_spec(recipe={"epochs": 3, "milestones": [], "lr": 0.2}))
     h = m["history"]
     assert m["task"] == "classification"
     best = max(h, key=lambda r: r["test_top5"])

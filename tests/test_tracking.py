@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.kill import KillAt
 from tests.mlflow_server import mlflow_server
+from tskd.tracking.observer import TrackingObserver
 
 
 def _smoke(repo_root: Path, tmp_path: Path):
@@ -45,7 +47,7 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
     common = dict(preset="smoke", experiment="tskd-smoke", recipe=one_epoch)
     teacher = make_spec(out="teacher", role="teacher", arch="resnet20", recipe_name="teacher", **common)
     students = [make_spec(out=f"s{k}", arch="resnet8", recipe_name="student", seed=k, **common) for k in (0, 1)]
-    results = [train(s) for s in (teacher, *students)]
+    results = [train(s, observers=[TrackingObserver()]) for s in (teacher, *students)]
 
     client = MlflowClient(tracking_uri=mlflow_uri)
     # The experiment opens on its training runs in MLflow 3's UI, not the GenAI overview.
@@ -104,7 +106,7 @@ def test_a_resume_while_the_server_is_down_makes_no_second_run(make_spec, tmp_pa
     is back its records go on in the run it had, not in a new one."""
     from mlflow.tracking import MlflowClient
 
-    from tskd.engine.trainer import Trainer, train
+    from tskd.engine.trainer import train
     from tskd.tracking.journal import sync_dirs
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -113,14 +115,10 @@ def test_a_resume_while_the_server_is_down_makes_no_second_run(make_spec, tmp_pa
     backend, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts"
     with mlflow_server(backend, artifacts) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        t = Trainer(spec)  # what a job killed after its first epoch leaves
-        tracker = t._start_tracking()
-        row = {"epoch": 1, **t._train_epoch(0), **t._evaluate(), "seconds": 1.0}
-        t.history.append(row)
-        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=1)
-        t._save(1)
+        with pytest.raises(KeyboardInterrupt):  # a job killed in its second epoch
+            train(spec, observers=[TrackingObserver(), KillAt(1)])
         first = json.loads((out / "mlflow_run.json").read_text())["run_id"]
-    train(spec)  # the server is down: the run finishes all the same
+    train(spec, observers=[TrackingObserver()])  # the server is down: the run finishes all the same
     assert (out / "metrics.json").is_file()
     with mlflow_server(backend, artifacts, port=int(url.rsplit(":", 1)[1])):
         assert sync_dirs([out])["pending"] == 0

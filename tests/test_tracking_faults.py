@@ -192,9 +192,10 @@ def test_applying_again_after_a_lost_answer_makes_no_second_run(make_spec, mlflo
 
     from tskd.engine.trainer import train
     from tskd.tracking.journal import apply
+    from tskd.tracking.observer import TrackingObserver
 
     spec = make_spec(recipe={"epochs": 1, "milestones": []})
-    train(spec)
+    train(spec, observers=[TrackingObserver()])
     out = Path(spec.out_dir)
     j = _journal(out)
     run_id = j.state()["run_id"]
@@ -246,6 +247,7 @@ def test_a_stopped_run_is_killed_by_sync_and_its_resume_goes_on_in_the_same_run(
     from mlflow.tracking import MlflowClient
 
     from tskd.engine.trainer import train
+    from tskd.tracking.observer import TrackingObserver
 
     spec = make_spec(recipe={"epochs": 3, "milestones": []})
     out = Path(spec.out_dir)
@@ -259,7 +261,7 @@ def test_a_stopped_run_is_killed_by_sync_and_its_resume_goes_on_in_the_same_run(
     r = run_cli("sync", "--dirs", str(out), env={"MLFLOW_TRACKING_URI": mlflow_uri})
     assert r.returncode == 0, r.stdout + r.stderr
     assert client.get_run(run_id).info.status == "KILLED"
-    train(spec)
+    train(spec, observers=[TrackingObserver()])
     assert json.loads((out / "mlflow_run.json").read_text())["run_id"] == run_id
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"

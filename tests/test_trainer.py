@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
+from tests.kill import KillAt
 from tskd.engine.trainer import train
+from tskd.tracking.observer import TrackingObserver
 
 
 def _history(metrics: dict) -> list[dict]:
@@ -26,7 +28,7 @@ def test_train_writes_metrics_model_and_mlflow_run(make_spec, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     spec = make_spec(recipe={"epochs": 2, "milestones": [1]})
-    m = train(spec)
+    m = train(spec, observers=[TrackingObserver()])
     out = Path(spec.out_dir)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(m))
@@ -68,7 +70,7 @@ def _ckpt_epoch(path: Path) -> int:
 
 def test_sigkill_then_resume_matches_uninterrupted_run(make_spec, tmp_path, mlflow_uri):
     recipe = {"epochs": 4, "milestones": [2]}
-    ref = train(make_spec(out="ref", recipe=recipe), track=False)
+    ref = train(make_spec(out="ref", recipe=recipe))
 
     spec = make_spec(out="killed", recipe=recipe)
     out = Path(spec.out_dir)
@@ -113,7 +115,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_marked_killed(make_spec, ml
     client = MlflowClient(tracking_uri=mlflow_uri)
     assert client.get_run(killed).info.status == "RUNNING"  # nobody told MLflow
 
-    train(spec)
+    train(spec, observers=[TrackingObserver()])
     assert client.get_run(killed).info.status == "KILLED"
     runs = client.search_runs([client.get_experiment_by_name("tskd-test").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
@@ -121,9 +123,9 @@ def test_a_run_killed_before_its_first_checkpoint_is_marked_killed(make_spec, ml
 
 def test_checkpoint_of_other_params_is_not_resumed(make_spec):
     spec = make_spec(recipe={"epochs": 1, "milestones": []})
-    train(spec, track=False)
+    train(spec)
     other = make_spec(recipe={"epochs": 1, "milestones": [], "lr": 0.01})
-    m = train(other, track=False)
+    m = train(other)
     assert m["history"][0]["lr"] == pytest.approx(0.01)
 
 
@@ -148,7 +150,7 @@ def test_the_methods_step_hooks_get_the_step_counted_over_the_run(make_spec, mon
     spec = make_spec(recipe={"epochs": 2, "milestones": [], "batch_size": 64})
     from tskd.engine.trainer import Trainer
 
-    t = Trainer(spec, track=False)
+    t = Trainer(spec)
     per_epoch = t.data.epoch_steps(64)
     assert per_epoch > 1
     t.run()
@@ -156,18 +158,14 @@ def test_the_methods_step_hooks_get_the_step_counted_over_the_run(make_spec, mon
 
 
 def _partial(spec, epochs: int) -> None:
-    """Leave ``spec``'s directory as a run interrupted after ``epochs`` epochs leaves it."""
-    from tskd.engine.trainer import Trainer
-
-    t = Trainer(spec, track=False)
-    for epoch in range(epochs):
-        t.history.append({"epoch": epoch, **t._train_epoch(epoch), **t._evaluate(), "seconds": 0.0})
-        t._save(epoch + 1)
+    """Leave ``spec``'s directory as a run killed in epoch ``epochs + 1`` leaves it."""
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, observers=[KillAt(epochs)])
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(make_spec, caplog):
     recipe = {"epochs": 3, "milestones": [1]}
-    ref = train(make_spec(out="ref", recipe=recipe), track=False)
+    ref = train(make_spec(out="ref", recipe=recipe))
     spec = make_spec(recipe=recipe)
     out = Path(spec.out_dir)
     _partial(spec, 2)
@@ -177,7 +175,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(make_spec, cap
     orphan = out / ".checkpoint.pt.abc123.tmp"  # what a write killed before its rename leaves
     orphan.write_bytes(b"half")
     with caplog.at_level("WARNING"):
-        m = train(spec, track=False)
+        m = train(spec)
     assert "falling back to the previous checkpoint" in caplog.text and "epoch 1" in caplog.text
     assert not orphan.exists()
     assert _history(m)[1:] == _history(ref)[1:]  # epoch 0 came from the checkpoint (seconds zeroed)
@@ -201,18 +199,18 @@ def test_a_finished_run_asked_to_run_again_trains_again(make_spec):
     Both remove the rule's outputs before the job starts, as done here; a job that finds the
     metrics.json of its own identity (a twin finished first) takes it: tests/test_run_lock.py."""
     spec = make_spec(recipe={"epochs": 2, "milestones": [1]})
-    first = train(spec, track=False)
+    first = train(spec)
     assert not list(Path(spec.out_dir).glob("checkpoint*"))  # a finished run keeps no resume state
     for name in ("metrics.json", "model.pt"):
         (Path(spec.out_dir) / name).unlink()
-    again = train(spec, track=False)
+    again = train(spec)
     assert _history(again) == _history(first)  # trained again, to the same bits on CPU
     assert [r["seconds"] for r in again["history"]] != [r["seconds"] for r in first["history"]]
 
 
 def _teacher(make_spec, out: str, seed: int) -> Path:
     spec = make_spec(out=out, arch="resnet8", seed=seed, recipe={"epochs": 1, "milestones": []})
-    train(spec, track=False)
+    train(spec)
     return Path(spec.out_dir) / "model.pt"
 
 
@@ -227,26 +225,26 @@ def test_a_replaced_teacher_is_a_new_run_even_mid_run(make_spec, tmp_path, caplo
         return make_spec(out=out, method="kd", teacher_arch="resnet8", teacher_path=str(path), recipe=recipe)
 
     path.write_bytes(b.read_bytes())
-    with_b = train(student("fresh-b"), track=False)
+    with_b = train(student("fresh-b"))
     path.write_bytes(a.read_bytes())
-    with_a = train(student("student"), track=False)
+    with_a = train(student("student"))
     assert _history(with_a) != _history(with_b)
 
     path.write_bytes(b.read_bytes())  # finished run, then its teacher replaced
-    assert _history(train(student("student"), track=False)) == _history(with_b)
+    assert _history(train(student("student"))) == _history(with_b)
 
     path.write_bytes(a.read_bytes())  # interrupted after an epoch with teacher a, then b
     _partial(student("student"), 1)
     path.write_bytes(b.read_bytes())
     with caplog.at_level("WARNING"):
-        resumed = train(student("student"), track=False)
+        resumed = train(student("student"))
     assert "written for another run" in caplog.text
     assert _history(resumed) == _history(with_b)
 
 
 def test_teacher_file_of_another_architecture_is_refused(make_spec, tmp_path):
     teacher = make_spec(out="teacher", arch="resnet8", recipe={"epochs": 1, "milestones": []})
-    train(teacher, track=False)
+    train(teacher)
     wrong = Path(teacher.out_dir) / "model.pt"
     spec = make_spec(out="student", method="kd", arch="resnet8", teacher_arch="resnet20",
                      teacher_path=str(wrong))
@@ -274,7 +272,7 @@ def test_a_teacher_trained_on_other_statistics_is_recorded_and_can_be_renormalis
     from tskd.engine.trainer import Trainer
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": [], "normalization": "cifar100"})
-    train(teacher, track=False)
+    train(teacher)
     tpath = Path(teacher.out_dir) / "model.pt"
     recorded = torch.load(tpath, weights_only=True)["input"]
     assert recorded == {"normalization": "cifar100", "mean": list(NORMALIZATION["cifar100"][0]),
@@ -291,7 +289,7 @@ def test_a_teacher_trained_on_other_statistics_is_recorded_and_can_be_renormalis
                          recipe={"epochs": 1, "milestones": [], "normalization": "cifar10", "teacher_input": how})
         caplog.clear()
         with caplog.at_level("WARNING"):
-            t = Trainer(spec)
+            t = Trainer(spec, observers=[TrackingObserver()])
         assert "trained on cifar100-normalised images" in caplog.text and f"teacher_input: {how}" in caplog.text
         seen = []
         t.distiller.teacher.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))

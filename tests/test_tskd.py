@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from tests.conftest import needs_cxx
+from tests.kill import KillAt
 from tskd.distill import DistillContext, build_distiller, method_class, parse_method_params
 from tskd.distill.tskd.attention import attention_map, increment_sequence
 from tskd.distill.tskd.convlstm import IncrementForecaster, _Gates, auto_hidden, recomputed_branches
 from tskd.distill.tskd.prefix import TapPrefix, _BatchNormInPlace
 from tskd.distill.tskd.schedule import cycle_memory_epochs, node_at, summarize_schedule
+from tskd.engine.events import Observer
 from tskd.models import create_model
 
 PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"),
@@ -464,41 +466,57 @@ def test_forecasters_between_reviews_follow_sgd_by_hand(make_spec, mode):
     """After a review, the general steps of the next epoch: with 'decay' (the authors' torch 1.9
     zero_grad, which zero-fills gradients) SGD applies weight decay and Nesterov momentum to the
     forecasters at every step, as written out by hand here; with 'frozen' they do not move."""
-    from tskd.engine.trainer import Trainer
+    from tskd.engine.checkpoint import load_latest_checkpoint
+    from tskd.engine.trainer import train
+
+    class Forecasters(Observer):
+        """At the end of epoch 4 (a memory node): the forecasters' weights and momentum buffers as the
+        checkpoint of epoch 3 (the review) holds them, and their weights now."""
+
+        name = "forecasters"
+
+        def on_epoch_end(self, run, epoch, row):
+            if epoch != 3:
+                return
+            state = load_latest_checkpoint(run.out / "checkpoint.pt")
+            assert state["epoch"] == 3
+            d = run.distiller
+            trainable = list(d.trainable_parameters())
+            index = [next(i for i, q in enumerate(trainable) if q is p) for p in d.forecasters.parameters()]
+            self.bufs = [state["optimizer"]["state"][i]["momentum_buffer"] for i in index]
+            self.before = [state["distiller"][f"forecasters.{n}"] for n, _ in d.forecasters.named_parameters()]
+            self.after = [p.detach().clone() for p in d.forecasters.parameters()]
+            self.steps = run.data.epoch_steps(run.spec.recipe.batch_size)
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
-    Trainer(teacher, track=False).run()
+    train(teacher)
     spec = make_spec(out="student", method="tskd", teacher_arch="resnet8", teacher_path=f"{teacher.out_dir}/model.pt",
                      method_params={"delta": 1, "k": 2, "forecaster_between_reviews": mode},
                      recipe={"epochs": 4, "milestones": [], "lr": 0.1, "nesterov": True, "weight_decay": 5e-4})
-    t = Trainer(spec, track=False)
-    for epoch in range(3):  # memory, memory, review
-        t._train_epoch(epoch)
-    forecasters = list(t.distiller.forecasters.parameters())
-    before = [p.detach().clone() for p in forecasters]
-    bufs = [t.optimizer.state[p]["momentum_buffer"].clone() for p in forecasters]
-    t._train_epoch(3)  # a memory node: no review loss, the forecasters get no gradient
-    steps = math.ceil(len(t.data.train) / spec.recipe.batch_size)
+    seen = Forecasters()
+    train(spec, observers=[seen])  # memory, memory, review, then a memory node: no review loss, no gradient
+    before, bufs, forecasters, steps = seen.before, seen.bufs, seen.after, seen.steps
+    assert before
     r = spec.recipe
     for w0, buf, p in zip(before, bufs, forecasters, strict=True):
         if mode == "frozen":
-            assert torch.equal(p.detach(), w0)
+            assert torch.equal(p, w0)
             continue
         w = w0
         for _ in range(steps):
             d_p = r.weight_decay * w  # the gradient is zero: weight decay alone
             buf = r.momentum * buf + d_p
             w = w - r.lr * (d_p + r.momentum * buf)  # Nesterov
-        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-7)
-        assert not torch.equal(p.detach(), w0)
+        torch.testing.assert_close(p, w, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(p, w0)
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_cxx)], ids=["eager", "compiled"])
-def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, monkeypatch, compiled):
+def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, compiled):
     from tskd.engine import trainer as trainer_mod
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
-    trainer_mod.train(teacher, track=False)
+    trainer_mod.train(teacher)
     tpath = f"{teacher.out_dir}/model.pt"
 
     def spec(out):
@@ -506,11 +524,12 @@ def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, monkeypatch, c
                          method_params={"delta": 1, "k": 2, "compile": compiled},
                          recipe={"epochs": 4, "milestones": []})
 
-    whole = trainer_mod.train(spec("whole"), track=False)
+    whole = trainer_mod.train(spec("whole"))
     # every row has every column (DVC's plots need it): None where the epoch has no review loss
     assert whole["history"][2]["train_review"] is not None and whole["history"][1]["train_review"] is None
-    _kill_at(monkeypatch, trainer_mod, 2, lambda: trainer_mod.train(spec("resumed"), track=False))
-    resumed = trainer_mod.train(spec("resumed"), track=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer_mod.train(spec("resumed"), observers=[KillAt(2)])
+    resumed = trainer_mod.train(spec("resumed"))
     assert _strip(resumed) == _strip(whole)
     exported = torch.load(f"{spec('whole').out_dir}/model.pt", weights_only=True)["model"]
     assert exported.keys() == create_model("resnet8").state_dict().keys()
@@ -520,33 +539,20 @@ def _strip(m):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in m["history"]]
 
 
-def _kill_at(monkeypatch, trainer_mod, kill_epoch, run):
-    real = trainer_mod.Trainer._train_epoch
-
-    def killed(self, epoch, partial=None):
-        if epoch == kill_epoch:
-            raise KeyboardInterrupt("killed")
-        return real(self, epoch, partial)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run()
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", real)
-
-
-def test_resume_between_reviews_keeps_the_forecasters_decaying(make_spec, monkeypatch):
+def test_resume_between_reviews_keeps_the_forecasters_decaying(make_spec):
     """Killed after a review: the resumed run's forecasters go on decaying (their zeroed gradients
     are restored), so the next review starts from the same weights as in the uninterrupted run."""
     from tskd.engine import trainer as trainer_mod
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
-    trainer_mod.train(teacher, track=False)
+    trainer_mod.train(teacher)
 
     def spec(out):  # memory 0, 1 | review 2 | memory 3, 4 | review 5
         return make_spec(out=out, method="tskd", teacher_arch="resnet8", teacher_path=f"{teacher.out_dir}/model.pt",
                          method_params={"delta": 1, "k": 2}, recipe={"epochs": 6, "milestones": [], "lr": 0.1})
 
-    whole = trainer_mod.train(spec("whole"), track=False)
-    _kill_at(monkeypatch, trainer_mod, 3, lambda: trainer_mod.train(spec("resumed"), track=False))
-    resumed = trainer_mod.train(spec("resumed"), track=False)
+    whole = trainer_mod.train(spec("whole"))
+    with pytest.raises(KeyboardInterrupt):
+        trainer_mod.train(spec("resumed"), observers=[KillAt(3)])
+    resumed = trainer_mod.train(spec("resumed"))
     assert _strip(resumed) == _strip(whole)

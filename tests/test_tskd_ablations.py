@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.kill import KillAt
 from tests.test_tskd import SHORT, _strip, batch, fill, make
 from tskd.distill.tskd.attention import attention_map, increment_sequence
 from tskd.distill.tskd.convlstm import forecast
@@ -120,7 +121,7 @@ def test_monitors_are_the_unweighted_review_loss_and_the_last_frames_mse():
     assert d.take_monitors() == {}
 
 
-def test_predictability_in_the_history_mlflow_and_a_mid_epoch_resume(make_spec, mlflow_uri, monkeypatch):
+def test_predictability_in_the_history_mlflow_and_a_mid_epoch_resume(make_spec, mlflow_uri):
     """Through the trainer (memory 1, 2 | review 3 | memory 4): the columns exist in the review epoch
     only, are >= 0, go to MLflow; measuring changes no other column; a run killed inside the review
     epoch resumes to the same history, monitors included; last_increment trains end to end."""
@@ -128,16 +129,17 @@ def test_predictability_in_the_history_mlflow_and_a_mid_epoch_resume(make_spec, 
 
     from tskd.engine import trainer as trainer_mod
     from tskd.spec.config import TrainCfg
+    from tskd.tracking.observer import TrackingObserver
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
-    trainer_mod.train(teacher, track=False)
+    trainer_mod.train(teacher)
 
     def spec(out, **params):
         return make_spec(out=out, method="tskd", teacher_arch="resnet8", teacher_path=f"{teacher.out_dir}/model.pt",
                          method_params={"delta": 1, "k": 2, **params}, recipe={"epochs": 4, "milestones": []},
                          train=TrainCfg(device="cpu", threads=1, checkpoint_minutes=1e-9, check_finite_every=1))
 
-    whole = trainer_mod.train(spec("whole"), track=True)
+    whole = trainer_mod.train(spec("whole"), observers=[TrackingObserver()])
     rows = whole["history"]
     assert [r["train_predictability"] is not None for r in rows] == [False, False, True, False]
     review = rows[2]
@@ -149,25 +151,16 @@ def test_predictability_in_the_history_mlflow_and_a_mid_epoch_resume(make_spec, 
     for c in COLUMNS:
         assert [(m.step, m.value) for m in client.get_metric_history(run_id, c)] == [(3, review[c])]
 
-    unmeasured = trainer_mod.train(spec("unmeasured", measure_predictability=False), track=False)
+    unmeasured = trainer_mod.train(spec("unmeasured", measure_predictability=False))
     assert _strip(unmeasured) == [{k: v for k, v in r.items() if k not in COLUMNS} for r in _strip(whole)]
 
-    # Killed inside the review epoch, right after a checkpoint 3 steps in (of 6).
-    real = trainer_mod.Trainer._save
-
-    def save_then_kill(self, epochs_done, partial=None):
-        real(self, epochs_done, partial)
-        if epochs_done == 2 and partial and partial["step"] == 3:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_save", save_then_kill)
+    # Killed inside the review epoch, in its 4th step (of 6), right after the checkpoint 3 steps in.
     with pytest.raises(KeyboardInterrupt):
-        trainer_mod.train(spec("resumed"), track=False)
-    monkeypatch.setattr(trainer_mod.Trainer, "_save", real)
+        trainer_mod.train(spec("resumed"), observers=[KillAt(2, step=3)])
     state = torch.load(Path(spec("resumed").out_dir) / "checkpoint.pt", weights_only=False)
     assert set(state["partial"]["monitors"]) == {"forecast_mse", "last_increment_mse"}
-    assert _strip(trainer_mod.train(spec("resumed"), track=False)) == _strip(whole)
+    assert _strip(trainer_mod.train(spec("resumed"))) == _strip(whole)
 
-    last = trainer_mod.train(spec("last", forecaster="last_increment"), track=False)["history"][2]
+    last = trainer_mod.train(spec("last", forecaster="last_increment"))["history"][2]
     assert last["train_review"] > 0 and last["train_predictability"] == 1.0
     assert last["train_forecast_mse"] == last["train_last_increment_mse"]

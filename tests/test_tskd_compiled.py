@@ -72,14 +72,14 @@ def test_train_compile_trains_the_same_network(make_spec):
     from tskd.spec.config import TrainCfg
 
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
-    train(teacher, track=False)
+    train(teacher)
     runs = {}
     for compiled in (False, True):
         spec = make_spec(out=f"kd-{compiled}", method="kd", teacher_arch="resnet8",
                          teacher_path=str(Path(teacher.out_dir) / "model.pt"),
                          recipe={"epochs": 1, "milestones": [], "augment": []},
                          train=TrainCfg(device="cpu", threads=1, compile=compiled))
-        runs[compiled] = (train(spec, track=False), torch.load(Path(spec.out_dir) / "model.pt", weights_only=True))
+        runs[compiled] = (train(spec), torch.load(Path(spec.out_dir) / "model.pt", weights_only=True))
     (eager, eager_file), (comp, comp_file) = runs[False], runs[True]
     assert comp_file["model"].keys() == eager_file["model"].keys()
     for key in ("train_loss", "test_loss"):

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from tskd.engine.events import Observer
 
 
 class MethodParams(BaseModel):
@@ -65,27 +68,10 @@ class Distiller(nn.Module):
         self._teacher_scale = s_std / t_std
         self._teacher_shift = (s_mean - t_mean) / t_std
 
-    def take_capture(self) -> dict[str, Any] | None:
-        """Tensors the method kept for the report's figures since the last call, as JSON-ready lists
-        (TSKD: one review step's attention increments); None: nothing. The trainer calls it after
-        every epoch; what it returns must not depend on, or change, anything the run computes."""
-        return None
-
-    def evolution_images(self) -> int:
-        """How many fixed test images the method follows through training (0: none). The trainer
-        then calls ``watch`` once with them and ``take_evolution`` after every epoch."""
-        return 0
-
-    def watch(self, images: Tensor) -> dict[str, Tensor]:
-        """Start following ``images`` (a batch of the test split, on the run's device); returns the
-        reference maps to show beside the evolution (TSKD: the teacher's attention maps), by name,
-        each (N, H, W) on the CPU. Must not change anything the run computes."""
-        return {}
-
-    def take_evolution(self) -> list[dict[str, Any]]:
-        """What the method recorded of the watched images since the last call: one entry per record,
-        ``{"epoch": 1-based epoch, "label": str, "maps": {name: (N, H, W) CPU tensor}}`` (TSKD: the
-        student's attention maps at each memory node). Taking them clears them."""
+    def observers(self) -> list[Observer]:
+        """What the method records beside training, as observers of the loop's events
+        (tskd.engine.events; TSKD: its review capture and attention-map evolution). Called once,
+        when the run is set up."""
         return []
 
     # Measurements that are not loss terms come through their own channel, not as entries of

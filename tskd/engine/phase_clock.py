@@ -1,4 +1,4 @@
-"""Wall and CPU seconds of the phases of a run (data, models, tracking start, epochs, teardown).
+"""Wall and CPU seconds of the phases of a run (data, models, run start, epochs, teardown).
 
 Logged at a run's end: a job's overhead outside training, which benchmarks/bench_scale.py reads from a
 grid's logs. Both clocks, because on a machine running more jobs than it has cores the wall time of

@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ from tskd.engine import distributed
 from tskd.engine.checkpoint import export_model, load_latest_checkpoint, remove_checkpoints, save_checkpoint
 from tskd.engine.distributed import SINGLE, World
 from tskd.engine.epoch_state import EpochTotals, restore_rng
-from tskd.engine.evolution import EVOLUTION_FILE, shown_images, watched_indices, write_evolution
+from tskd.engine.events import Observer, RunView, overrides
 from tskd.engine.loaders import build_run_data
 from tskd.engine.phase_clock import PhaseClock
+from tskd.engine.progress import ProgressLog
 from tskd.engine.run_lock import run_dir_lock
 from tskd.engine.runtime import Runtime, seed_epoch, select_runtime, uses_cuda
 from tskd.errors import TskdError
@@ -36,8 +38,6 @@ from tskd.models.published import load_model_file
 from tskd.spec.config import fingerprint
 from tskd.spec.grid import RunSpec
 from tskd.tasks import Task, task_of
-from tskd.tracking import runs as tr
-from tskd.tracking.journal import RUN_FILE, Journal, JournaledRun, apply, close_earlier
 
 log = logging.getLogger("tskd.train")
 
@@ -91,39 +91,22 @@ def run_identity(spec: RunSpec, method_params: dict[str, Any], teacher_sha256: s
                               "data_identity": data_identity, "device": device}
 
 
-def _start_record(spec: RunSpec, identity: dict[str, Any], world: World, extra_tags: dict[str, str],
-                  data: Any, supersedes: list[str]) -> dict[str, Any]:
-    """The journal's first record of a run: its MLflow name, tags (tskd.tracking.runs), params (the
-    identity, every default filled in), its group's parent and its dataset input."""
-    return {"experiment": spec.experiment, "name": tr.run_name(spec), "params": identity,
-            "tags": tr.run_tags(spec, world.size, extra_tags),
-            "parent": {"preset": spec.preset, "group": tr.group_name(spec)},
-            "dataset": {"name": data.name, "identity": data.identity, "root": getattr(spec.dataset, "root", None),
-                        "counts": tr.identity_counts(data)},
-            "supersedes": supersedes}
-
-
-def _model_record(spec: RunSpec) -> dict[str, Any]:
-    """The logged model that the run's end records for its model.pt artifact."""
-    # Logged-model names allow no ":" (MLflow refuses it).
-    return {"name": tr.run_name(spec).replace(":", "-"), "artifact": "model.pt", "step": spec.recipe.epochs,
-            "tags": {"role": spec.role, "method": spec.method, "variant": spec.variant or spec.method,
-                     tr.GROUP_TAG: tr.group_name(spec)}}
-
-
 class Trainer:
     """Trains ``spec`` to completion, resuming from ``<out_dir>/checkpoint.pt`` if it was written
     by an unfinished run of the same identity (``run_identity``); otherwise it trains from the start.
 
     In a data-parallel run (``world.size > 1``, see ``tskd.engine.distributed``) every rank
-    runs this same loop on its part of each batch; only rank 0 writes files and MLflow records.
+    runs this same loop on its part of each batch; only rank 0 writes files.
+
+    What else happens during the run (tracking, a method's recorders, the progress line) is done by
+    observers of the loop's events (tskd.engine.events): ``observers`` given here (a tracker), the
+    method's own (``Distiller.observers``) and the progress line.
     """
 
-    def __init__(self, spec: RunSpec, *, track: bool = True, world: World = SINGLE):
+    def __init__(self, spec: RunSpec, *, observers: Sequence[Observer] = (), world: World = SINGLE):
         self.spec = spec
         self.out = Path(spec.out_dir)
         self.ckpt_path = self.out / "checkpoint.pt"
-        self.track = track and world.main
         self.world = world
         self.rt: Runtime = select_runtime(spec.train)
         torch.use_deterministic_algorithms(spec.train.deterministic and self.rt.device.type == "cpu")
@@ -175,30 +158,17 @@ class Trainer:
         self.start_epoch = 0
         self.partial: dict[str, Any] | None = None  # how far into start_epoch a checkpoint got
         self.history: list[dict[str, Any]] = []
-        self.capture: dict[str, Any] | None = None  # see _keep_capture
-        self.evolution: list[dict[str, Any]] = []  # see _watch
-        self.journal_id: str | None = None  # the tracking journal this attempt goes on with (tskd.tracking.journal)
-        self._orphans: list[str] = []  # MLflow runs of earlier attempts kept outside any journal (older tskd)
+        self.view = RunView(spec=spec, out=self.out, key=self.key, identity=self.identity, tags=self.tags,
+                            data=self.data, task=self.task, world=world, runtime=self.rt, distiller=self.distiller)
+        self.observers = [*self.distiller.observers(), *observers, ProgressLog()]
+        names = [o.name for o in self.observers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"observers of a run need distinct names (their checkpoint keys): {names}")
+        # A checkpoint found in the directory: ("resume" or "discarded", its content), told to the
+        # observers when the run starts (a run whose result is already there tells them nothing).
+        self._found: tuple[str, dict[str, Any]] | None = None
         self._resume()
-        self._watched = self._watch()
         self.clock.lap("models")
-
-    def _watch(self) -> dict[str, Any] | None:
-        """Hand the method its fixed test images, if it follows any (``Distiller.watch``): spread evenly
-        over the test split, taken with its deterministic test transform (no RNG is drawn). On the
-        main rank only: the others write no files."""
-        n = self.distiller.evolution_images() if self.world.main else 0
-        if not n:
-            return None
-
-        indices = watched_indices(len(self.data.test), n)
-        items = [self.data.test[i] for i in indices]
-        images = torch.stack([item[0] for item in items])
-        reference = self.distiller.watch(self.rt.place_batch(images))
-        targets = [int(item[1]) for item in items]
-        names = [self.data.classes[t] if t < len(self.data.classes) else str(t) for t in targets]
-        return {"indices": indices, "images": shown_images(images, self.data.mean, self.data.std),
-                "reference": reference, "targets": targets, "class_names": names}
 
     def _compile_networks(self) -> None:
         """torch.compile the student's and the teacher's forwards, in place (``Module.compile``: the
@@ -238,8 +208,7 @@ class Trainer:
             # this run's to continue.
             log.warning("%s: written for another run (teacher, data or params differ); training from the start",
                         self.ckpt_path)
-            if state.get("mlflow_run_id"):
-                self._orphans.append(state["mlflow_run_id"])
+            self._found = ("discarded", state)
             return
         self.distiller.load_state_dict(state["distiller"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -248,9 +217,7 @@ class Trainer:
         self.start_epoch = state["epoch"]
         self.partial = state.get("partial")
         self.history = state["history"]
-        self.capture = state.get("capture")
-        self.evolution = state.get("evolution", [])
-        self.journal_id = state.get("journal")
+        self._found = ("resume", state)
         log.info("resuming %s at epoch %d%s", self.out, self.start_epoch + 1,
                  f" step {self.partial['step'] + 1}" if self.partial else "")
 
@@ -260,11 +227,26 @@ class Trainer:
         if not self.world.main:
             return
         zeroed = [i for i, p in enumerate(self.params) if p.grad is not None] if self.keep_zeroed else []
+        observed = {o.name: st for o in self.observers if (st := o.state_dict()) is not None}
         save_checkpoint(self.ckpt_path, {"key": self.key, "epoch": epochs_done, "partial": partial,
-                                         "history": self.history, "capture": self.capture, "evolution": self.evolution,
+                                         "history": self.history, "observers": observed,
                                          "distiller": self.distiller.state_dict(),
                                          "optimizer": self.optimizer.state_dict(), "zeroed_grads": zeroed,
-                                         "journal": self.journal_id, "spec": self.spec.model_dump(mode="json")})
+                                         "spec": self.spec.model_dump(mode="json")})
+
+    def _tell_found(self) -> None:
+        """Tell the observers about the checkpoint found in the directory. One written before observers
+        (no "observers" entry) holds their states at its top level, under the same keys."""
+        if self._found is None:
+            return
+        what, state = self._found
+        for o in self.observers:
+            if what == "discarded":
+                o.on_discarded(self.view, state)
+            else:
+                saved = state["observers"].get(o.name) if "observers" in state else state
+                partial = state.get("partial")
+                o.on_resume(self.view, saved, state["epoch"], partial["step"] if partial else None)
 
     # -- one epoch ----------------------------------------------------------------------------
     def _train_epoch(self, epoch: int, partial: dict[str, Any] | None = None) -> dict[str, float]:
@@ -292,6 +274,7 @@ class Trainer:
                    total=steps, disable=not sys.stderr.isatty(), dynamic_ncols=True)
         # Steps of a whole epoch (of the global batch), whatever this rank's part or the resume point.
         per_epoch = self.data.epoch_steps(batch_size)
+        step_observers = [o for o in self.observers if overrides(o, "on_step")]
         for step, batch in enumerate(bar, start=start):
             if spec.recipe.warmup_iters:
                 for group in self.optimizer.param_groups:
@@ -316,6 +299,8 @@ class Trainer:
             self.optimizer.step()
             d.on_step_end(epoch * per_epoch + step)
             totals.add(losses, loss, b, outputs, targets, d.take_monitors())
+            for o in step_observers:
+                o.on_step(self.view, epoch, step, losses)
             if (step + 1) % every == 0 or step + 1 == steps:
                 self._check_finite(bad, epoch, step, losses, lr)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
@@ -360,15 +345,6 @@ class Trainer:
             out.update({f"{name}_{k}": v for k, v in res.items()})
         return out
 
-    def _keep_capture(self, epoch: int) -> None:
-        """Keep what the method captured in this epoch for the report's figures (TSKD: one review
-        step's attention increments), once per run; it goes into metrics.json (``capture``). No
-        number of the run depends on it and it is not part of the run's identity."""
-        captured = self.distiller.take_capture()
-        if captured is not None and self.capture is None:
-            self.capture = {"epoch": epoch + 1, **captured}
-        self.evolution += self.distiller.take_evolution()  # kept in the checkpoints: a resume goes on with them
-
     # -- the run ----------------------------------------------------------------------------
     def _cost(self) -> dict[str, float]:
         """What the run cost: its devices (GPUs, or CPU threads: one per rank on CUDA, the ranks'
@@ -389,98 +365,58 @@ class Trainer:
         done = isinstance(metrics, dict) and metrics.get("run_key") == self.key and (self.out / "model.pt").is_file()
         return metrics if done else None
 
-    def _start_tracking(self):
-        """This attempt's tracker: the checkpoint's journal when resuming, else a new one. Earlier
-        attempts' journals still open end KILLED (a run killed before its first checkpoint, or
-        superseded). Nothing here fails for want of a tracking server (tskd.tracking.journal)."""
-        journal = Journal(self.out, self.journal_id) if self.journal_id else None
-        if journal is not None and journal.path.is_file():
-            journal.append("resume")
-        else:
-            journal = Journal.begin(self.out)
-            close_earlier(self.out, journal)
-            earlier = list(self._orphans)
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                legacy = json.loads((self.out / RUN_FILE).read_text())
-                if "journal" not in legacy and legacy.get("run_id"):  # written by a tskd before journals
-                    earlier.append(legacy["run_id"])
-            journal.append("start", **_start_record(self.spec, self.identity, self.world, self.tags, self.data,
-                                                    sorted(set(earlier))))
-        self.journal_id = journal.id
-        tracker = JournaledRun(journal)
-        if tracker.flush(force=True):
-            for other in Journal.all_in(self.out):  # the closed ones, while the store answers
-                if other.id != journal.id and other.pending():
-                    with contextlib.suppress(Exception):
-                        apply(other)
-        return tracker
-
     def run(self) -> dict[str, Any]:
-        spec = self.spec
+        spec, view = self.spec, self.view
         self.out.mkdir(parents=True, exist_ok=True)
         self.clock.restart()
-        tracker = self._start_tracking() if self.track else None
-        self.clock.lap("tracking start")
         try:
+            self._tell_found()
+            for o in self.observers:
+                o.on_run_start(view)
+            self.clock.lap("run start")
             for epoch in range(self.start_epoch, spec.recipe.epochs):
                 t0 = time.perf_counter()
                 partial, self.partial = (self.partial if epoch == self.start_epoch else None), None
                 # Epochs are numbered from 1 in every file and record, as the log says "epoch 40/40";
                 # the loop's `epoch` (0-based) is what the schedules and the seeds read.
-                row = {"epoch": epoch + 1, **self._train_epoch(epoch, partial), **self._evaluate()}
+                row = {"epoch": epoch + 1, **self._train_epoch(epoch, partial)}
+                results = self._evaluate()
+                for o in self.observers:
+                    o.on_evaluation(view, epoch, results)
+                row |= results
                 row["seconds"] = time.perf_counter() - t0
                 self.history.append(row)
-                self._keep_capture(epoch)
-                # Logged before the checkpoint: a kill in between replays this epoch and logs
-                # the same values again, rather than losing them.
-                if tracker:
-                    tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                # Before the checkpoint: a kill in between replays this epoch and its events (a tracker
+                # logs the same values again rather than losing them), and the checkpoint holds the
+                # observers' state as of this epoch.
+                for o in self.observers:
+                    o.on_epoch_end(view, epoch, row)
                 self._save(epoch + 1)
-                if self.world.main:
-                    test = " ".join(f"{f} {row[f'test_{f}']:.2f}" for f in self.task.figures)
-                    log.info("%s epoch %d/%d lr %.4g loss %.4f test %s (%.1fs)", spec.arch, epoch + 1,
-                             spec.recipe.epochs, row["lr"], row["train_loss"], test, row["seconds"])
             self.clock.lap("epochs")
             metrics = summarize(self.history, spec, self.task) | {"dataset": self.data.name, "run_key": self.key}
             metrics |= self._cost()
-            if self.capture is not None:
-                metrics["capture"] = self.capture
+            model = self.out / "model.pt"
+            if self.world.main:
+                export_model(model, self.distiller.student, arch=spec.arch, num_classes=self.data.num_classes,
+                             epoch=spec.recipe.epochs, accuracy=metrics[f"last_{self.task.best}"],
+                             method=spec.method, input_spec=self.input_spec)
+            files = [f for o in self.observers for f in o.on_result(view, metrics)]
             if not self.world.main:
                 return metrics
-            export_model(self.out / "model.pt", self.distiller.student, arch=spec.arch,
-                         num_classes=self.data.num_classes, epoch=spec.recipe.epochs,
-                         accuracy=metrics[f"last_{self.task.best}"], method=spec.method, input_spec=self.input_spec)
-
-            if self._watched is not None:
-                w = self._watched
-                write_evolution(self.out / EVOLUTION_FILE, w["images"], w["indices"], w["reference"], self.evolution,
-                                targets=w["targets"], class_names=w["class_names"])
-            else:  # an earlier run's in this directory (with other params) must not pass for this one's
-                (self.out / EVOLUTION_FILE).unlink(missing_ok=True)
             atomic_write_json(self.out / "metrics.json", metrics)
             # The run is complete: its checkpoint must never stand in for a later run asked of this
             # directory (forced, or with other inputs), which trains from the start instead.
             remove_checkpoints(self.ckpt_path)
-            if tracker:
-                # Recorded first, applied once: a store that is down costs one attempt here, and the
-                # records reach it later (`tskd sync`); the run's result is complete either way.
-                tracker.log_metrics({f"{w}_{f}": metrics[f"{w}_{f}"] for w in ("best", "last")
-                                     for f in self.task.figures} | self._cost(), step=spec.recipe.epochs, flush=False)
-                tracker.log_artifact(self.out / "metrics.json", flush=False)
-                tracker.log_artifact(self.out / "model.pt", flush=False)
-                if self._watched is not None:
-                    tracker.log_artifact(self.out / EVOLUTION_FILE, flush=False)
-                tracker.finish("FINISHED", model=_model_record(spec), flush=False)
-                if not tracker.flush(force=True):
-                    log.warning("%s: %d MLflow records wait in %s; `tskd sync` logs them once the store answers",
-                                self.out, tracker.journal.pending(), tracker.journal.path)
+            for o in self.observers:
+                o.on_run_end(view, metrics, [self.out / "metrics.json", model, *files])
             self.clock.lap("teardown")
             log.info("%s: seconds: %s", self.out, self.clock.wall_line())
             log.info("%s: CPU seconds: %s", self.out, self.clock.cpu_line())
             return metrics
-        except BaseException:
-            if tracker:
-                tracker.finish("FAILED")
+        except BaseException as e:
+            for o in self.observers:
+                with contextlib.suppress(Exception):  # the run's own error is the one to raise
+                    o.on_run_failed(view, e)
             raise
 
 
@@ -503,8 +439,10 @@ def uniform_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: row.get(k) for k in columns} for row in history]
 
 
-def train(spec: RunSpec, *, track: bool = True) -> dict[str, Any]:
+def train(spec: RunSpec, *, observers: Sequence[Observer] = ()) -> dict[str, Any]:
     """Train one run (teacher or student) to completion; returns the metrics.json content.
+    ``observers``: what else listens to the run (tskd.tracking.observer.TrackingObserver records it
+    in MLflow).
 
     With ``WORLD_SIZE > 1`` in the environment, this process is one rank of a data-parallel
     run (see ``tskd.engine.distributed``); every rank returns the same metrics.
@@ -518,7 +456,7 @@ def train(spec: RunSpec, *, track: bool = True) -> dict[str, Any]:
     # Trainer waits for rank 0), so every rank reads the same metrics.json.
     with distributed.process_group(uses_cuda(spec.train)) as world, \
             run_dir_lock(spec.out_dir) if world.main else contextlib.nullcontext(False) as waited:
-        trainer = Trainer(spec, track=track, world=world)
+        trainer = Trainer(spec, observers=observers, world=world)
         done = trainer.finished_result()
         if done is not None:
             who = "the process this one waited for" if waited else "an earlier process"

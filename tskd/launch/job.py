@@ -24,11 +24,12 @@ def run_verb(verb: str, spec: RunSpec, options: dict[str, Any]) -> Any:
     if verb == "train":
         t0, c0 = time.perf_counter(), time.process_time()
         from tskd.engine.trainer import train  # lazy: torch
+        from tskd.tracking.observer import tracking_observers  # lazy: torch
 
         # One of the per-job overheads benchmarks/bench_scale.py adds up (torch and tskd's import).
         print(f"tskd-job: imports {time.perf_counter() - t0:.2f} s (CPU {time.process_time() - c0:.2f} s)",
               flush=True)
-        return train(spec, track=options.get("track", True))
+        return train(spec, observers=tracking_observers(options.get("track", True)))
     if verb == "import-teacher":
         from tskd.engine.eval_run import import_teacher  # lazy: torch
 

@@ -26,6 +26,8 @@ from tskd.distill.tskd.evolution import MapEvolution
 from tskd.distill.tskd.lifecycle import ReviewSchedule
 from tskd.distill.tskd.memory import SnapshotMemory
 from tskd.distill.tskd.prefix import TapPrefix
+from tskd.distill.tskd.recorder import FigureRecorder
+from tskd.engine.events import Observer
 from tskd.errors import ParamsError
 from tskd.models.taps import authors_preact, probe_taps
 
@@ -194,10 +196,13 @@ class TSKD(ReviewSchedule, Distiller):
         if self._evolution is not None and node.kind == "memory":
             self._evolution.record(self.memory.slot(node.slot), epoch, node.slot)
 
-    def evolution_images(self) -> int:
-        return self.params.evolution_images
+    def observers(self) -> list[Observer]:
+        return [FigureRecorder(self)]
 
+    # -- what FigureRecorder asks of the method (tskd.distill.tskd.recorder) ---------------------
     def watch(self, images: Tensor) -> dict[str, Tensor]:
+        """Start following ``images`` (a batch of the test split, on the run's device); returns the
+        teacher's attention maps of them, by map name, each (N, H, W) on the CPU."""
         if self._evolution is None:
             return {}
         self._evolution.images = images
@@ -210,6 +215,8 @@ class TSKD(ReviewSchedule, Distiller):
         return self._evolution.reference(t_taps[self._teacher_taps], self._tap_sizes)
 
     def take_evolution(self) -> list[dict[str, Any]]:
+        """The student's maps of the watched images recorded since the last call (one entry per memory
+        node: ``{"epoch", "label", "maps"}``); taking them clears them."""
         return self._evolution.take() if self._evolution is not None else []
 
     def forward_train(self, images, labels, epoch, indices=None):
@@ -265,7 +272,8 @@ class TSKD(ReviewSchedule, Distiller):
         return {}
 
     def take_capture(self) -> dict[str, Any] | None:
-        """The first review step's first branch, once per process (see ``_review_capture``)."""
+        """The first review step's first branch, once per process (see ``_review_capture``), as
+        JSON-ready lists; None: nothing since the last call."""
         out = self._capture
         if out:
             self._capture = {}  # taken: a later review step is not captured again
