@@ -1,8 +1,10 @@
 """How long a training job's MLflow start takes when N jobs start at once on one SQLite store.
 
-Each of N processes builds its run's tracker (``tskd.engine.trainer._tracker``: import MLflow, open
-the store, find the experiment and the group's parent, create the run, log its params) at the same
-moment; the time is taken around that call only (torch and tskd are imported before). Two cases:
+Each of N processes starts its run's tracker (``TrackingObserver.on_run_start``, tskd.tracking.observer:
+begin the run's journal and apply it: import MLflow, open the store, find the experiment and the
+group's parent, create the run, log its params) at the same moment; the time is taken around that
+call only (torch and tskd are imported before, and the run's data and networks are not built: the
+tracker reads only their names and sizes). Two cases:
 
 * ``prepared``: the store was set up first, as the DAG's onstart does (``prepare_store``);
 * ``cold``: nothing exists yet; the first jobs create the schema and the experiment under a lock.
@@ -12,8 +14,8 @@ moment; the time is taken around that call only (torch and tskd are imported bef
 Wall time is what a job waits; on a machine with fewer cores than jobs it includes waiting for a
 core (MLflow's import is most of the CPU work), so the CPU time is printed too.
 
-``--code`` runs the jobs with another checkout's tskd (e.g. the main branch, for a before/after);
-that checkout may lack ``prepare_store``, then only ``cold`` is measured.
+``--code`` runs the jobs with another checkout's tskd (e.g. the main branch, for a before/after); it
+must have ``tskd.tracking.observer``. One that lacks ``prepare_store`` measures ``cold`` only.
 """
 
 from __future__ import annotations
@@ -30,13 +32,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, time
+from pathlib import Path
+from types import SimpleNamespace
 from tskd.engine.distributed import SINGLE
-from tskd.engine.trainer import _tracker
+from tskd.engine.events import RunView
 from tskd.spec.grid import RunSpec
+from tskd.tracking.observer import TrackingObserver
 spec = RunSpec.model_validate_json(sys.argv[1])
+out = Path(spec.out_dir)
+out.mkdir(parents=True, exist_ok=True)
+# What the tracker reads of a run's data: its name, identity and sizes (nothing else is built).
+data = SimpleNamespace(name=spec.dataset.name, identity="bench", train=range(64), test=range(32), val=None)
+view = RunView(spec=spec, out=out, key="bench", identity=spec.identity(), tags={}, data=data, task=None,
+               world=SINGLE, runtime=None, distiller=None)
 sys.stdin.readline()  # every job waits here, then all start at once
 t0, c0 = time.perf_counter(), time.process_time()
-_tracker(spec, spec.identity(), None, SINGLE, {})
+TrackingObserver().on_run_start(view)
 print(json.dumps({"tracker_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}))
 """
 
