@@ -38,7 +38,21 @@ class DistillContext:
 
 
 class Distiller(nn.Module):
-    """Base distiller. Subclasses set ``Params`` and implement ``forward_train``."""
+    """Base distiller.
+
+    A method sets ``Params`` and implements ``forward_train``; that is all most methods need (KD,
+    AT, FitNet, DKD). Optional, each with a default that does nothing:
+
+    - ``needs_teacher`` (False: no teacher), ``check_schedule`` (refuse params for a run's length);
+    - a schedule's hooks: ``on_epoch_start``/``on_epoch_end``, ``on_step_start``/``on_step_end``;
+    - measurements beside the loss: ``take_monitors``/``derived_monitors``;
+    - what the method records beside training, as observers of the loop: ``observers``;
+    - how it trains, where it differs from plain SGD on every parameter: ``teacher_train_mode``,
+      ``keep_zeroed_grads``, ``every_parameter_every_step``.
+
+    The base provides the rest: ``teacher`` and ``teacher_forward`` (frozen, renormalised when the
+    recipe says so), ``trainable_parameters``, and ``forward`` (inference: the student's logits).
+    """
 
     Params: ClassVar[type[MethodParams]] = MethodParams
     needs_teacher: ClassVar[bool] = True
