@@ -88,7 +88,7 @@ def test_verified_reader_both_splits(synth_root):
 def test_items_are_image_label_index(synth_root):
     splits = _load(synth_root)
     assert splits.num_classes == 100 and len(splits.train) == 100 * TRAIN_PER_CLASS
-    assert splits.val is None and splits.eval_set is splits.test
+    assert splits.val is None
     assert splits.train_labels.dtype == torch.int64 and len(splits.train_labels) == len(splits.train)
     for ds in (splits.train, splits.test):
         for i in (0, 7, len(ds) - 1):
@@ -219,7 +219,7 @@ def test_val_split_deterministic_disjoint_stratified(synth_root):
     assert not set(a.train.rows) & set(a.val.rows)
     assert sorted([*a.train.rows, *a.val.rows]) == list(range(100 * TRAIN_PER_CLASS))
     assert np.bincount(a.val.labels).tolist() == [2] * 100  # round(0.34 * 6) of every class
-    assert a.eval_set is a.val and len(a.train_labels) == len(a.train) == 400
+    assert len(a.train_labels) == len(a.train) == 400
     assert torch.equal(a.val[3][0], a.val[3][0])  # evaluation transform: no random augmentation
     assert a.val[3][2] == 3
 

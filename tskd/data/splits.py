@@ -99,11 +99,6 @@ class Splits:
         label (detection)."""
         return self.train.labels
 
-    @property
-    def eval_set(self) -> IndexedSplit:
-        """The split to select models on: ``val`` if held out, else ``test`` (the authors' protocol)."""
-        return self.val if self.val is not None else self.test
-
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (keep, held_out) row indices: about ``fraction`` of each class held out, chosen by ``seed``.

@@ -149,7 +149,7 @@ class TSKD(ReviewSchedule, Distiller):
         self.memory = SnapshotMemory(params.k)
         self._prefix = TapPrefix(student, max(params.taps), ctx.image_size, params.snapshot_bn == "train")
         self._compile_checked = False
-        self._capture: dict[str, Any] | None = None  # see take_capture
+        self._capture: dict[str, Any] | None = {}  # None: capture the next review step (capture_next_review)
         self._tap_sizes = [tuple(s_taps[i][-2:]) for i in params.taps]
         self._evolution = MapEvolution(student, params.taps, ctx.image_size, params.at_norm) \
             if params.evolution_images else None
@@ -271,9 +271,14 @@ class TSKD(ReviewSchedule, Distiller):
             return {"predictability": means["forecast_mse"] / means["last_increment_mse"]}
         return {}
 
+    def capture_next_review(self) -> None:
+        """Keep a copy of the next review step's first branch for ``take_capture`` (the copies cost a
+        host transfer: made only when a recorder asks)."""
+        self._capture = None
+
     def take_capture(self) -> dict[str, Any] | None:
-        """The first review step's first branch, once per process (see ``_review_capture``), as
-        JSON-ready lists; None: nothing since the last call."""
+        """The review step's first branch asked for by ``capture_next_review`` (see ``_review_capture``),
+        as JSON-ready lists; None: nothing since the last call."""
         out = self._capture
         if out:
             self._capture = {}  # taken: a later review step is not captured again

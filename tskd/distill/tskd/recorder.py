@@ -35,8 +35,11 @@ class FigureRecorder(Observer):
             self.evolution = list(state.get("evolution", []))
 
     def on_run_start(self, run: RunView) -> None:
-        """Hand the method its fixed test images: spread evenly over the test split, taken with its
-        deterministic test transform (no RNG is drawn). On the main rank only: the others write no files."""
+        """Ask for the first review step's capture (unless a resumed run has it), and hand the method
+        its fixed test images: spread evenly over the test split, taken with its deterministic test
+        transform (no RNG is drawn). The images on the main rank only: the others write no files."""
+        if self.capture is None:
+            self.distiller.capture_next_review()
         n = self.distiller.params.evolution_images if run.world.main else 0
         if not n:
             return
