@@ -48,11 +48,12 @@ cxx:
 browser:
 	$(call apt_install,chromium,chromium)
 
-# The full suite, as CI runs it, one test at a time in file order. pytest-xdist and pytest-randomly
-# are installed (`pytest -n 2`, random order by default when run by hand), but the suite does not run
-# on workers yet: the SLURM tests must never run two at once (some stop the cluster's database), and
-# `--dist loadgroup` does not keep them on one worker with this pytest (docs/testing.md).
-PYTEST = $(VENV)/bin/pytest -q -p no:randomly --durations=20
+# The full suite, as CI runs it: two workers (pytest-xdist), each test module on one worker
+# (--dist loadscope: a module's built fixtures serve all its tests), in file order within a module.
+# One module at a time uses the local SLURM cluster (a lock in tests/slurm_fixtures.py); the rest
+# run beside it. pytest-randomly is installed: run by hand, pytest shuffles the order (docs/testing.md).
+WORKERS ?= 2
+PYTEST = $(VENV)/bin/pytest -q -p no:randomly --durations=20 -n $(WORKERS) --dist loadscope
 test: $(STAMP) cxx browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
