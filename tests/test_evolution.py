@@ -86,15 +86,27 @@ def test_memory_nodes_maps_of_fixed_images(make_spec, teacher_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_resumed_run_writes_the_same_evolution(make_spec, teacher_path):
+@pytest.mark.parametrize("layout", ["observers", "before-observers"])
+def test_a_resumed_run_writes_the_same_evolution(make_spec, teacher_path, layout):
+    """Killed after M1, M2 and the review, resumed: the same evolution and capture as a run never
+    killed. ``before-observers``: the checkpoint as a tskd before the observer loop wrote it (the
+    recorder's state at its top level), which a run in flight when tskd is updated resumes from."""
     from tskd.engine import trainer as trainer_mod
+    from tskd.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 
     whole = _spec(make_spec, teacher_path, "whole", evolution_images=2)
-    trainer_mod.train(whole)
+    done = trainer_mod.train(whole)
     resumed = _spec(make_spec, teacher_path, "resumed", evolution_images=2)
-    with pytest.raises(KeyboardInterrupt):  # after M1, M2, review
+    with pytest.raises(KeyboardInterrupt):
         trainer_mod.train(resumed, observers=[KillAt(3)])
-    trainer_mod.train(resumed)
+    if layout == "before-observers":
+        ckpt = Path(resumed.out_dir) / "checkpoint.pt"
+        state = load_latest_checkpoint(ckpt)
+        old = {k: v for k, v in state.items() if k not in ("observers", "version")} | state["observers"]["evolution"]
+        assert old["evolution"] and old["capture"]
+        save_checkpoint(ckpt, old)
+    again = trainer_mod.train(resumed)
+    assert again["capture"] == done["capture"]
     a, b = (read_evolution(Path(s.out_dir) / EVOLUTION_FILE) for s in (whole, resumed))
     assert a["names"] == b["names"] and a["epochs"].tolist() == [1, 2, 4]
     for key in a:
