@@ -12,7 +12,7 @@ import torchvision
 import yaml
 
 from tests.conftest import copy_repo
-from tests.test_workflow import snakemake
+from tests.snakemake_runs import snakemake
 from tskd.errors import ParamsError, TskdError
 from tskd.spec.config import parse_preset
 from tskd.spec.grid import student_jobs, student_spec, teacher_spec

@@ -15,8 +15,8 @@ from PIL import Image
 from scipy import stats
 
 from tests.conftest import copy_repo
+from tests.snakemake_runs import snakemake
 from tests.test_report import _metrics, _train_history
-from tests.test_workflow import snakemake
 from tskd.distill.tskd.schedule import summarize_schedule
 from tskd.engine.evolution import EVOLUTION_FILE, read_evolution
 from tskd.reporting.plots.runs import read_runs

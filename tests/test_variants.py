@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import copy_repo
-from tests.test_workflow import snakemake
+from tests.snakemake_runs import snakemake
 from tskd.errors import ParamsError
 from tskd.spec.config import load_preset, parse_preset
 from tskd.spec.grid import student_dir, student_jobs, student_spec

@@ -14,32 +14,9 @@ import pytest
 import yaml
 
 from tests.conftest import build_once, copy_built, copy_repo
+from tests.snakemake_runs import SNAKEMAKE, TRAINING, planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
-
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-TRAINING = "tags.run_kind = 'train'"  # the training runs, not the parents that group their seeds
-
-
-def snakemake(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
-    r = subprocess.run([*SNAKEMAKE, "--cores", "2", *args], cwd=repo, capture_output=True, text=True,
-                       env=env, timeout=1200)
-    if check:
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    return r
-
-
-def planned_jobs(repo: Path) -> dict[str, int]:
-    """Rule -> number of jobs Snakemake would run now (from a dry run's job table)."""
-    out = snakemake(repo, "-n", "--quiet", "rules").stdout
-    jobs = {}
-    for line in out.splitlines():
-        m = re.match(r"^\s*(\w+)\s+(\d+)\s*$", line)
-        if m and m.group(1) != "total":
-            jobs[m.group(1)] = int(m.group(2))
-    return jobs
-
 
 @pytest.fixture(scope="session")
 def smoke_built(tmp_path_factory) -> Path:
@@ -238,82 +215,6 @@ def test_a_published_teacher_file_is_an_input_of_its_rule(tmp_path):
     assert r.returncode != 0
     assert f"teachers.resnet20.checkpoint: {published} is not a file" in r.stdout + r.stderr
     assert "rule teacher" not in r.stdout + r.stderr  # refused while the DAG was built, no job started
-
-
-def test_imagenet_smoke_dag_runs_every_method_on_both_pairs(tmp_path):
-    """The ImageNet grid's shape end to end on the tiny synthetic ImageNet (real layout), on CPU."""
-    from mlflow.tracking import MlflowClient
-
-    from tskd.spec.config import load_preset
-    from tskd.spec.grid import student_jobs
-
-    repo = copy_repo(tmp_path / "repo")
-    snakemake(repo, "--configfile", "params/imagenet_smoke.yaml")
-    p = load_preset(repo / "params/imagenet_smoke.yaml")
-    rows = list(csv.DictReader((repo / "results/imagenet_smoke/report.csv").open()))
-    assert {(r["pair"], r["method"]) for r in rows if r["pair"] != "teacher"} == {
-        (j.pair.name, j.method) for j in student_jobs(p)} and len(student_jobs(p)) == 16
-    for r in rows:
-        if r["pair"] != "teacher":
-            assert float(r["eval_top1"]) == pytest.approx(float(r["last_top1"]), abs=1e-6)
-    assert "dataset `synthetic-imagenet`" in (repo / "results/imagenet_smoke/report.md").read_text()
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tskd-imagenet_smoke").experiment_id], TRAINING)
-    assert len(runs) == 2 + 16 and {r.info.status for r in runs} == {"FINISHED"}
-    assert {(r.data.tags["dataset"], r.data.tags["dataset_family"]) for r in runs} == {
-        ("synthetic-imagenet", "imagenet")}
-    # mdistiller's per-method recipe values reach the runs: CRD and ReviewKD at their own batch size.
-    crd = next(r for r in runs if r.data.tags["method"] == "crd")
-    kd = next(r for r in runs if r.data.tags["method"] == "kd")
-    assert crd.data.params["recipe.batch_size"] == "10" and kd.data.params["recipe.batch_size"] == "20"
-    assert "Nothing to be done" in snakemake(repo, "-n", "--configfile", "params/imagenet_smoke.yaml").stdout
-
-
-def test_coco_smoke_dag_trains_detectors_and_scores_them_with_cocoeval(tmp_path):
-    """The COCO grid's shape end to end on the tiny synthetic COCO (real layout, COCO's ids), on CPU:
-    a Faster R-CNN teacher learns (box AP > 0), every method distils from it, COCOeval scores all."""
-    from mlflow.tracking import MlflowClient
-
-    from tskd.spec.config import load_preset
-    from tskd.spec.grid import student_jobs, teacher_dir
-
-    repo = copy_repo(tmp_path / "repo")
-    snakemake(repo, "--configfile", "params/coco_smoke.yaml")
-    p = load_preset(repo / "params/coco_smoke.yaml")
-    p = p.model_copy(update={"results_dir": str(repo / "results")})
-    teacher = json.loads((teacher_dir(p, "fasterrcnn_resnet18_fpn") / "metrics.json").read_text())
-    assert teacher["task"] == "detection" and teacher["best_AP"] > 0, teacher["history"]
-    rows = list(csv.DictReader((repo / "results/coco_smoke/report.csv").open()))
-    assert {r["method"] for r in rows if r["pair"] != "teacher"} == {"vanilla", "kd", "reviewkd", "tskd"}
-    assert len(student_jobs(p)) == 4
-    for r in rows:
-        assert {"best_AP", "best_AP50", "last_APl"} <= set(r) and "best_top1" not in r
-        if r["pair"] != "teacher":  # the exported model, evaluated again on its own, scores the same
-            assert float(r["eval_AP"]) == pytest.approx(float(r["last_AP"]), abs=1e-6)
-    tskd_run = next(r for r in rows if r["method"] == "tskd")
-    md = (repo / "results/coco_smoke/report.md").read_text()
-    assert "dataset `synthetic-coco`" in md and "| best box AP | last box AP |" in md
-    history = json.loads((repo / f"results/coco_smoke/students/student/tskd/{tskd_run['pair']}/seed0/metrics.json")
-                         .read_text())["history"]
-    assert history[1]["train_review"] is not None and history[0]["train_review"] is None  # memory 0, review 1
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tskd-coco_smoke").experiment_id], TRAINING)
-    assert len(runs) == 1 + 4 and {r.info.status for r in runs} == {"FINISHED"}
-    assert {r.data.tags["dataset_family"] for r in runs} == {"coco"}
-    assert all("best_AP" in r.data.metrics for r in runs)
-
-
-def test_imagenet_dry_run_lists_every_job_without_data(tmp_path):
-    from tskd.spec.config import load_preset
-    from tskd.spec.grid import student_jobs
-
-    repo = copy_repo(tmp_path)
-    p = load_preset(repo / "params/imagenet.yaml")
-    out = snakemake(repo, "-n", "--quiet", "rules", "--configfile", "params/imagenet.yaml").stdout
-    jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\s*(\w+)\s+(\d+)\s*$", out, re.M)}
-    n = len(student_jobs(p))
-    assert n == 2 * len(p.methods) and jobs["student"] == n and jobs["teacher"] == 2 and jobs["data"] == 1, jobs
-    assert not (repo / "results").exists()
 
 
 def _rest(url: str, path: str, body: dict | None = None) -> dict:
