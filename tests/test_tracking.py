@@ -54,9 +54,9 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
     assert client.get_experiment_by_name("tskd-smoke").tags["mlflow.experimentKind"] == "custom_model_development"
     t_run = _run(client, teacher.out_dir)
     s_runs = [_run(client, s.out_dir) for s in students]
-    assert t_run.info.run_name == t_run.data.tags["mlflow.runName"] == "teacher:resnet20:seed0"
+    assert t_run.info.run_name == t_run.data.tags["mlflow.runName"] == "seed0 teacher r20"
     assert t_run.data.tags["role"] == "teacher" and t_run.data.tags["student"] == "resnet20"
-    assert [r.info.run_name for r in s_runs] == ["vanilla:resnet8:student:seed0", "vanilla:resnet8:student:seed1"]
+    assert [r.info.run_name for r in s_runs] == ["seed0 r8 s vanilla", "seed1 r8 s vanilla"]
     assert t_run.data.tags["mlflow.parentRunId"] == parents["teacher:resnet20"]
     assert {r.data.tags["mlflow.parentRunId"] for r in s_runs} == {parents["vanilla:resnet8:student"]}
     for run in (t_run, *s_runs):
@@ -89,7 +89,7 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_seeds"] == 2
     assert parent.data.metrics["best_top1_mean"] == pytest.approx(statistics.fmean(best))
     assert parent.data.metrics["best_top1_std"] == pytest.approx(statistics.stdev(best))
-    assert parent.info.run_name == "vanilla:resnet8:student" and parent.data.tags["run_kind"] == "seeds"
+    assert parent.info.run_name == "r8 s vanilla" and parent.data.tags["run_kind"] == "seeds"
     assert parent.data.metrics["vs_x_diff"] == 1.5
     # What the group cost: its seeds' device-seconds (epochs' wall time × 1 thread), on each run and summed.
     assert all(r["devices"] == 1.0 and r["device_seconds"] > 0 for r in results)

@@ -46,9 +46,33 @@ def group_name(spec: RunSpec) -> str:
     return f"{spec.variant or spec.method}:{pair_label(spec)}" + (f":{spec.recipe_name}" if spec.recipe_name else "")
 
 
+# The papers' abbreviations. MLflow's runs table shows about 18 characters of a name: spelt out,
+# a grid's names share their first 18 (kd:resnet32x4-ShuffleV1:...).
+_ARCH_SHORT = (("resnet", "r"), ("ResNet", "R"), ("wrn_", "w"), ("Shuffle", "S"), ("MobileNet", "M"))
+
+
+def short_arch(arch: str) -> str:
+    """``resnet32x4`` -> ``r32x4``, ``wrn_40_2`` -> ``w40_2``, ``ShuffleV1`` -> ``SV1``, ``MobileNetV2`` -> ``MV2``."""
+    long, short = next(((lg, sh) for lg, sh in _ARCH_SHORT if arch.startswith(lg)), ("", ""))
+    return short + arch[len(long):]
+
+
+def parent_name(spec: RunSpec) -> str:
+    """A parent run's name: ``r20-r8 s kd`` (pair, recipe's initial, method), ``teacher r20``. What
+    tells a grid's groups apart comes first, so that the name column's 18 characters differ: the
+    pair, then the recipe's initial (a grid's student recipes differ there), then the method (its
+    first letters differ). The spelt-out group is the ``group`` tag."""
+    if spec.role == "teacher":
+        return f"teacher {short_arch(spec.arch)}"
+    pair = f"{short_arch(spec.teacher_arch)}-" if spec.teacher_arch else ""
+    recipe = f" {spec.recipe_name[0]}" if spec.recipe_name else ""
+    return f"{pair}{short_arch(spec.arch)}{recipe} {spec.variant or spec.method}"
+
+
 def run_name(spec: RunSpec) -> str:
-    """``teacher:resnet20:seed0``, ``kd:resnet20-resnet8:student:seed0``."""
-    return f"{group_name(spec)}:seed{spec.seed}"
+    """``seed0 r20-r8 s kd``, ``seed0 teacher r20``: the seed first, where the UI nests the seeds under
+    their parent and cuts the rest of the name off."""
+    return f"seed{spec.seed} {parent_name(spec)}"
 
 
 def git_state() -> dict[str, str]:
@@ -159,8 +183,9 @@ def prepare_store(p: Preset) -> dict[str, str]:
     # table instead of sitting a dozen "Load more" clicks deep below a large grid's students.
     for group, spec in sorted(specs.items(), key=lambda gs: gs[1].role == "teacher"):
         if group not in existing:
-            run = client.create_run(exp_id, run_name=group, tags=_parent_tags(spec) | standard_tags(spec) | {
-                "mlflow.runName": group})
+            name = parent_name(spec)
+            run = client.create_run(exp_id, run_name=name, tags=_parent_tags(spec) | standard_tags(spec) | {
+                "mlflow.runName": name})
             # Not RUNNING: a DAG that fails before its report (which marks the parents FINISHED) must not
             # leave runs that claim to be running forever.
             client.update_run(run.info.run_id, status="SCHEDULED")
