@@ -30,7 +30,7 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
 
     from tskd.engine.trainer import train
     from tskd.reporting.publish import summarize_parents
-    from tskd.tracking.runs import prepare_store
+    from tskd.tracking.runs import find_parent_id, prepare_store
 
     p = _smoke(repo_root, tmp_path)
     parents = prepare_store(p)  # what the DAG's onstart does
@@ -84,7 +84,9 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
     # report (found by the parent's recipe, pair and variant tags), and is FINISHED.
     group = {("student", "resnet8", "vanilla"): {"vs_x_diff": 1.5}, ("student", "resnet8", "kd"): {"vs_x_diff": 9.0}}
     assert summarize_parents(p, ["best_top1", "last_top1"], group) == 2
-    parent = client.get_run(parents["vanilla:resnet8:student"])
+    # made again to start with its first child (its duration their span, not the DAG's): found by its tags
+    parent = client.get_run(find_parent_id(client, exp_id, "smoke", "vanilla:resnet8:student"))
+    assert parent.info.start_time == s_runs[0].info.start_time
     best = [r["best_top1"] for r in results[1:]]
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_seeds"] == 2
     assert parent.data.metrics["best_top1_mean"] == pytest.approx(statistics.fmean(best))
@@ -95,7 +97,7 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
     assert all(r["devices"] == 1.0 and r["device_seconds"] > 0 for r in results)
     assert [r.data.metrics["device_seconds"] for r in s_runs] == [r["device_seconds"] for r in results[1:]]
     assert parent.data.metrics["device_seconds"] == pytest.approx(sum(r["device_seconds"] for r in results[1:]))
-    assert "vs_x_diff" not in client.get_run(parents["teacher:resnet20"]).data.metrics
+    assert "vs_x_diff" not in client.get_run(find_parent_id(client, exp_id, "smoke", "teacher:resnet20")).data.metrics
     # A group none of whose seeds ran is not RUNNING (nothing runs it), and has no figures.
     kd = client.get_run(parents["kd:resnet20-resnet8:student"])
     assert kd.info.status == "SCHEDULED" and "best_top1_mean" not in kd.data.metrics

@@ -59,3 +59,41 @@ def test_parents_carry_their_plots_and_a_summary_run_carries_the_report(tmp_path
     teachers.write_bytes(teachers.read_bytes() + b"\0")
     assert log_report(p)[1] == summary
     assert sorted(sent) == sorted([(parents["teacher:resnet20"], teachers.name), (summary, teachers.name)])
+
+
+def test_a_parents_duration_is_its_childrens_span(tmp_path, mlflow_uri):
+    """The parent is made at the DAG's start and finished by the report; MLflow's Duration column
+    then showed the whole DAG. After the report it starts with its first child and ends with its
+    last, its children nested under it (a real SQLite store)."""
+    from mlflow.tracking import MlflowClient
+
+    from tskd.reporting.publish import summarize_parents
+    from tskd.tracking.runs import KIND_TAG, PARENT_TAG, find_parent_id, prepare_store
+
+    p = _tskd_preset(tmp_path)
+    group = "kd:resnet20-resnet8:student"
+    made = prepare_store(p)[group]
+    client = MlflowClient(mlflow_uri)
+    exp_id = client.get_run(made).info.experiment_id
+    t0 = client.get_run(made).info.start_time
+    # Children as a job's journal makes them: tagged with the parent, started and ended at their own times
+    # (in ms); a killed first attempt of seed 0 is a child too.
+    kids = []
+    for status, start, end, seed in [("KILLED", 60_000, 70_000, 0), ("FINISHED", 80_000, 500_000, 0),
+                                     ("FINISHED", 90_000, 900_000, 1)]:
+        rid = client.create_run(exp_id, start_time=t0 + start, tags={
+            KIND_TAG: "train", PARENT_TAG: made, "seed": str(seed)}).info.run_id
+        client.log_metric(rid, "best_top1", 30.0 + seed)
+        client.set_terminated(rid, status, end_time=t0 + end)
+        kids.append(rid)
+
+    assert summarize_parents(p, ["best_top1"]) == 1
+    pid = find_parent_id(client, exp_id, p.preset, group)
+    parent = client.get_run(pid)
+    assert (parent.info.start_time, parent.info.end_time) == (t0 + 60_000, t0 + 900_000)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_seeds"] == 2
+    assert parent.info.run_name == client.get_run(made).info.run_name and parent.data.tags["group"] == group
+    assert {client.get_run(k).data.tags[PARENT_TAG] for k in kids} == {pid}
+    assert len(client.search_runs([exp_id], f"tags.group = '{group}'")) == 1  # the DAG's one is gone
+    assert summarize_parents(p, ["best_top1"]) == 1  # a second report keeps it
+    assert find_parent_id(client, exp_id, p.preset, group) == pid

@@ -149,8 +149,8 @@ def summarize_parents(p: Preset, figures: list[str],
     """Log on every parent run the mean and std over its finished children of each figure
     (``best_top1`` -> ``best_top1_mean``, ``best_top1_std``, and ``n_seeds``), the report's figures
     of its group (``group_metrics``: (recipe, pair, variant) -> metrics, the paired comparisons), and
-    mark it FINISHED. Returns how many parents were updated. A store that was never set up (no DAG
-    ran with tracking) is left alone."""
+    mark it FINISHED, spanning its children's time (``_restart``). Returns how many parents were
+    updated. A store that was never set up (no DAG ran with tracking) is left alone."""
     from mlflow.entities import Metric
 
 
@@ -159,12 +159,13 @@ def summarize_parents(p: Preset, figures: list[str],
         return 0
     client, exp_id = found
     parents = _all_runs(client, exp_id, f"tags.{KIND_TAG} = 'seeds' and tags.preset = '{p.preset}'")
-    # Every finished child in one paged query, grouped here: a query per parent made the report on
-    # the cifar100 grid (178 parents) wait on the server for 6 s of its run.
-    children: dict[str, list] = {}
-    for c in _all_runs(client, exp_id, f"tags.{KIND_TAG} = 'train' and attributes.status = 'FINISHED'"):
+    # Every child in one paged query, grouped here: a query per parent made the report on the
+    # cifar100 grid (178 parents) wait on the server for 6 s of its run.
+    everyone: dict[str, list] = {}
+    for c in _all_runs(client, exp_id, f"tags.{KIND_TAG} = 'train'"):
         if PARENT_TAG in c.data.tags:
-            children.setdefault(c.data.tags[PARENT_TAG], []).append(c)
+            everyone.setdefault(c.data.tags[PARENT_TAG], []).append(c)
+    children = {pid: [c for c in kids if c.info.status == "FINISHED"] for pid, kids in everyone.items()}
 
     def metrics_of(parent) -> list[Metric]:
         kids = children.get(parent.info.run_id, [])
@@ -182,14 +183,32 @@ def summarize_parents(p: Preset, figures: list[str],
         return metrics + [Metric(k, float(v), 0, 0) for k, v in (group_metrics or {}).get(group, {}).items()]
 
     def update(parent) -> None:
-        client.log_batch(parent.info.run_id, metrics=metrics_of(parent))
-        client.set_terminated(parent.info.run_id, "FINISHED")
+        # The parent's duration in the UI is its children's span, not the DAG's (it was made at the
+        # DAG's start and is finished by the report).
+        kids = everyone[parent.info.run_id]
+        start = min(c.info.start_time for c in kids)
+        end = max(c.info.end_time or 0 for c in kids) or None
+        rid = parent.info.run_id if parent.info.start_time == start else _restart(client, exp_id, parent, start, kids)
+        client.log_batch(rid, metrics=metrics_of(parent))
+        client.set_terminated(rid, "FINISHED", end_time=end)
 
     todo = [q for q in parents if children.get(q.info.run_id)]
     # Two requests per parent, each mostly a wait on the server: a few at once (the server has workers).
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(update, todo))  # list(): the first error is raised here
     return len(todo)
+
+
+def _restart(client: MlflowClient, exp_id: str, parent, start: int, kids: list) -> str:
+    """MLflow cannot move a run's start: the parent is made again, with its tags, starting when its
+    first child did; its children move under it and the old one is deleted (jobs find a parent by
+    its tags among the active runs). Returns the new parent's id."""
+    rid = client.create_run(exp_id, start_time=start, run_name=parent.info.run_name,
+                            tags=dict(parent.data.tags)).info.run_id
+    for c in kids:
+        client.set_tag(c.info.run_id, PARENT_TAG, rid)
+    client.delete_run(parent.info.run_id)
+    return rid
 
 
 def _all_runs(client: MlflowClient, exp_id: str, query: str) -> list:
