@@ -30,6 +30,15 @@ def smoke_repo(smoke_built, tmp_path) -> Path:
     return copy_built(smoke_built, tmp_path / "repo")
 
 
+def test_smoke_jobs_fork_from_the_warm_server(smoke_built):
+    """Snakemake starts the warm server (workflow/rules/tracking.smk's onstart) and its training
+    jobs fork from it; only those that start while it imports run cold."""
+    logs = smoke_built / "results/smoke/logs"
+    training = [*logs.glob("teachers/*.log"), *logs.glob("students/**/*.log")]
+    warm = [f for f in training if "forked from the warm server" in f.read_text()]
+    assert len(training) == 17 and len(warm) >= 12, sorted(map(str, set(training) - set(warm)))
+
+
 def test_smoke_dag_produces_report_and_mlflow_runs(smoke_repo):
     from mlflow.tracking import MlflowClient
 

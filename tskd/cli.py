@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -407,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and os.environ.get("TSKD_WARM_SOCKET"):
+        # A workflow job: a child of the warm server runs it, without importing torch again.
+        from tskd.launch.warm import forward
+
+        code = forward("tskd.cli:main", sys.argv[1:])
+        if code is not None:
+            return code
     a = build_parser().parse_args(argv)
     # --log (the workflow's rules): the log gets everything, the terminal one line if the job fails.
     with redirect_to_log(a.log) as terminal:

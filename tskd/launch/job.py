@@ -11,12 +11,11 @@ from typing import Any
 
 import submitit
 
+from tskd.launch.warm import FORKED_ENV, THREAD_VARS
 from tskd.spec.grid import RunSpec
 
 # Snakemake sets these to the rule's threads (0 for a waiting training rule under the profile)
 # and sbatch exports them into the job; the job sets them to the CPUs it was given instead.
-_THREAD_VARS = ("OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 # -- the job ----------------------------------------------------------------------------------
 def run_verb(verb: str, spec: RunSpec, options: dict[str, Any]) -> Any:
@@ -27,8 +26,10 @@ def run_verb(verb: str, spec: RunSpec, options: dict[str, Any]) -> Any:
         from tskd.tracking.observer import tracking_observers  # lazy: torch
 
         # One of the per-job overheads benchmarks/bench_scale.py adds up (torch and tskd's import).
-        print(f"tskd-job: imports {time.perf_counter() - t0:.2f} s (CPU {time.process_time() - c0:.2f} s)",
-              flush=True)
+        # The variable reaches this process's own children (a SLURM job's environment) too.
+        warm = os.environ.get(FORKED_ENV) if os.environ.get(FORKED_ENV) == str(os.getppid()) else None
+        print(f"tskd-job: imports {time.perf_counter() - t0:.2f} s (CPU {time.process_time() - c0:.2f} s)"
+              + (f", forked from the warm server (pid {warm})" if warm else ""), flush=True)
         return train(spec, observers=tracking_observers(options.get("track", True)))
     if verb == "import-teacher":
         from tskd.engine.eval_run import import_teacher  # lazy: torch
@@ -53,7 +54,7 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> Any:
         _log_to_stderr()
-        os.environ.update(dict.fromkeys(_THREAD_VARS, str(self.cpus)))  # before torch is imported
+        os.environ.update(dict.fromkeys(THREAD_VARS, str(self.cpus)))  # before torch is imported
         env = submitit.JobEnvironment()
         # "process up": how much of that the job's own Python start and unpickling took, the rest
         # being SLURM's (queue, launch).

@@ -16,6 +16,7 @@ from tskd.errors import TskdError
 from tskd.workflow.dvc_sync import sync_for_snakemake
 from tskd.workflow.dvc_pipeline import check_from_dvc_env
 from tskd.reporting.report import summary_files
+from tskd.launch.warm import Server
 
 _SOURCE = ", ".join(map(str, workflow.configfiles)) or "config"
 # tskd's validator is the only one (no JSON-schema `validate`: it would judge types on its own and
@@ -64,6 +65,11 @@ wildcard_constraints:
     recipe=r"[^/]+",
     method=r"[^/]+",
     run=r"[^/]+",
+
+# Jobs fork from one process that has imported torch, torchvision and MLflow (tskd.launch.warm):
+# most of a small job's time is those imports. Not worth its own imports for a couple of jobs.
+WARM = Server()
+WARM_MIN_JOBS = 4
 
 # `tskd` from the environment that runs Snakemake, whether or not it is activated.
 shell.prefix(f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; ")
