@@ -73,7 +73,10 @@ def _student(spec: RunSpec, num_classes: int, model_kwargs: dict[str, Any]) -> t
     """The network to train, and the sha256 of the file its backbone starts from (None: from scratch).
 
     A detector given ``backbone_path`` is built as torchvision builds one on a pretrained backbone
-    (FrozenBatchNorm2d, the first layers frozen) and the ImageNet file is loaded into its backbone."""
+    (FrozenBatchNorm2d, the first layers frozen) and the ImageNet file is loaded into its backbone.
+    A detector also takes the recipe's detection settings (``RecipeCfg.DETECTION_ONLY``)."""
+    if model_entry(spec.arch).family == "detection":
+        model_kwargs = {**model_kwargs, "rpn_post_nms_top_n_train": spec.recipe.rpn_post_nms_top_n_train}
     if spec.backbone_path is None:
         return create_model(spec.arch, num_classes=num_classes, **model_kwargs), None
     from tskd.models.detection import load_backbone_weights  # lazy: torchvision

@@ -163,6 +163,9 @@ SYNTHETIC_MODELS: dict[str, type[Strict]] = {"cifar100": SyntheticCfg, "imagenet
 class RecipeCfg(Strict):
     """An optimisation recipe (docs/method.md, "Recipes")."""
 
+    # Keys that only a detector reads: refused in a classification preset rather than ignored.
+    DETECTION_ONLY: ClassVar[tuple[str, ...]] = ("rpn_post_nms_top_n_train",)
+
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
@@ -206,6 +209,11 @@ class RecipeCfg(Strict):
         "have len // batch_size full batches (tskd.data.aspect_groups)")
     aspect_group_k: int = Field(3, ge=0, description="torchvision's --aspect-ratio-group-factor (3) for "
                                 "aspect_grouping 'quantized'")
+    # Detection: where torchvision's reference recipe and mdistiller's detectron2 configs differ
+    # (docs/method.md, "Detection"). The defaults are torchvision's, as the detectors were before.
+    rpn_post_nms_top_n_train: int = Field(
+        2000, ge=1, description="detection: proposals per image the RPN keeps after NMS in training, that the RoI "
+        "head samples from (torchvision: 2000; detectron2/mdistiller POST_NMS_TOPK_TRAIN: 1000)")
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="method params of this recipe, over the preset's `methods` and "
         "under a pair's overrides (e.g. mdistiller's KD: {kd: {ce_weight: 0.1, kd_weight: 0.9}})")
@@ -325,6 +333,12 @@ class Preset(Strict):
 
     @model_validator(mode="after")
     def _references(self):
+        if TASK_OF.get(self.dataset.name) != "detection":
+            for name, recipe in self.recipes.items():
+                if set(recipe.DETECTION_ONLY) & recipe.model_fields_set:
+                    key = sorted(set(recipe.DETECTION_ONLY) & recipe.model_fields_set)[0]
+                    raise ValueError(f"recipes.{name}.{key}: a detection setting; dataset {self.dataset.name} "
+                                     "trains classifiers")
         for name, t in self.teachers.items():
             if t.recipe not in self.recipes:
                 raise ValueError(f"teachers.{name}.recipe: unknown recipe {t.recipe!r}; "

@@ -1,0 +1,78 @@
+"""Where mdistiller's detection recipe (detectron2) and torchvision's reference differ, each a named param
+(issue #25): its default is torchvision's (today's runs unchanged), the `coco` preset's `mdistiller` recipe
+sets mdistiller's value, and the param changes what it says and the run's identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tskd.errors import ParamsError
+from tskd.spec.config import load_preset, parse_preset
+from tskd.spec.grid import RunSpec, student_jobs, student_spec
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"min_size": 64, "max_size": 96}
+
+
+def _raw(name: str = "coco_smoke") -> dict:
+    return yaml.safe_load((REPO / f"params/{name}.yaml").read_text())
+
+
+def _spec(**recipe) -> RunSpec:
+    p = parse_preset(_raw())
+    spec = student_spec(p, student_jobs(p)[0])
+    return spec.model_copy(update={"recipe": spec.recipe.model_copy(update=recipe)})
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 60, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([18])},
+               {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([3])}]
+    return images, targets
+
+
+def _proposals_reaching_the_roi_heads(spec: RunSpec) -> list[int]:
+    from tskd.engine.trainer import _student
+
+    torch.manual_seed(0)
+    model, _ = _student(spec, 45, SMALL)
+    seen: list[int] = []
+    sample = model.roi_heads.select_training_samples
+
+    def spy(proposals, targets):
+        seen.extend(len(p) for p in proposals)
+        return sample(proposals, targets)
+
+    model.roi_heads.select_training_samples = spy
+    model.train()
+    model.train_step(*_batch())
+    return seen
+
+
+def test_rpn_post_nms_top_n_train_is_how_many_proposals_reach_the_roi_heads():
+    default = _spec()
+    assert default.recipe.rpn_post_nms_top_n_train == 2000  # torchvision's
+    counts = _proposals_reaching_the_roi_heads(default)
+    assert len(counts) == 2 and min(counts) > 50 and max(counts) <= 2000
+    assert _proposals_reaching_the_roi_heads(_spec(rpn_post_nms_top_n_train=50)) == [50, 50]
+    assert default.identity() != _spec(rpn_post_nms_top_n_train=1000).identity()
+
+
+def test_a_detection_setting_in_a_classification_preset_is_refused():
+    raw = _raw("smoke")
+    recipe = next(iter(raw["recipes"]))
+    raw["recipes"][recipe]["rpn_post_nms_top_n_train"] = 1000
+    with pytest.raises(ParamsError, match=rf"recipes\.{recipe}\.rpn_post_nms_top_n_train: a detection setting"):
+        parse_preset(raw)
+
+
+def test_the_coco_presets_mdistiller_recipe_is_mdistillers_and_torchvisions_is_torchvisions():
+    p = load_preset(REPO / "params/coco.yaml")
+    md, tv = p.recipes["mdistiller"], p.recipes["torchvision"]
+    # detectron2's Base-RCNN-FPN: MODEL.RPN.POST_NMS_TOPK_TRAIN 1000
+    assert md.rpn_post_nms_top_n_train == 1000 and tv.rpn_post_nms_top_n_train == 2000
