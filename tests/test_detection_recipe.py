@@ -76,3 +76,51 @@ def test_the_coco_presets_mdistiller_recipe_is_mdistillers_and_torchvisions_is_t
     md, tv = p.recipes["mdistiller"], p.recipes["torchvision"]
     # detectron2's Base-RCNN-FPN: MODEL.RPN.POST_NMS_TOPK_TRAIN 1000
     assert md.rpn_post_nms_top_n_train == 1000 and tv.rpn_post_nms_top_n_train == 2000
+    # mdistiller's MobileNetV2 configs: FREEZE_AT 0; its ResNets detectron2's FREEZE_AT 2 = torchvision's default 3
+    assert md.trainable_backbone_layers == {"fasterrcnn_mobilenet_v2_fpn": 6} and tv.trainable_backbone_layers == {}
+
+
+@pytest.fixture(scope="module")
+def mobilenet_file(tmp_path_factory) -> Path:
+    import torchvision
+
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2-imagenet.pth"
+    torch.manual_seed(3)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), path)
+    return path
+
+
+def _frozen_stages(spec: RunSpec) -> set[str]:
+    from tskd.engine.trainer import _student
+
+    model, _ = _student(spec, 45, SMALL)
+    return {n.split(".")[0] for n, p in model.backbone.body.named_parameters() if not p.requires_grad}
+
+
+def test_trainable_backbone_layers_is_which_backbone_stages_train(mobilenet_file):
+    arch = "fasterrcnn_mobilenet_v2_fpn"
+    default = _spec().model_copy(update={"arch": arch, "backbone_path": str(mobilenet_file)})
+    assert default.recipe.trainable_backbone_layers == {}
+    # torchvision's 3 of 6 stages: features[0:7] (stages 0-2) frozen, from features[7] on trained
+    assert _frozen_stages(default) == {str(i) for i in range(7)}
+    whole = _spec(trainable_backbone_layers={arch: 6}).model_copy(
+        update={"arch": arch, "backbone_path": str(mobilenet_file)})
+    assert _frozen_stages(whole) == set()
+    other = _spec(trainable_backbone_layers={"fasterrcnn_resnet18_fpn": 5}).model_copy(
+        update={"arch": arch, "backbone_path": str(mobilenet_file)})
+    assert _frozen_stages(other) == _frozen_stages(default)  # another architecture's entry
+    # From scratch every stage trains, whatever the recipe says (torchvision's rule).
+    assert _frozen_stages(whole.model_copy(update={"backbone_path": None})) == set()
+    assert _frozen_stages(default.model_copy(update={"backbone_path": None})) == set()
+    assert default.identity() != whole.identity()
+
+
+def test_trainable_backbone_layers_names_a_detector_of_the_preset():
+    raw = _raw()
+    raw["recipes"]["student"]["trainable_backbone_layers"] = {"fasterrcnn_mobilenet_v2_fpn": 6}
+    with pytest.raises(ParamsError, match=r"recipes\.student\.trainable_backbone_layers\.fasterrcnn_mobilenet_v2_fpn: "
+                                          r"not a detection architecture of this preset"):
+        parse_preset(raw)
+    raw["recipes"]["student"]["trainable_backbone_layers"] = {"fasterrcnn_resnet18_fpn": 7}
+    with pytest.raises(ParamsError, match=r"trainable_backbone_layers\.fasterrcnn_resnet18_fpn"):
+        parse_preset(raw)

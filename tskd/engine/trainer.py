@@ -81,6 +81,9 @@ def _student(spec: RunSpec, num_classes: int, model_kwargs: dict[str, Any]) -> t
         return create_model(spec.arch, num_classes=num_classes, **model_kwargs), None
     from tskd.models.detection import load_backbone_weights  # lazy: torchvision
 
+    layers = spec.recipe.trainable_backbone_layers.get(spec.arch)
+    if layers is not None:  # else torchvision's default for a pretrained backbone
+        model_kwargs = {**model_kwargs, "trainable_layers": layers}
     model = create_model(spec.arch, num_classes=num_classes, pretrained_backbone=True, **model_kwargs)
     load_backbone_weights(model, spec.backbone_path)
     return model, sha256_file(Path(spec.backbone_path))

@@ -164,7 +164,7 @@ class RecipeCfg(Strict):
     """An optimisation recipe (docs/method.md, "Recipes")."""
 
     # Keys that only a detector reads: refused in a classification preset rather than ignored.
-    DETECTION_ONLY: ClassVar[tuple[str, ...]] = ("rpn_post_nms_top_n_train",)
+    DETECTION_ONLY: ClassVar[tuple[str, ...]] = ("rpn_post_nms_top_n_train", "trainable_backbone_layers")
 
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -214,6 +214,12 @@ class RecipeCfg(Strict):
     rpn_post_nms_top_n_train: int = Field(
         2000, ge=1, description="detection: proposals per image the RPN keeps after NMS in training, that the RoI "
         "head samples from (torchvision: 2000; detectron2/mdistiller POST_NMS_TOPK_TRAIN: 1000)")
+    trainable_backbone_layers: dict[str, Annotated[int, Field(ge=0, le=6)]] = Field(
+        default_factory=dict, description="detection: architecture -> how many backbone stages train when its "
+        "backbone starts from an ImageNet file (`backbones`), counted as torchvision's trainable_backbone_layers "
+        "(ResNets 0-5, MobileNetV2 0-6); an architecture not named gets torchvision's default, 3 (detectron2's "
+        "FREEZE_AT 2 for the ResNets). mdistiller trains the whole MobileNetV2 (FREEZE_AT 0): "
+        "{fasterrcnn_mobilenet_v2_fpn: 6}. A backbone trained from scratch trains every stage")
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="method params of this recipe, over the preset's `methods` and "
         "under a pair's overrides (e.g. mdistiller's KD: {kd: {ce_weight: 0.1, kd_weight: 0.9}})")
@@ -452,6 +458,11 @@ def _check_registered(preset: Preset, source: str) -> None:
             detectors = sorted(a for a in used if model_entry(a).family == "detection")
             raise ParamsError(f"{source}: backbones.{arch}: not a detection architecture of this preset's teachers "
                               f"or pairs ({', '.join(detectors) or 'it has none'})")
+    for name, recipe in preset.recipes.items():
+        for arch in recipe.trainable_backbone_layers:
+            if arch not in used or model_entry(arch).family != "detection":
+                raise ParamsError(f"{source}: recipes.{name}.trainable_backbone_layers.{arch}: not a detection "
+                                  "architecture of this preset's teachers or pairs")
     _check_variants(preset, list_methods(task), task, source)
     for recipe in preset.student_recipes:
         for i, pair in enumerate(preset.pairs):
