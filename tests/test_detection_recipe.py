@@ -78,6 +78,8 @@ def test_the_coco_presets_mdistiller_recipe_is_mdistillers_and_torchvisions_is_t
     assert md.rpn_post_nms_top_n_train == 1000 and tv.rpn_post_nms_top_n_train == 2000
     # mdistiller's MobileNetV2 configs: FREEZE_AT 0; its ResNets detectron2's FREEZE_AT 2 = torchvision's default 3
     assert md.trainable_backbone_layers == {"fasterrcnn_mobilenet_v2_fpn": 6} and tv.trainable_backbone_layers == {}
+    # detectron2's SOLVER.WEIGHT_DECAY_NORM 0; torchvision's --norm-weight-decay none: as weight_decay
+    assert md.weight_decay_norm == 0.0 and tv.weight_decay_norm is None
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +126,42 @@ def test_trainable_backbone_layers_names_a_detector_of_the_preset():
     raw["recipes"]["student"]["trainable_backbone_layers"] = {"fasterrcnn_resnet18_fpn": 7}
     with pytest.raises(ParamsError, match=r"trainable_backbone_layers\.fasterrcnn_resnet18_fpn"):
         parse_preset(raw)
+
+
+def test_weight_decay_norm_is_the_decay_of_the_normalisation_layers_parameters():
+    from tskd.distill import DistillContext, build_distiller, parse_method_params
+    from tskd.engine.trainer import decay_groups
+    from tskd.models import create_model
+
+    torch.manual_seed(0)
+    student = create_model("fasterrcnn_resnet18_fpn", num_classes=19, **SMALL)  # from scratch: BatchNorm trains
+    teacher = create_model("fasterrcnn_resnet18_fpn", num_classes=19, **SMALL, pretrained_backbone=True)
+    raw = parse_method_params("reviewkd", {}, task="detection").model_dump(mode="json")
+    ctx = DistillContext(num_classes=19, image_size=(64, 96), epochs=2, num_train=8)
+    d = build_distiller("reviewkd", student, teacher, raw, ctx, task="detection")
+    params = list(d.trainable_parameters())
+    assert decay_groups(d, params, None) is params  # null: one group, as before the param
+    decayed, norm = decay_groups(d, params, 0.0)
+    names = {id(p): n for n, p in d.named_parameters()}
+    norm_names = {names[id(p)] for p in norm["params"]}
+    assert norm["weight_decay"] == 0.0 and "weight_decay" not in decayed
+    assert len(decayed["params"]) + len(norm["params"]) == len(params)
+    assert "student.backbone.body.bn1.weight" in norm_names and "student.backbone.body.bn1.bias" in norm_names
+    assert any(n.startswith("abfs.") for n in norm_names)  # ReviewKD's ABF BatchNorm
+    assert norm_names == {f"{m}.{k}" for m, mod in d.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
+                          for k, _ in mod.named_parameters(recurse=False)}
+    assert "student.backbone.body.conv1.weight" in {names[id(p)] for p in decayed["params"]}
+    opt = torch.optim.SGD(decay_groups(d, params, 0.0), lr=0.1, weight_decay=1e-4)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    assert _spec().recipe.weight_decay_norm is None
+    assert _spec().identity() != _spec(weight_decay_norm=0.0).identity()
+
+
+def test_the_trainers_optimizer_takes_the_norm_decay(make_spec):
+    from tskd.engine.trainer import Trainer
+
+    one = Trainer(make_spec("a")).optimizer.param_groups  # null: one group, every parameter at weight_decay
+    assert [g["weight_decay"] for g in one] == [5e-4]
+    two = Trainer(make_spec("b", recipe={"weight_decay_norm": 0.0})).optimizer.param_groups
+    assert [g["weight_decay"] for g in two] == [5e-4, 0.0]
+    assert sum(len(g["params"]) for g in two) == len(one[0]["params"]) and len(two[1]["params"]) > 0

@@ -89,6 +89,24 @@ def _student(spec: RunSpec, num_classes: int, model_kwargs: dict[str, Any]) -> t
     return model, sha256_file(Path(spec.backbone_path))
 
 
+# The layers whose weights and biases ``weight_decay_norm`` decays: detectron2's list (its
+# get_default_optimizer_params) less LocalResponseNorm, which has none. _NormBase: every BatchNorm
+# (SyncBatchNorm included) and InstanceNorm.
+NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def decay_groups(module: torch.nn.Module, params: list[torch.nn.Parameter], weight_decay_norm: float | None
+                 ) -> list[torch.nn.Parameter] | list[dict[str, Any]]:
+    """The optimizer's parameters: ``params`` as they are when ``weight_decay_norm`` is None (one group,
+    the optimizer's weight decay), else the normalisation layers' among them in a group of their own
+    with that decay."""
+    if weight_decay_norm is None:
+        return params
+    norm = {id(p) for m in module.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    return [{"params": [p for p in params if id(p) not in norm]},
+            {"params": [p for p in params if id(p) in norm], "weight_decay": weight_decay_norm}]
+
+
 def run_identity(spec: RunSpec, method_params: dict[str, Any], teacher_sha256: str | None, data_identity: str,
                  device: str) -> dict[str, Any]:
     """Everything that decides a run's result: the spec's identity with the effective method params,
@@ -153,7 +171,8 @@ class Trainer:
         self.base_lr = _base_lr(spec)
         r = spec.recipe
         self.params = list(self.distiller.trainable_parameters())
-        self.optimizer = torch.optim.SGD(self.params, lr=self.base_lr, momentum=r.momentum, nesterov=r.nesterov,
+        groups = decay_groups(self.distiller, self.params, r.weight_decay_norm)
+        self.optimizer = torch.optim.SGD(groups, lr=self.base_lr, momentum=r.momentum, nesterov=r.nesterov,
                                          weight_decay=r.weight_decay)
         self.identity = run_identity(spec, method_params, teacher and teacher.sha256, self.data.identity,
                                      self.rt.device.type)

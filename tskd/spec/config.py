@@ -173,6 +173,11 @@ class RecipeCfg(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
+    weight_decay_norm: float | None = Field(
+        None, ge=0, description="weight decay of the weights and biases of normalisation layers (BatchNorm, "
+        "GroupNorm, LayerNorm, InstanceNorm; the method's own modules included, e.g. ReviewKD's ABF BatchNorm); "
+        "null = weight_decay, as every parameter (torchvision's references). detectron2 (mdistiller's detection): "
+        "0, WEIGHT_DECAY_NORM")
     milestones: list[int] = Field(default_factory=list, description="epochs where lr is multiplied by gamma")
     gamma: float = Field(0.1, gt=0)
     milestone_mode: Literal["at", "after"] = Field(
