@@ -80,6 +80,12 @@ def test_the_coco_presets_mdistiller_recipe_is_mdistillers_and_torchvisions_is_t
     assert md.trainable_backbone_layers == {"fasterrcnn_mobilenet_v2_fpn": 6} and tv.trainable_backbone_layers == {}
     # detectron2's SOLVER.WEIGHT_DECAY_NORM 0; torchvision's --norm-weight-decay none: as weight_decay
     assert md.weight_decay_norm == 0.0 and tv.weight_decay_norm is None
+    # mdistiller distils over detectron2's contiguous 80 classes (and background)
+    for pair in p.pairs:
+        for method in ("kd", "dkd", "tskd"):
+            assert p.method_params(method, pair, "mdistiller")["distill_classes"] == "dataset"
+            assert student_spec(p, next(j for j in student_jobs(p) if j.method == method and j.pair == pair)
+                                ).method_params["distill_classes"] == "dataset"
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +171,54 @@ def test_the_trainers_optimizer_takes_the_norm_decay(make_spec):
     two = Trainer(make_spec("b", recipe={"weight_decay_norm": 0.0})).optimizer.param_groups
     assert [g["weight_decay"] for g in two] == [5e-4, 0.0]
     assert sum(len(g["params"]) for g in two) == len(one[0]["params"]) and len(two[1]["params"]) > 0
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "tskd"])
+def test_distill_classes_is_the_width_of_the_logits_kd_and_dkd_see(method, monkeypatch):
+    import tskd.distill.detection.logits as logits_module
+    import tskd.distill.detection.tskd as tskd_module
+    from tskd.distill import DistillContext, build_distiller, parse_method_params
+    from tskd.models import create_model
+
+    seen: list[tuple[int, list[int]]] = []  # (width, labels) of each call
+
+    def spy(loss):
+        def wrapped(s, t, *rest):  # kd_loss(s, t, T), dkd_terms(s, t, labels, T)
+            seen.append((s.shape[1], rest[0].tolist() if len(rest) == 2 else []))
+            return loss(s, t, *rest)
+        return wrapped
+
+    for module, name in ((logits_module, "kd_loss"), (logits_module, "dkd_terms"), (tskd_module, "kd_loss")):
+        monkeypatch.setattr(module, name, spy(getattr(module, name)))
+    # 19 outputs, of which the dataset uses 3 and 18 (COCO's ids, with gaps), and background
+    classes = tuple("__background__" if i == 0 else ("cat" if i == 3 else "dog" if i == 18 else "")
+                    for i in range(19))
+    ctx = DistillContext(num_classes=19, image_size=(64, 96), epochs=4, num_train=8, classes=classes)
+    for distill_classes, width in (("head", 19), ("dataset", 3)):
+        torch.manual_seed(0)
+        student = create_model("fasterrcnn_resnet18_fpn", num_classes=19, **SMALL)
+        teacher = create_model("fasterrcnn_resnet18_fpn", num_classes=19, **SMALL, pretrained_backbone=True)
+        extra = {"delta": 1, "k": 1} if method == "tskd" else {}  # a schedule that fits 4 epochs
+        raw = parse_method_params(method, {"distill_classes": distill_classes, **extra}, task="detection")
+        d = build_distiller(method, student, teacher, raw.model_dump(mode="json"), ctx, task="detection")
+        d.train()
+        seen.clear()
+        logits, losses = d.forward_train(*_batch(), 0)
+        assert logits.shape[1] == 19  # the detector's own loss keeps every output
+        assert [w for w, _ in seen] == [width] and all(torch.isfinite(v) for v in losses.values())
+        if method == "dkd":  # the proposals' labels renumbered: 3 -> 1, 18 -> 2, background 0
+            labels = seen[0][1]
+            assert set(labels) <= ({0, 3, 18} if width == 19 else {0, 1, 2}) and len(set(labels)) == 3
+    assert parse_method_params(method, {}, task="detection").distill_classes == "head"
+
+
+def test_distill_classes_dataset_needs_the_datasets_classes():
+    from tskd.distill import DistillContext, build_distiller, parse_method_params
+    from tskd.models import create_model
+
+    student = create_model("fasterrcnn_resnet18_fpn", num_classes=19, **SMALL)
+    teacher = create_model("fasterrcnn_resnet18_fpn", num_classes=19, **SMALL, pretrained_backbone=True)
+    raw = parse_method_params("kd", {"distill_classes": "dataset"}, task="detection").model_dump(mode="json")
+    with pytest.raises(ValueError, match="distill_classes 'dataset' needs the dataset's classes"):
+        build_distiller("kd", student, teacher, raw,
+                        DistillContext(num_classes=19, image_size=(64, 96), epochs=4, num_train=8), task="detection")

@@ -35,6 +35,7 @@ class DistillContext:
     num_train: int  # size of the training set (memory banks indexed by sample)
     train_labels: Tensor | None = None  # label of every training sample, by index
     steps_per_epoch: int | None = None  # training steps of an epoch (schedules in iterations)
+    classes: tuple[str, ...] = ()  # class names by label; "" for a label the dataset does not use (COCO's gaps)
 
 
 class Distiller(nn.Module):

@@ -155,7 +155,8 @@ class Trainer:
         ctx = DistillContext(num_classes=self.data.num_classes, image_size=self.data.image_size,
                              epochs=spec.recipe.epochs, num_train=len(self.data.train),
                              train_labels=self.data.train_labels,
-                             steps_per_epoch=self.data.epoch_steps(spec.recipe.batch_size))
+                             steps_per_epoch=self.data.epoch_steps(spec.recipe.batch_size),
+                             classes=self.data.classes)
         task = self.task.name
         method_params = parse_method_params(spec.method, spec.method_params, task=task).model_dump(mode="json")
         distiller = build_distiller(spec.method, student, teacher and teacher.model, method_params, ctx, task=task)

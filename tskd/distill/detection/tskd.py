@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tskd.distill.detection.base import DetectionDistiller, DetectionParams
+from tskd.distill.detection.base import DetectionDistiller, RoILogitsParams
 from tskd.distill.losses import kd_loss
 from tskd.distill.registry import register_method
 from tskd.distill.tskd.attention import attention_map, increment_sequence
@@ -31,7 +31,7 @@ from tskd.distill.tskd.memory import SnapshotMemory
 from tskd.errors import ParamsError
 
 
-class DetectionTSKDParams(DetectionParams):
+class DetectionTSKDParams(RoILogitsParams):
     kd_weight: float = Field(1.0, ge=0, description="weight of KD on the RoI class logits (TSKD's KD part; "
                              "the teacher's head on the student's proposals)")
     T: float = Field(1.0, gt=0, description="KD softmax temperature (1, as the detection DKD)")
@@ -114,7 +114,8 @@ class DetectionTSKD(ReviewSchedule, DetectionDistiller):
         step = self.student.train_step(images, targets)
         t_feats = self.teacher_features(step.padded)
         t_logits = self.teacher_roi_logits(t_feats, step)
-        losses = {**self.detector_losses(step), "kd": p.kd_weight * kd_loss(step.roi_logits, t_logits, p.T)}
+        s_logits, t_logits, _ = self.distilled(step, t_logits)
+        losses = {**self.detector_losses(step), "kd": p.kd_weight * kd_loss(s_logits, t_logits, p.T)}
         if self.reviewing(epoch):
             losses["review"] = p.review_weight * self.review_loss(step.padded, step.features, t_feats)
         return step.roi_logits, losses
