@@ -123,11 +123,13 @@ def test_trainable_backbone_layers_is_which_backbone_stages_train(mobilenet_file
     assert default.identity() != whole.identity()
 
 
-def test_trainable_backbone_layers_names_a_detector_of_the_preset():
+def test_trainable_backbone_layers_names_a_detector():
     raw = _raw()
     raw["recipes"]["student"]["trainable_backbone_layers"] = {"fasterrcnn_mobilenet_v2_fpn": 6}
-    with pytest.raises(ParamsError, match=r"recipes\.student\.trainable_backbone_layers\.fasterrcnn_mobilenet_v2_fpn: "
-                                          r"not a detection architecture of this preset"):
+    parse_preset(raw)  # not in this grid, but a detector: a reduced grid keeps its recipe
+    raw["recipes"]["student"]["trainable_backbone_layers"] = {"resnet8": 3}
+    with pytest.raises(ParamsError, match=r"recipes\.student\.trainable_backbone_layers\.resnet8: not a detection "
+                                          r"architecture \(fasterrcnn_mobilenet_v2_fpn, "):
         parse_preset(raw)
     raw["recipes"]["student"]["trainable_backbone_layers"] = {"fasterrcnn_resnet18_fpn": 7}
     with pytest.raises(ParamsError, match=r"trainable_backbone_layers\.fasterrcnn_resnet18_fpn"):

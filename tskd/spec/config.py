@@ -463,11 +463,13 @@ def _check_registered(preset: Preset, source: str) -> None:
             detectors = sorted(a for a in used if model_entry(a).family == "detection")
             raise ParamsError(f"{source}: backbones.{arch}: not a detection architecture of this preset's teachers "
                               f"or pairs ({', '.join(detectors) or 'it has none'})")
+    # Any registered detector, used by this grid or not: a reduced grid (tskd.spec.scale_preset) keeps the recipe.
+    detectors = sorted(a for a in known_models if model_entry(a).family == "detection")
     for name, recipe in preset.recipes.items():
         for arch in recipe.trainable_backbone_layers:
-            if arch not in used or model_entry(arch).family != "detection":
+            if arch not in detectors:
                 raise ParamsError(f"{source}: recipes.{name}.trainable_backbone_layers.{arch}: not a detection "
-                                  "architecture of this preset's teachers or pairs")
+                                  f"architecture ({', '.join(detectors)})")
     _check_variants(preset, list_methods(task), task, source)
     for recipe in preset.student_recipes:
         for i, pair in enumerate(preset.pairs):
