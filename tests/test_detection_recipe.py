@@ -71,6 +71,14 @@ def test_a_detection_setting_in_a_classification_preset_is_refused():
         parse_preset(raw)
 
 
+def test_a_classification_preset_written_out_whole_parses_again():
+    # The report rule's JSON file is the parsed preset dumped with every default: the detection
+    # settings' defaults are in it, and must not be refused as set.
+    p = parse_preset(_raw("smoke"))
+    again = parse_preset(p.model_dump(mode="json"))
+    assert again.recipes["student"].rpn_post_nms_top_n_train == 2000
+
+
 def test_the_coco_presets_mdistiller_recipe_is_mdistillers_and_torchvisions_is_torchvisions():
     p = load_preset(REPO / "params/coco.yaml")
     md, tv = p.recipes["mdistiller"], p.recipes["torchvision"]

@@ -346,8 +346,12 @@ class Preset(Strict):
     def _references(self):
         if TASK_OF.get(self.dataset.name) != "detection":
             for name, recipe in self.recipes.items():
-                if set(recipe.DETECTION_ONLY) & recipe.model_fields_set:
-                    key = sorted(set(recipe.DETECTION_ONLY) & recipe.model_fields_set)[0]
+                # A value other than the default: a preset written out whole (the report's JSON
+                # file, a dump of the parsed preset) carries the defaults too.
+                changed = [k for k in recipe.DETECTION_ONLY if k in recipe.model_fields_set and getattr(recipe, k)
+                           != type(recipe).model_fields[k].get_default(call_default_factory=True)]
+                if changed:
+                    key = changed[0]
                     raise ValueError(f"recipes.{name}.{key}: a detection setting; dataset {self.dataset.name} "
                                      "trains classifiers")
         for name, t in self.teachers.items():
