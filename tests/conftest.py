@@ -132,3 +132,14 @@ def copy_built(src: Path, dest: Path) -> Path:
             con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
         con.close()
     return dest
+
+
+# Tests on the local SLURM cluster or a live MLflow server are slow by what they start (daemons,
+# a database, a server process), whatever they then check: `make test-fast` leaves them out.
+SLOW_FIXTURES = {"slurm_cluster", "auth_server", "logged_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -65,6 +65,7 @@ def test_a_backbone_for_an_architecture_the_preset_does_not_train_is_refused():
         backbone_file(parse_preset(_raw({ARCH: "torchvision:NOPE"})), ARCH)
 
 
+@pytest.mark.slow
 def test_snakemake_takes_the_file_as_an_input_and_refuses_a_missing_one(tmp_path, imagenet_file):
     repo = copy_repo(tmp_path / "repo")
     cfg = repo / "params/coco_smoke.yaml"

@@ -16,6 +16,7 @@ def _rows(m: dict) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in m["history"]]
 
 
+@pytest.mark.slow
 def test_tskd_keeps_one_review_steps_attention_without_changing_the_run(make_spec):
     teacher = make_spec(out="teacher", recipe={"epochs": 1, "milestones": []})
     train(teacher)

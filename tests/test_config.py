@@ -220,6 +220,7 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path, text, expect):
         assert part in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_tskd_train_refuses_a_spec_with_a_string_number_or_a_key_twice(repo_root, tmp_path):
     """What reaches `tskd train` is judged as strictly as the params file (not coerced, then trained on)."""
     from tskd.spec.grid import teacher_spec
@@ -238,6 +239,7 @@ def test_tskd_train_refuses_a_spec_with_a_string_number_or_a_key_twice(repo_root
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_job_named_by_preset_file_and_run_directory_gets_the_grids_spec(repo_root, tmp_path):
     """What the workflow's rules pass (--preset FILE --job DIR): the job's spec is the grid's, and a
     directory that is no job of the preset is refused by name."""

@@ -290,6 +290,7 @@ def _own_data(root: Path, classes: int = 10, per_class: int = 4, label_shift: in
     return root
 
 
+@pytest.mark.slow
 def test_own_data_is_registered_with_one_command_and_keeps_its_name(tmp_path, make_spec):
     from tests.conftest import run_cli
     from tskd.engine.trainer import train

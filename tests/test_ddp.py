@@ -90,6 +90,7 @@ def _one_step(rank: int, world_size: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_one_step_gradients_match_a_single_process(tmp_path):
     import torch.multiprocessing as mp
 
@@ -197,6 +198,7 @@ def _initial_banks(build) -> torch.Tensor:
     return torch.cat([fresh.memory_s, fresh.memory_t], dim=1)
 
 
+@pytest.mark.slow
 def test_crd_banks_and_z_are_the_global_batchs_on_every_rank(tmp_path):
     """Each rank updates the memory banks with the whole global batch and fixes Z from the global
     batch's mean: the ranks' banks are identical, and equal to one process's (same embeddings,
@@ -266,6 +268,7 @@ def _tskd_review_step(rank: int, world_size: int, port: int, out: str) -> None:
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_tskd_review_step_matches_a_single_process(tmp_path):
     """The snapshot forwards normalise with the global batch's statistics too (the student is
     converted before TSKD builds its snapshot forward on it), so 2 ranks take one process's step."""

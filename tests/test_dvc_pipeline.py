@@ -30,6 +30,7 @@ def test_committed_dvc_yaml_is_current():
     check_pipeline("params/smoke.yaml", Path("dvc.yaml"), root=REPO)
 
 
+@pytest.mark.slow
 def test_every_grid_job_is_a_stage_and_dvc_parses_the_pipeline(tmp_path):
     from dvc.repo import Repo
 
@@ -95,6 +96,7 @@ def _snakemake_params(p) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["smoke", "cifar100", "imagenet", "imagenet_smoke"])
 def test_declared_params_are_exactly_what_snakemake_reruns_for(preset):
     """For every value in the params file: the stages DVC reruns (a declared key covers it) are
@@ -129,6 +131,7 @@ def test_declared_params_are_exactly_what_snakemake_reruns_for(preset):
     assert checked > 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["smoke", "cifar100", "imagenet_smoke"])
 def test_declared_defaults_are_what_snakemake_reruns_for(preset, monkeypatch):
     """For every default the code fills in, changed in place (as a new version of tskd would): the
@@ -192,6 +195,7 @@ def test_a_new_results_format_reruns_every_run_in_both(preset, monkeypatch):
     assert {s.name for s in stages(p, raw, f"params/{preset}.yaml") if "results_format" in s.defaults} == runs
 
 
+@pytest.mark.slow
 def test_stale_pipeline_names_the_stages_and_the_fix(tmp_path):
     from tskd.workflow.dvc_pipeline import DEFAULTS_FILE, render_defaults
 

@@ -39,6 +39,7 @@ def test_watched_images_spread_over_the_split():
     assert watched_indices(3, 8) == [0, 1, 2]  # a split smaller than asked for: all of it
 
 
+@pytest.mark.slow
 def test_memory_nodes_maps_of_fixed_images(make_spec, teacher_path):
     from tskd.engine.trainer import train
 
@@ -86,6 +87,7 @@ def test_memory_nodes_maps_of_fixed_images(make_spec, teacher_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["observers", "before-observers"])
 def test_a_resumed_run_writes_the_same_evolution(make_spec, teacher_path, layout):
     """Killed after M1, M2 and the review, resumed: the same evolution and capture as a run never

@@ -31,6 +31,7 @@ def _history(m: dict) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in m["history"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dataloader", "device"])
 def test_a_run_killed_mid_epoch_resumes_to_the_same_bits(make_spec, tiny_cifar, loader):
     """CRD (random negatives every step, a memory bank, a Z fixed from the first batch) with
@@ -123,6 +124,7 @@ def _nan_on_rank_one(rank: int, port: int, spec_json: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank(make_spec, tmp_path):
     import torch.multiprocessing as mp
 

@@ -268,6 +268,7 @@ def test_report_gives_each_networks_size_and_each_methods_cost(tmp_path):
     assert {r["device_seconds"] for r in rows} == {"1800.0"}
 
 
+@pytest.mark.slow
 def test_report_reads_the_preset_from_a_json_file_and_writes_one_html_page(tmp_path):
     # What the workflow's report rule runs: the preset in its own order from a file, not the command line.
     from tests.conftest import run_cli

@@ -96,6 +96,7 @@ def test_bad_options_and_bad_presets_are_refused_by_name(tmp_path):
     assert r.returncode == 2 and "seeds: duplicates" in r.stderr and not out.exists(), r.stderr
 
 
+@pytest.mark.slow
 def test_the_command_writes_a_preset_that_tskd_check_accepts(tmp_path):
     out = tmp_path / "scale.yaml"
     r = run_cli("scale-preset", "params/cifar100.yaml", "-o", str(out), "--pairs", "1")

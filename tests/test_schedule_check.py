@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import run_cli
@@ -28,6 +29,7 @@ def _refused(path: Path) -> str:
     return " ".join(r.stderr.split())
 
 
+@pytest.mark.slow
 def test_by_method_epochs_without_a_review_are_refused(tmp_path):
     def two_epochs_for_tskd(raw):
         raw["recipes"]["student"]["by_method"] = {"tskd": {"epochs": 2}}
@@ -40,6 +42,7 @@ def test_by_method_epochs_without_a_review_are_refused(tmp_path):
     assert "recipes.student.by_method.tskd.epochs=2 epochs, not recipes.student.epochs=3" in err
 
 
+@pytest.mark.slow
 def test_a_variant_follows_the_by_method_of_its_registered_method(tmp_path):
     def variant_without_a_review(raw):
         raw["recipes"]["student"]["by_method"] = {"tskd": {"epochs": 2}}
@@ -56,6 +59,7 @@ def test_a_variant_follows_the_by_method_of_its_registered_method(tmp_path):
     assert "change that key or the params of methods.tskd_k2" in err
 
 
+@pytest.mark.slow
 def test_by_method_epochs_that_fit_are_accepted(tmp_path):
     def longer_for_tskd(raw):
         # The recipe's 2 epochs would leave k=2 without a review; TSKD and its variant train 4.

@@ -200,6 +200,7 @@ def test_ablation_presets_validate(tmp_path):
     assert varied_only_in(params, "delta") == ["tskd_d2", "tskd", "tskd_d10"]
 
 
+@pytest.mark.slow
 def test_ablations_smoke_study_end_to_end(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     raw = yaml.safe_load((repo / "params/ablations_smoke.yaml").read_text())

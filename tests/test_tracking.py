@@ -24,6 +24,7 @@ def _run(client, out_dir: str):
     return client.get_run(json.loads((Path(out_dir) / "mlflow_run.json").read_text())["run_id"])
 
 
+@pytest.mark.slow
 def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_spec, mlflow_uri, repo_root,
                                                                           tmp_path, one_thread):
     from mlflow.tracking import MlflowClient
@@ -103,6 +104,7 @@ def test_grid_runs_are_named_tagged_grouped_under_a_parent_and_summarised(make_s
     assert kd.info.status == "SCHEDULED" and "best_top1_mean" not in kd.data.metrics
 
 
+@pytest.mark.slow
 def test_a_resume_while_the_server_is_down_makes_no_second_run(make_spec, tmp_path, monkeypatch):
     """A run killed after an epoch resumes while the server is down: it finishes, and once the server
     is back its records go on in the run it had, not in a new one."""

@@ -68,6 +68,7 @@ def _ckpt_epoch(path: Path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(make_spec, tmp_path, mlflow_uri):
     recipe = {"epochs": 4, "milestones": [2]}
     ref = train(make_spec(out="ref", recipe=recipe))
@@ -97,6 +98,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(make_spec, tmp_path, mlfl
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_is_marked_killed(make_spec, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
@@ -129,6 +131,7 @@ def test_checkpoint_of_other_params_is_not_resumed(make_spec):
     assert m["history"][0]["lr"] == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_clear_error_and_no_outputs(make_spec):
     spec = make_spec(recipe={"lr": 1e30, "epochs": 2})
     r = run_cli("train", "--no-track", "--spec", spec.model_dump_json())
@@ -163,6 +166,7 @@ def _partial(spec, epochs: int) -> None:
         train(spec, observers=[KillAt(epochs)])
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(make_spec, caplog):
     recipe = {"epochs": 3, "milestones": [1]}
     ref = train(make_spec(out="ref", recipe=recipe))
@@ -181,6 +185,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(make_spec, cap
     assert _history(m)[1:] == _history(ref)[1:]  # epoch 0 came from the checkpoint (seconds zeroed)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_without_a_previous_one_is_refused(make_spec):
     spec = make_spec(recipe={"epochs": 2, "milestones": []})
     out = Path(spec.out_dir)
@@ -214,6 +219,7 @@ def _teacher(make_spec, out: str, seed: int) -> Path:
     return Path(spec.out_dir) / "model.pt"
 
 
+@pytest.mark.slow
 def test_a_replaced_teacher_is_a_new_run_even_mid_run(make_spec, tmp_path, caplog):
     """Same path, other teacher: the student trains from the start, also when it was interrupted."""
     a, b = _teacher(make_spec, "teacher-a", 0), _teacher(make_spec, "teacher-b", 1)
@@ -242,6 +248,7 @@ def test_a_replaced_teacher_is_a_new_run_even_mid_run(make_spec, tmp_path, caplo
     assert _history(resumed) == _history(with_b)
 
 
+@pytest.mark.slow
 def test_teacher_file_of_another_architecture_is_refused(make_spec, tmp_path):
     teacher = make_spec(out="teacher", arch="resnet8", recipe={"epochs": 1, "milestones": []})
     train(teacher)
@@ -254,6 +261,7 @@ def test_teacher_file_of_another_architecture_is_refused(make_spec, tmp_path):
     assert not (Path(spec.out_dir) / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_missing_dataset_directory_is_named(make_spec, tmp_path):
     from tskd.spec.config import Cifar100Data
 

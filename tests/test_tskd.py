@@ -461,6 +461,7 @@ def test_memory_follows_dtype_moves():
 
 
 # -- end to end through the trainer -------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["decay", "frozen"])
 def test_forecasters_between_reviews_follow_sgd_by_hand(make_spec, mode):
     """After a review, the general steps of the next epoch: with 'decay' (the authors' torch 1.9
@@ -511,6 +512,7 @@ def test_forecasters_between_reviews_follow_sgd_by_hand(make_spec, mode):
         assert not torch.equal(p, w0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_cxx)], ids=["eager", "compiled"])
 def test_trainer_resumes_exactly_across_a_review_epoch(make_spec, compiled):
     from tskd.engine import trainer as trainer_mod
@@ -539,6 +541,7 @@ def _strip(m):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in m["history"]]
 
 
+@pytest.mark.slow
 def test_resume_between_reviews_keeps_the_forecasters_decaying(make_spec):
     """Killed after a review: the resumed run's forecasters go on decaying (their zeroed gradients
     are restored), so the next review starts from the same weights as in the uninterrupted run."""

@@ -121,6 +121,7 @@ def test_monitors_are_the_unweighted_review_loss_and_the_last_frames_mse():
     assert d.take_monitors() == {}
 
 
+@pytest.mark.slow
 def test_predictability_in_the_history_mlflow_and_a_mid_epoch_resume(make_spec, mlflow_uri):
     """Through the trainer (memory 1, 2 | review 3 | memory 4): the columns exist in the review epoch
     only, are >= 0, go to MLflow; measuring changes no other column; a run killed inside the review

@@ -16,6 +16,7 @@ from tests.test_tskd import SHORT, batch, fill, make
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
+@pytest.mark.slow
 @needs_cxx
 @pytest.mark.parametrize(("teacher", "student"), [("resnet20", "resnet8"), ("resnet8", "MobileNetV2")])
 def test_compiled_review_step_matches_eager(teacher, student):
@@ -46,6 +47,7 @@ def test_compiled_review_step_matches_eager(teacher, student):
     assert want.norm() > 0 and (got - want).norm() / want.norm() < 1e-4
 
 
+@pytest.mark.slow
 def test_no_compiler_fails_before_training_naming_the_param(tmp_path, repo_root):
     """A machine without a C++ compiler (here: CXX points nowhere, and a fresh inductor cache so
     nothing compiled earlier is reused) must fail at the first epoch start, before a step."""
@@ -62,6 +64,7 @@ def test_no_compiler_fails_before_training_naming_the_param(tmp_path, repo_root)
     assert "no error" not in res.stdout
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_train_compile_trains_the_same_network(make_spec):
     """``train.compile``: the compiled student and teacher train to what eager ones do (to float

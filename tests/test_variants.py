@@ -93,6 +93,7 @@ def test_a_variants_dvc_stage_declares_its_own_params_and_method():
     assert "methods.tskd_k1.method" not in by_name["train-student-tskd-resnet20-resnet8-seed0"].params
 
 
+@pytest.mark.slow
 def test_dry_run_lists_every_variants_jobs(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     (repo / "params/smoke.yaml").write_text(yaml.safe_dump(_raw(VARIANTS), sort_keys=False))
