@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from tests.test_detection_methods import _batch  # two small images, two boxes
 from tskd.errors import ParamsError
 from tskd.spec.config import load_preset, parse_preset
 from tskd.spec.grid import RunSpec, student_jobs, student_spec
@@ -26,14 +27,6 @@ def _spec(**recipe) -> RunSpec:
     p = parse_preset(_raw())
     spec = student_spec(p, student_jobs(p)[0])
     return spec.model_copy(update={"recipe": spec.recipe.model_copy(update=recipe)})
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 60, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([18])},
-               {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([3])}]
-    return images, targets
 
 
 def _proposals_reaching_the_roi_heads(spec: RunSpec) -> list[int]:
