@@ -145,6 +145,21 @@ def test_stop_lets_running_commands_finish_then_removes_the_server(monkeypatch):
     assert not Path(sock_dir).exists()
 
 
+def test_a_job_that_finishes_after_its_server_died_still_succeeds(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    for name in (SOCKET_ENV, JOB_ENV):
+        monkeypatch.setenv(name, "")
+    server = _started()
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, PROBE, "sleep", "2"], env=_env(),
+                            stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    server.proc.kill()  # no server left to report the exit: the child tells its command itself
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        server.stop()
+
+
 def test_the_server_ends_when_its_snakemake_is_gone(tmp_path):
     script = ("import os, sys, time; from tskd.launch.warm import Server; s = Server(); s.start(); "
               "print(s.proc.pid, os.environ['TSKD_WARM_SOCKET'], flush=True); time.sleep(1e6)")

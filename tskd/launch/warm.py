@@ -238,13 +238,15 @@ def _become_command(conn: socket.socket, fds: list[int], request: dict) -> None:
     except BaseException:
         traceback.print_exc()
         code = 1
-    _exit(code)
+    _exit(code, conn)
 
 
-def _exit(code: object) -> None:
+def _exit(code: object, conn: socket.socket) -> None:
     """Leave as the interpreter would (non-daemon threads joined, atexit handlers run, streams
     flushed) but without tearing down the modules: their objects live in pages shared with the
-    server, and decrementing every reference copies them all (2.3 s for torch and MLflow)."""
+    server, and decrementing every reference copies them all (2.3 s for torch and MLflow). The
+    command hears the code from here too, so that a server gone meanwhile cannot turn a finished
+    job into a failed one (Snakemake would delete its outputs)."""
     main = threading.main_thread()
     for t in threading.enumerate():
         if t is not main and not t.daemon:
@@ -258,6 +260,8 @@ def _exit(code: object) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    with contextlib.suppress(OSError):
+        conn.sendall(_STATUS.pack(code))  # the server's report, if it comes, is not read
     if code < 0:  # died of a signal, as a KeyboardInterrupt does in a cold Python
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
